@@ -1,0 +1,27 @@
+# The two set-up commands of README.md. Both create (or reuse) .venv and install torch==2.13.0 before anything
+# else, so pip never pulls a multi-GB CUDA build of torch as someone's dependency.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench-overhead clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/vidgen demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench-overhead: $(STAMP)
+	$(BIN)/vidgen bench overhead
+
+clean:
+	rm -rf var out

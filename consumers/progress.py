@@ -1,0 +1,96 @@
+"""Following jobs from the event log: the progress subscriber behind `vidgen submit --follow`.
+
+Reads the lifecycle topics without a consumer group (a follower must not take partitions from anyone) from a
+point shortly before the job was submitted, and hands each of the job's events to a callback until one of them
+ends the job. Positions come from timestamps, never from "latest" offsets (unreliable on the embedded broker).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from schemas.codec import DecodeError
+from streams import topics
+from streams.kafka import consumer_config
+from streams.serde import event_codec
+from streams.settings import Settings
+
+LIFECYCLE = (
+    topics.REQUESTED,
+    *topics.ENCODED.values(),
+    topics.STEP_PROGRESS,
+    topics.LATENT_CHUNKS,
+    topics.DECODED,
+    topics.FLAGGED,
+    topics.PUBLISHED,
+    topics.FAILED,
+)
+
+
+@dataclass
+class JobEvent:
+    topic: str
+    event: dict
+    partition: int = 0
+    offset: int = 0
+    headers: list[tuple[str, bytes]] | None = None
+
+
+def is_terminal(job_event: JobEvent) -> bool:
+    if job_event.topic == topics.FLAGGED.name:
+        return job_event.event.get("decision") == "BLOCK"
+    return job_event.topic in (topics.PUBLISHED.name, topics.FAILED.name)
+
+
+def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,
+                poll_s: float = 0.1) -> Iterable[JobEvent]:
+    """Every decodable event on the lifecycle topics from ``since_ms`` (or the beginning), as it arrives."""
+    codec = event_codec(settings)
+    conf = consumer_config(settings, group_id="vidgen.follow")  # group.id is required; it is never joined
+    consumer = Consumer(conf)
+    try:
+        partitions = []
+        metadata = consumer.list_topics(timeout=10)
+        for t in lifecycle:
+            for p in metadata.topics[t.name].partitions:
+                partitions.append(TopicPartition(t.name, p, since_ms if since_ms is not None else OFFSET_BEGINNING))
+        if since_ms is not None:
+            # No record at or after the time: read the partition from its start (filtered by job anyway) rather
+            # than trust an "end" offset, which the embedded broker reports wrongly.
+            partitions = [
+                tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
+                for tp in consumer.offsets_for_times(partitions, timeout=10)
+            ]
+        consumer.assign(partitions)
+        while True:
+            msg = consumer.poll(poll_s)
+            if msg is None:
+                yield None  # lets callers check their deadline
+                continue
+            if msg.error():
+                continue
+            try:
+                event = codec.decode(msg.topic(), msg.value())
+            except DecodeError:
+                continue  # dead-lettered by the stages; a follower just skips it
+            yield JobEvent(msg.topic(), event, msg.partition(), msg.offset(), msg.headers())
+    finally:
+        consumer.close()
+
+
+def follow_job(settings: Settings, job_id: str, on_event: Callable[[JobEvent], None], submitted_ms: int,
+               timeout_s: float = 600.0) -> JobEvent:
+    """Call ``on_event`` for each of the job's events until its terminal event, which is returned."""
+    deadline = time.monotonic() + timeout_s
+    for job_event in read_events(settings, since_ms=submitted_ms - 5000):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s")
+        if job_event is None or job_event.event.get("job_id") != job_id:
+            continue
+        on_event(job_event)
+        if is_terminal(job_event):
+            return job_event
+    raise RuntimeError("event stream ended")  # read_events never ends on its own

@@ -1,0 +1,87 @@
+"""The Python producer API for upstream services: publish VideoRequested events.
+
+    from producers.requests import VideoRequests
+    with VideoRequests(load_settings()) as requests:
+        job_id = requests.submit("a red fox in the snow", tier="premium", steps=30)
+
+Requests are keyed by job_id (all of a job's events share a partition, so they stay in order) and carry W3C
+trace context. ``submit`` returns once the broker has acknowledged the request (acks=all, idempotent producer).
+"""
+from __future__ import annotations
+
+from confluent_kafka import Producer
+
+from streams import topics
+from streams.events import new_event, new_job_id
+from streams.kafka import producer_config
+from streams.serde import encode_key, event_codec
+from streams.settings import Settings
+from streams.tracing import current_trace_headers
+
+DEFAULT_PARAMS = {
+    "width": 64,
+    "height": 64,
+    "num_frames": 9,
+    "fps": 8,
+    "steps": 20,
+    "guidance_scale": 5.0,
+    "seed": 0,
+    "preset": "standard",
+}
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standard", tenant: str = "default",
+                  negative_prompt: str = "", consent_ref: str | None = None, model: str = "tiny-wan",
+                  **params) -> dict:
+    """A VideoRequested event; unspecified generation parameters take DEFAULT_PARAMS."""
+    unknown = set(params) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
+    if tier.lower() not in topics.TIERS:
+        raise ValueError(f"unknown tier {tier!r}; known: {', '.join(topics.TIERS)}")
+    return new_event(
+        job_id or new_job_id(),
+        tenant=tenant,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        tier=tier.upper(),
+        params={**DEFAULT_PARAMS, **params, "model": model},
+        consent_ref=consent_ref,
+    )
+
+
+class VideoRequests:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.codec = event_codec(settings)
+        self.producer = Producer(producer_config(settings, "vidgen-submit"))
+
+    def publish(self, request: dict, timeout_s: float = 30.0) -> str:
+        errors: list[str] = []
+        self.producer.produce(
+            topics.REQUESTED.name,
+            key=encode_key(request["job_id"]),
+            value=self.codec.encode(topics.REQUESTED.name, request),
+            headers=current_trace_headers(),
+            on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+        )
+        if self.producer.flush(timeout_s) or errors:
+            raise SubmitError(f"request {request['job_id']} not acknowledged by the broker: {errors or 'timeout'}")
+        return request["job_id"]
+
+    def submit(self, prompt: str, **kwargs) -> str:
+        kwargs.setdefault("model", self.settings.default_model)
+        return self.publish(video_request(prompt, **kwargs))
+
+    def close(self) -> None:
+        self.producer.flush(10)
+
+    def __enter__(self) -> "VideoRequests":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

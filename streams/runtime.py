@@ -1,0 +1,299 @@
+"""The stage runtime: consume → decode → dedupe → handle → produce → flush → mark → commit, once, for every stage.
+
+Delivery is at-least-once: an input's offset is committed only after everything its handler emitted has been
+acknowledged by the broker, and the dedupe ledger is marked in between, so a redelivered input is skipped (or, if
+the crash came before the mark, handled again with identical event ids). Bad input never stops a stage:
+undecodable bytes go to vidgen.dead-letter with the raw bytes and where they came from; readable but invalid
+events go there too and fail their job with the reason. SIGTERM/SIGINT finish the current message, commit, and
+leave the group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from schemas.codec import DecodeError, EventCodec, RegistryUnavailableError
+
+from . import topics
+from .blobs import LocalBlobStore, open_blob_store
+from .events import derive_event_id, new_event
+from .kafka import consumer_config, producer_config
+from .ledger import ProcessedLedger
+from .offsets import OffsetTracker
+from .serde import decode_key, encode_key, event_codec
+from .settings import Settings
+from .stage import InvalidEvent, SourceMessage, Stage, StageContext
+from .tracing import consume_span, current_trace_headers
+
+log = logging.getLogger(__name__)
+
+HANDLER_ATTEMPTS = 3  # tries of a handler that raises something other than InvalidEvent
+RETRY_BACKOFF_S = (0.2, 1.0, 5.0)
+MAX_DEAD_LETTER_RAW = 1024 * 1024  # raw bytes kept in a dead letter; the rest is cut (and the cut is noted)
+
+
+@dataclass
+class StageCounters:
+    consumed: int = 0
+    handled: int = 0
+    emitted: int = 0
+    deduplicated: int = 0
+    dead_lettered: int = 0
+    failed_jobs: int = 0
+    retries: int = 0
+    handle_seconds: float = 0.0
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+class StageRuntime:
+    def __init__(self, stage: Stage, settings: Settings, blobs: LocalBlobStore | None = None,
+                 codec: EventCodec | None = None, client_id: str | None = None):
+        self.stage = stage
+        self.settings = settings
+        self.blobs = blobs or open_blob_store(settings.blob_url)
+        self.codec = codec or event_codec(settings)
+        self.client_id = client_id or f"{stage.name}"
+        self.counters = StageCounters()
+        self.ledger = ProcessedLedger(self.blobs, stage.name)
+        self.offsets = OffsetTracker()
+        self.stopping = threading.Event()
+        self.handler = None
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        self._delivery_errors: list[str] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.info("%s: %s received, finishing the current message", self.stage.name, signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def run(self) -> StageCounters:
+        self.handler = self.stage.build(self.settings, self.blobs)
+        self.producer = Producer(producer_config(self.settings, self.client_id))
+        self.consumer = Consumer(consumer_config(self.settings, self.stage.group_id, self.client_id))
+        self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("%s: consuming %s", self.stage.name, ", ".join(t.name for t in self.stage.consumes))
+        try:
+            while not self.stopping.is_set():
+                msg = self.consumer.poll(0.1)
+                if msg is None:
+                    self.producer.poll(0)
+                    continue
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("%s: consumer error: %s", self.stage.name, msg.error())
+                    continue
+                self.process(msg)
+        finally:
+            self.close()
+        return self.counters
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.flush(30)
+        if self.consumer is not None:
+            self._commit(asynchronous=False)
+            self.consumer.close()  # leaves the group, so partitions move at once
+            self.consumer = None
+        log.info("%s: stopped %s", self.stage.name, json.dumps(asdict(self.counters)))
+
+    def _on_assign(self, consumer, partitions):
+        log.info("%s: assigned %s", self.stage.name, [(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer, partitions):
+        revoked = {(p.topic, p.partition) for p in partitions}
+        self._commit(asynchronous=False, only=revoked)
+        lost_units = self.offsets.forget(revoked)
+        if lost_units and hasattr(self.handler, "forget"):
+            self.handler.forget(lost_units)  # the new owner replays their inputs from the committed position
+        log.info("%s: revoked %s", self.stage.name, sorted(revoked))
+
+    # -- one message -----------------------------------------------------------------------------------------
+    def process(self, msg: Message) -> None:
+        tp = (msg.topic(), msg.partition())
+        self.counters.consumed += 1
+        self.offsets.started(tp, msg.offset())
+        try:
+            self._process(msg)
+        finally:
+            if not self.offsets.is_held(tp, msg.offset()):
+                self.offsets.done(tp, msg.offset())
+            self._commit(asynchronous=True)
+
+    def _process(self, msg: Message) -> None:
+        event = self._decode(msg)
+        if event is None:
+            return
+        dedupe_key = self.stage.dedupe_key(event)
+        if self.ledger.seen(dedupe_key):
+            self.counters.deduplicated += 1
+            return
+        source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
+        with consume_span(self.stage.name, msg.topic(), msg.headers()):
+            ctx = self._handle_with_retries(msg, event, source)
+        tp = (msg.topic(), msg.partition())
+        if ctx is not None and ctx.held:
+            for key in ctx.held:
+                self.offsets.hold(key, tp, msg.offset(), dedupe_key)
+        else:
+            self.ledger.mark(dedupe_key)
+        for key in ctx.released if ctx is not None else ():
+            for held_dedupe_key in self.offsets.release(key):  # their outputs were flushed with this input's
+                self.ledger.mark(held_dedupe_key)
+
+    def _decode(self, msg: Message) -> dict | None:
+        attempt = 0
+        while True:
+            try:
+                return self.codec.decode(msg.topic(), msg.value())
+            except DecodeError as exc:
+                self.dead_letter(msg, "DECODE", str(exc))
+                return None
+            except RegistryUnavailableError as exc:
+                # Not the message's fault: wait for the registry rather than dead-letter a valid event.
+                attempt += 1
+                log.warning("%s: %s (retry %d)", self.stage.name, exc, attempt)
+                if self._sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]):
+                    raise SystemExit(f"{self.stage.name}: stopping while the schema registry is unreachable")
+
+    def _handle_with_retries(self, msg: Message, event: dict, source: SourceMessage) -> StageContext | None:
+        for attempt in range(1, HANDLER_ATTEMPTS + 1):
+            ctx = StageContext(self.stage.name, source, self.blobs, self._emit)
+            started = time.perf_counter()
+            try:
+                self.handler.handle(event, ctx)
+                self._flush()
+                self.counters.handled += 1
+                return ctx
+            except InvalidEvent as exc:
+                self._flush_quietly()
+                self.dead_letter(msg, "INVALID", str(exc), event)
+                return None
+            except Exception as exc:  # noqa: BLE001 - a stage must survive any one bad job
+                self._flush_quietly()
+                if attempt == HANDLER_ATTEMPTS:
+                    log.exception("%s: giving up on %s after %d attempts", self.stage.name, event.get("job_id"), attempt)
+                    self.dead_letter(msg, "HANDLER", f"{type(exc).__name__}: {exc}", event, attempts=attempt)
+                    return None
+                self.counters.retries += 1
+                log.warning("%s: attempt %d for job %s failed: %s", self.stage.name, attempt, event.get("job_id"), exc)
+                if self._sleep(RETRY_BACKOFF_S[attempt - 1]):
+                    raise SystemExit(f"{self.stage.name}: stopping during a retry") from exc
+            finally:
+                self.counters.handle_seconds += time.perf_counter() - started
+        return None
+
+    # -- producing -------------------------------------------------------------------------------------------
+    def _emit(self, topic: topics.Topic, event: dict, key: str | None) -> None:
+        value = self.codec.encode(topic.name, event)
+        self._produce(topic.name, encode_key(key), value)
+        self.counters.emitted += 1
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=current_trace_headers(),
+                                      on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                self.producer.poll(0.1)
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _flush(self) -> None:
+        remaining = self.producer.flush(60)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise DeliveryFailed(f"{remaining} undelivered, errors: {errors[:3]}")
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except DeliveryFailed as exc:
+            log.warning("%s: %s", self.stage.name, exc)
+
+    def dead_letter(self, msg: Message, error_type: str, error: str, event: dict | None = None,
+                    attempts: int = 1) -> None:
+        """Send the raw message to vidgen.dead-letter; when it names a job, that job fails with the reason."""
+        job_id = (event or {}).get("job_id") or ""
+        raw = msg.value()
+        if raw is not None and len(raw) > MAX_DEAD_LETTER_RAW:
+            error += f" (raw value cut from {len(raw)} to {MAX_DEAD_LETTER_RAW} bytes)"
+            raw = raw[:MAX_DEAD_LETTER_RAW]
+        where = f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+        letter = new_event(
+            job_id,
+            derive_event_id(job_id, self.stage.name, "dead-letter", where),
+            stage=self.stage.name,
+            source_topic=msg.topic(),
+            source_partition=msg.partition(),
+            source_offset=msg.offset(),
+            error_type=error_type,
+            error=error,
+            raw_key=msg.key(),
+            raw_value=raw,
+            headers=[{"key": k, "value": v} for k, v in (msg.headers() or [])],
+        )
+        log.warning("%s: dead letter %s from %s: %s", self.stage.name, error_type, where, error)
+        self._emit(topics.DEAD_LETTER, letter, None if msg.key() is None else decode_key(msg.key()))
+        self.counters.dead_lettered += 1
+        if job_id:
+            failure = new_event(
+                job_id,
+                derive_event_id(job_id, self.stage.name, "failed"),
+                tenant=(event or {}).get("tenant", "default"),
+                stage=self.stage.name,
+                reason=error,
+                error_type=error_type,
+                attempts=attempts,
+            )
+            self._emit(topics.FAILED, failure, job_id)
+            self.counters.failed_jobs += 1
+        self._flush()
+
+    # -- committing ------------------------------------------------------------------------------------------
+    def _commit(self, asynchronous: bool, only: set | None = None) -> None:
+        if self.consumer is None:
+            return
+        positions = self.offsets.commit_positions()
+        if only is not None:
+            positions = {tp: pos for tp, pos in positions.items() if tp in only}
+        if not positions:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, pos) for (t, p), pos in positions.items()],
+                                 asynchronous=asynchronous)
+            self.offsets.committed(positions)
+        except Exception as exc:  # noqa: BLE001 - a failed commit only means a redelivery later
+            log.warning("%s: commit failed: %s", self.stage.name, exc)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep unless asked to stop; True when stopping. Keeps serving the producer meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                return True
+            self.producer.poll(0.05)
+        return self.stopping.is_set()
+
+
+def run_stage(stage: Stage, settings: Settings) -> StageCounters:
+    runtime = StageRuntime(stage, settings)
+    runtime.install_signal_handlers()
+    return runtime.run()

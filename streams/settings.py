@@ -1,0 +1,155 @@
+"""Settings every vidgen process shares: where Kafka, the schema registry, blobs and models are.
+
+Sources, later ones winning: built-in defaults → a TOML settings file (``VIDGEN_SETTINGS``) → environment variables.
+When no Kafka cluster is named, processes use the embedded broker recorded by ``vidgen broker`` under
+``<var>/run/platform.json``.
+
+Environment variables:
+  VIDGEN_VAR_DIR               working directory for run files, blobs, the registry's state (default ./var)
+  VIDGEN_SETTINGS              path of a TOML settings file (layout in README.md)
+  VIDGEN_KAFKA_BOOTSTRAP       bootstrap servers of a Kafka cluster; nothing embedded is started when set
+  VIDGEN_KAFKA_<KEY>           any librdkafka client setting, passed through: VIDGEN_KAFKA_SECURITY_PROTOCOL=SASL_SSL
+                               becomes security.protocol=SASL_SSL (underscores become dots)
+  VIDGEN_SCHEMA_REGISTRY_URL   a Confluent-compatible schema registry; otherwise the embedded one is used
+  VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH   user:password for that registry
+  VIDGEN_BLOB_URL              blob store (default file://<var>/blobs)
+  VIDGEN_MODELS                local diffusers model directories: "name=/path,other=/path2"
+  VIDGEN_DEFAULT_MODEL         model used when a request names none (default tiny-wan)
+  VIDGEN_LATENT_CHUNK_FRAMES   latent frames per LatentChunk (default 2)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PLATFORM_FILE = "platform.json"
+
+
+class SettingsError(RuntimeError):
+    """The settings do not describe a usable platform (and the message says what is missing)."""
+
+
+@dataclass
+class Settings:
+    var_dir: Path
+    kafka_bootstrap: str | None = None
+    #: librdkafka settings passed through to every client (security, SASL, TLS, tuning).
+    kafka_client: dict[str, str] = field(default_factory=dict)
+    schema_registry_url: str | None = None
+    schema_registry_client: dict[str, str] = field(default_factory=dict)
+    blob_url: str = ""
+    model_dirs: dict[str, str] = field(default_factory=dict)
+    default_model: str = "tiny-wan"
+    latent_chunk_frames: int = 2
+    #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
+    embedded: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.var_dir / "run"
+
+    @property
+    def platform_file(self) -> Path:
+        return self.run_dir / PLATFORM_FILE
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise SettingsError(
+                "no Kafka cluster: set VIDGEN_KAFKA_BOOTSTRAP, or start the embedded broker with `vidgen broker` "
+                f"(or `vidgen up`) so that {self.platform_file} exists"
+            )
+        return self.kafka_bootstrap
+
+    def require_registry(self) -> str:
+        if not self.schema_registry_url:
+            raise SettingsError(
+                "no schema registry: set VIDGEN_SCHEMA_REGISTRY_URL, or start the embedded one with `vidgen broker`"
+            )
+        return self.schema_registry_url
+
+
+def _env_passthrough(environ: dict[str, str]) -> dict[str, str]:
+    prefix = "VIDGEN_KAFKA_"
+    return {
+        name[len(prefix):].lower().replace("_", "."): value
+        for name, value in environ.items()
+        if name.startswith(prefix) and name != "VIDGEN_KAFKA_BOOTSTRAP"
+    }
+
+
+def _parse_model_dirs(text: str) -> dict[str, str]:
+    dirs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SettingsError(f"VIDGEN_MODELS entry {item!r} is not name=/path")
+        dirs[name.strip()] = path.strip()
+    return dirs
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if environ is None else environ)
+    file_settings: dict = {}
+    if env.get("VIDGEN_SETTINGS"):
+        path = Path(env["VIDGEN_SETTINGS"])
+        try:
+            file_settings = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+
+    kafka = file_settings.get("kafka", {})
+    registry = file_settings.get("schema_registry", {})
+    var_dir = Path(env.get("VIDGEN_VAR_DIR") or file_settings.get("var_dir") or "var").resolve()
+    settings = Settings(
+        var_dir=var_dir,
+        kafka_bootstrap=env.get("VIDGEN_KAFKA_BOOTSTRAP") or kafka.get("bootstrap"),
+        kafka_client={**{k: str(v) for k, v in kafka.get("client", {}).items()}, **_env_passthrough(env)},
+        schema_registry_url=env.get("VIDGEN_SCHEMA_REGISTRY_URL") or registry.get("url"),
+        schema_registry_client={k: str(v) for k, v in registry.get("client", {}).items()},
+        blob_url=env.get("VIDGEN_BLOB_URL") or file_settings.get("blobs", {}).get("url") or (var_dir / "blobs").as_uri(),
+        model_dirs={**file_settings.get("models", {}), **_parse_model_dirs(env.get("VIDGEN_MODELS", ""))},
+        default_model=env.get("VIDGEN_DEFAULT_MODEL") or file_settings.get("default_model") or "tiny-wan",
+        latent_chunk_frames=int(env.get("VIDGEN_LATENT_CHUNK_FRAMES") or file_settings.get("latent_chunk_frames") or 2),
+    )
+    if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):
+        settings.schema_registry_client["basic.auth.user.info"] = env["VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"]
+    if settings.latent_chunk_frames < 1:
+        raise SettingsError("latent_chunk_frames must be at least 1")
+
+    # No cluster named: use what the embedded platform recorded, if it runs.
+    if not settings.kafka_bootstrap or not settings.schema_registry_url:
+        embedded = read_platform_file(settings.platform_file)
+        if embedded:
+            if not settings.kafka_bootstrap:
+                settings.kafka_bootstrap = embedded["kafka_bootstrap"]
+                settings.embedded = True
+            settings.schema_registry_url = settings.schema_registry_url or embedded.get("schema_registry_url")
+    return settings
+
+
+def read_platform_file(path: Path) -> dict | None:
+    """The embedded platform's addresses, or None when it is not running (no file, or its process is gone)."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"cannot read the embedded platform's run file {path}: {exc}") from exc
+    if not _process_alive(record.get("pid")):
+        return None  # left behind by a killed `vidgen broker`
+    return record
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

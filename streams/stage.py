@@ -1,0 +1,91 @@
+"""What a stage is: the topics it consumes, and a handler that turns one event into the events it emits.
+
+Stage modules (consumers/, gpu_agents/) define a ``Stage`` and a handler class; they never touch Kafka. The runtime
+(streams/runtime.py) does the rest: consume, decode, dedupe, trace, produce, flush, commit, dead-letter.
+
+A handler's contract:
+  * ``handle(event, ctx)`` emits zero or more events through ``ctx.emit``; they are produced before the input's
+    offset is committed, so a crash in between redelivers the input (at-least-once) and the emitted copies carry
+    the same derived event ids (see streams/events.py).
+  * Raise ``InvalidEvent`` for an input that is readable but not acceptable: it goes to the dead-letter topic and,
+    when it names a job, the job fails with the reason. Any other exception is retried a few times, then treated
+    the same way, so one bad job never blocks its partition.
+  * A handler that needs several inputs before it can emit (the decoder's chunks) calls ``ctx.hold(key)``: the
+    input's offset is not committed until ``ctx.release(key)``, so a crash replays every input of an unfinished
+    unit. ``forget(keys)`` is called when a rebalance takes the partitions of held units away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+
+from .events import derive_event_id, new_event
+from .topics import Topic
+
+if TYPE_CHECKING:
+    from .blobs import LocalBlobStore
+    from .settings import Settings
+
+
+class InvalidEvent(ValueError):
+    """The event decoded but cannot be accepted (bad parameters, inconsistent fields)."""
+
+
+class Handler(Protocol):
+    def handle(self, event: dict, ctx: "StageContext") -> None: ...
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    consumes: tuple[Topic, ...]
+    emits: tuple[Topic, ...]
+    #: Builds the handler once per process (loads models, opens stores).
+    build: Callable[["Settings", "LocalBlobStore"], Handler]
+    #: What makes two inputs "the same work" for this stage; a redelivered duplicate is skipped.
+    dedupe_key: Callable[[dict], str] = lambda event: f"{event['job_id']}/{event['event_id']}"
+    doc: str = ""
+
+    @property
+    def group_id(self) -> str:
+        return f"vidgen.{self.name}"
+
+
+@dataclass
+class SourceMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+
+
+@dataclass
+class StageContext:
+    """What a handler sees of the runtime while it handles one input."""
+
+    stage: str
+    source: SourceMessage
+    blobs: "LocalBlobStore"
+    _emit: Callable[[Topic, dict, str | None], None]
+    held: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+    def emit(self, topic: Topic, event: dict, key: str | None = None) -> None:
+        """Produce an event now (asynchronously); it is flushed before the input's offset is committed."""
+        self._emit(topic, event, key if key is not None else event.get("job_id"))
+
+    def event(self, job_id: str, *id_parts: object, **fields) -> dict:
+        """A new event whose id is derived from (job, this stage, id_parts): identical on redelivery."""
+        return new_event(job_id, derive_event_id(job_id, self.stage, *id_parts), **fields)
+
+    def hold(self, key: str) -> None:
+        """Keep this input uncommitted until ``release(key)``."""
+        self.held.append(key)
+
+    def release(self, key: str) -> None:
+        """The unit ``key`` is done: commit every input held under it (after this input's outputs are flushed)."""
+        self.released.append(key)
+
+
+def emits_of(stages: Iterable[Stage]) -> set[str]:
+    return {t.name for s in stages for t in s.emits}

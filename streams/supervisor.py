@@ -1,0 +1,103 @@
+"""Runs the whole platform on one machine: `vidgen broker` and one `vidgen stage NAME` process per stage.
+
+`vidgen up`, `vidgen demo`, the integration tests and the benchmarks all start the platform this way, so what
+they exercise is exactly what an operator runs: separate processes talking over the broker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .settings import Settings, load_settings, read_platform_file
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance")
+
+
+class PlatformProcesses:
+    def __init__(self, var_dir: Path, stages: tuple[str, ...] = STAGE_NAMES, env: dict[str, str] | None = None,
+                 start_broker: bool = True):
+        self.var_dir = Path(var_dir).resolve()
+        self.stage_names = stages
+        self.env = {**os.environ, **(env or {}), "VIDGEN_VAR_DIR": str(self.var_dir)}
+        self.start_broker = start_broker
+        self.broker: subprocess.Popen | None = None
+        self.stages: dict[str, list[subprocess.Popen]] = {}
+        self.log_dir = self.var_dir / "log"
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{log_name}.log", "ab") as log_file:
+            return subprocess.Popen(
+                [sys.executable, "-m", "vidgen", *args], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def settings(self) -> Settings:
+        return load_settings(self.env)
+
+    def start(self, timeout_s: float = 60.0) -> Settings:
+        if self.start_broker:
+            platform_file = self.var_dir / "run" / "platform.json"
+            platform_file.unlink(missing_ok=True)
+            self.broker = self._spawn(["broker"], "broker")
+            deadline = time.monotonic() + timeout_s
+            while read_platform_file(platform_file) is None:
+                if self.broker.poll() is not None:
+                    raise RuntimeError(f"`vidgen broker` exited ({self.broker.returncode}); see {self.log_dir}/broker.log")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the platform did not come up in {timeout_s} s; see {self.log_dir}/broker.log")
+                time.sleep(0.05)
+        for name in self.stage_names:
+            self.add_stage(name)
+        return self.settings()
+
+    def add_stage(self, name: str) -> subprocess.Popen:
+        process = self._spawn(["stage", name], f"{name}-{len(self.stages.get(name, []))}")
+        self.stages.setdefault(name, []).append(process)
+        return process
+
+    def check_alive(self) -> None:
+        """Raise if a process died on its own (a stage must survive bad input)."""
+        for name, processes in self.stages.items():
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"stage {name} exited with {process.returncode}; see {self.log_dir}")
+        if self.broker is not None and self.broker.poll() is not None:
+            raise RuntimeError(f"the broker exited with {self.broker.returncode}")
+
+    def stop(self, timeout_s: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every stage (each finishes its message and leaves its group), then the broker."""
+        codes = {}
+        running = [(n, p) for n, ps in self.stages.items() for p in ps if p.poll() is None]
+        for _, process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name, process in running:
+            try:
+                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("stage %s did not stop in time; killing it", name)
+                process.kill()
+                codes[name] = process.wait()
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.send_signal(signal.SIGTERM)
+            try:
+                codes["broker"] = self.broker.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+                codes["broker"] = self.broker.wait()
+        return codes
+
+    def __enter__(self) -> "PlatformProcesses":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+"""The topic catalogue: every topic vidgen uses, with its partitions, key and value schema. Nothing else names topics.
+
+Generation topics are split by tier so the GPU agents can weigh them; they get the most partitions because their
+consumers are the scarce GPUs (a partition is the unit of parallelism in a consumer group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TIERS = ("premium", "standard", "free")
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+    value_schema: str  # event name in schemas/
+    key: str = "job_id"  # UTF-8 string key; job_id keeps a job's events in order on one partition
+    retention_ms: int = 7 * DAY_MS
+    doc: str = ""
+
+
+REQUESTED = Topic("vidgen.requested", 6, "VideoRequested", doc="requests from upstream services and the gateway")
+ENCODED = {
+    tier: Topic(f"vidgen.encoded.{tier}", 12, "PromptEncoded", doc=f"generation queue of the {tier} tier")
+    for tier in TIERS
+}
+STEP_PROGRESS = Topic("vidgen.step-progress", 6, "StepProgress", retention_ms=DAY_MS)
+LATENT_CHECKPOINTED = Topic("vidgen.latent-checkpointed", 6, "LatentCheckpointed", retention_ms=DAY_MS)
+LATENT_CHUNKS = Topic("vidgen.latent-chunks", 6, "LatentChunk", retention_ms=DAY_MS)
+DECODED = Topic("vidgen.decoded", 6, "VideoDecoded")
+FLAGGED = Topic("vidgen.flagged", 3, "VideoFlagged", retention_ms=30 * DAY_MS)
+PUBLISHED = Topic("vidgen.published", 6, "VideoPublished", retention_ms=30 * DAY_MS)
+FAILED = Topic("vidgen.failed", 3, "JobFailed", retention_ms=30 * DAY_MS)
+CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellations; every agent reads all of it")
+DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY_MS)
+
+CATALOGUE: tuple[Topic, ...] = (
+    REQUESTED,
+    *ENCODED.values(),
+    STEP_PROGRESS,
+    LATENT_CHECKPOINTED,
+    LATENT_CHUNKS,
+    DECODED,
+    FLAGGED,
+    PUBLISHED,
+    FAILED,
+    CONTROL,
+    DEAD_LETTER,
+)
+BY_NAME = {topic.name: topic for topic in CATALOGUE}
+
+#: Topics whose events end a job: exactly one of them per job.
+TERMINAL = (PUBLISHED, FLAGGED, FAILED)
+
+
+def topic(name: str) -> Topic:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def encoded_topic(tier: str) -> Topic:
+    """Generation topic of a tier (accepts the Avro enum symbol, e.g. PREMIUM)."""
+    try:
+        return ENCODED[tier.lower()]
+    except KeyError:
+        raise ValueError(f"unknown tier {tier!r}; known: {', '.join(TIERS)}") from None
+
+
+def value_schemas() -> dict[str, str]:
+    """topic name → event name, for the codec."""
+    return {t.name: t.value_schema for t in CATALOGUE}

@@ -1,0 +1,39 @@
+"""One valid example of every event, as a stage would emit it."""
+from streams.events import new_event
+
+BLOB = {"uri": "file:///var/vidgen/blobs/j1/latent-0000.safetensors", "sha256": "ab" * 32, "bytes": 4096,
+        "shape": [1, 16, 2, 8, 8], "dtype": "float32"}
+MP4 = {"uri": "file:///var/vidgen/blobs/j1/video.mp4", "sha256": "cd" * 32, "bytes": 20480, "shape": [],
+       "dtype": "video/mp4"}
+PARAMS = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 20, "guidance_scale": 5.0, "seed": 7,
+          "model": "tiny-wan", "preset": "standard"}
+
+
+def sample_events() -> dict[str, dict]:
+    job = "j1"
+    return {
+        "VideoRequested": new_event(job, tenant="acme", prompt="a fox", negative_prompt="blurry", tier="PREMIUM",
+                                    params=PARAMS, consent_ref=None),
+        "PromptEncoded": new_event(job, tenant="acme", tier="PREMIUM", params=PARAMS, prompt_sha256="ef" * 32,
+                                   encoder="tiny-t5", prompt_embeds=BLOB, negative_prompt_embeds=BLOB,
+                                   requested_at=1_700_000_000_000),
+        "StepProgress": new_event(job, step=3, total_steps=20, attempt=2, resumed_from_step=2, step_ms=15.5,
+                                  agent_id="host-1"),
+        "LatentCheckpointed": new_event(job, step=10, total_steps=20, attempt=1, checkpoint=BLOB, agent_id="host-1"),
+        "LatentChunk": new_event(job, tenant="acme", chunk_index=1, chunk_count=2, latent_frame_start=2,
+                                 latent_frames=1, latent=BLOB, params=PARAMS, attempt=1),
+        "VideoDecoded": new_event(job, tenant="acme", segment_index=0, is_last=True, segment=MP4, frame_start=0,
+                                  frames=9, video=MP4, params=PARAMS),
+        "VideoFlagged": new_event(job, tenant="acme", stage="PRE_GEN", decision="BLOCK", reasons=["NCII"],
+                                  scores={"ncii": 0.93}, evidence="matched: ...", policy_version="1"),
+        "VideoPublished": new_event(job, tenant="acme", video=MP4, frames=9, width=64, height=64, fps=8,
+                                    params=PARAMS, renditions=[{"name": "360p", "width": 64, "height": 64,
+                                                                "media": MP4}], manifest=None),
+        "JobCancelled": new_event(job, reason="user asked", requested_by="acme"),
+        "JobFailed": new_event(job, tenant="acme", stage="gpu-agent", reason="out of memory",
+                               error_type="HANDLER", attempts=3),
+        "DeadLetter": new_event(job, stage="prompt-encoder", source_topic="vidgen.requested", source_partition=2,
+                                source_offset=41, error_type="DECODE", error="not Confluent wire format",
+                                raw_key=b"j1", raw_value=b"\xff\x00garbage",
+                                headers=[{"key": "traceparent", "value": b"00-abc"}]),
+    }

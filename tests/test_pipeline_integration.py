@@ -1,0 +1,197 @@
+"""One platform, for real: the embedded Tansu broker, the schema registry and every stage as separate processes.
+
+Three jobs on three tiers go through while garbage and an invalid request sit on vidgen.requested between them.
+Everything is checked by reading the topics back: the order of each job's events, one StepProgress per step,
+the chunks, the trace context, a playable MP4 of the requested size, the final latent against diffusers' own
+WanPipeline, the dead letters, and that no stage died.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import Producer
+
+from consumers.progress import LIFECYCLE, read_events
+from gpu_agents.models import ModelCatalogue
+from gpu_agents.video import join_latent_chunks, read_mp4
+from producers.requests import VideoRequests, video_request
+from streams import topics
+from streams.blobs import open_blob_store
+from streams.kafka import producer_config
+from streams.supervisor import PlatformProcesses
+from streams.tracing import trace_id_of
+
+pytestmark = pytest.mark.integration
+
+JOBS = [
+    dict(prompt="a red fox in the snow", tier="premium", steps=4, num_frames=9, width=64, height=48,
+         guidance_scale=5.0, seed=11),
+    dict(prompt="waves on a beach at dusk", tier="standard", steps=5, num_frames=5, width=32, height=32,
+         guidance_scale=1.0, seed=12),
+    dict(prompt="a paper boat on a river", tier="free", steps=3, num_frames=9, width=48, height=32,
+         guidance_scale=3.0, seed=13),
+]
+GARBAGE = [b"this is not avro", b"\x00\x00\x00\x00\x63\x01\x02", b"\x00\xff\xff\xff\xff"]
+INVALID = dict(prompt="ten frames cannot be", tier="standard", steps=2, num_frames=10, width=32, height=32,
+               guidance_scale=1.0, seed=1)
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    var_dir = tmp_path_factory.mktemp("var")
+    platform = PlatformProcesses(var_dir, env={
+        "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
+        "VIDGEN_LATENT_CHUNK_FRAMES": "1",
+    })
+    settings = platform.start()
+    try:
+        requests = VideoRequests(settings)
+        raw = Producer(producer_config(settings, "test-garbage"))
+        job_ids = []
+        invalid_id = requests.submit(**INVALID)
+        for i, job in enumerate(JOBS):
+            raw.produce(topics.REQUESTED.name, key=f"garbage-{i}".encode(), value=GARBAGE[i])
+            raw.flush(10)
+            job_ids.append(requests.submit(**job))
+        requests.close()
+
+        events: dict[str, list] = defaultdict(list)
+        dead_letters = []
+        deadline = time.monotonic() + TIMEOUT_S
+        for job_event in read_events(settings, lifecycle=(*LIFECYCLE, topics.DEAD_LETTER)):
+            if job_event is not None:
+                if job_event.topic == topics.DEAD_LETTER.name:
+                    dead_letters.append(job_event.event)
+                else:
+                    events[job_event.event["job_id"]].append(job_event)
+            published = sum(any(e.topic == topics.PUBLISHED.name for e in events[j]) for j in job_ids)
+            invalid_done = any(e.topic == topics.FAILED.name for e in events[invalid_id])
+            if published == len(job_ids) and invalid_done and len(dead_letters) >= len(GARBAGE) + 1:
+                time.sleep(1.0)  # a moment for anything that should not come (a duplicate publication)
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out: {published}/{len(job_ids)} published, {len(dead_letters)} dead letters; "
+                            f"logs in {platform.log_dir}")
+        # Catch late duplicates: read everything once more, from the start.
+        events, dead_letters = defaultdict(list), []
+        quiet_until = time.monotonic() + 2.0
+        for job_event in read_events(settings, lifecycle=(*LIFECYCLE, topics.DEAD_LETTER)):
+            if job_event is None:
+                if time.monotonic() > quiet_until:
+                    break
+                continue
+            quiet_until = time.monotonic() + 2.0
+            if job_event.topic == topics.DEAD_LETTER.name:
+                dead_letters.append(job_event.event)
+            else:
+                events[job_event.event["job_id"]].append(job_event)
+        platform.check_alive()
+        yield dict(settings=settings, job_ids=job_ids, invalid_id=invalid_id, events=events,
+                   dead_letters=dead_letters, platform=platform)
+    finally:
+        codes = platform.stop()
+        print("exit codes", codes)
+
+
+def _by_topic(job_events):
+    grouped = defaultdict(list)
+    for job_event in job_events:
+        grouped[job_event.topic].append(job_event)
+    return grouped
+
+
+@pytest.mark.parametrize("index", range(len(JOBS)))
+def test_job_goes_through_every_stage_in_order(run, index):
+    job, job_id = JOBS[index], run["job_ids"][index]
+    grouped = _by_topic(run["events"][job_id])
+    encoded_topic = topics.encoded_topic(job["tier"]).name
+    for other in topics.ENCODED.values():
+        if other.name != encoded_topic:
+            assert not grouped[other.name], f"job of tier {job['tier']} went to {other.name}"
+
+    assert len(grouped[topics.REQUESTED.name]) == 1
+    assert len(grouped[encoded_topic]) == 1
+    steps = [e.event["step"] for e in grouped[topics.STEP_PROGRESS.name]]
+    assert steps == list(range(1, job["steps"] + 1)), "one StepProgress per step, in order"
+    assert {e.event["total_steps"] for e in grouped[topics.STEP_PROGRESS.name]} == {job["steps"]}
+
+    chunks = [e.event for e in grouped[topics.LATENT_CHUNKS.name]]
+    latent_frames = (job["num_frames"] - 1) // 4 + 1
+    assert [c["chunk_index"] for c in chunks] == list(range(latent_frames))  # 1 latent frame per chunk here
+    assert all(c["chunk_count"] == latent_frames for c in chunks)
+    assert len(grouped[topics.DECODED.name]) == 1 and grouped[topics.DECODED.name][0].event["is_last"]
+    assert len(grouped[topics.PUBLISHED.name]) == 1, "published exactly once"
+    assert not grouped[topics.FAILED.name] and not grouped[topics.FLAGGED.name]
+
+    # Causal order across stages: each stage's event was created after the one it came from.
+    chain = [grouped[topics.REQUESTED.name][0], grouped[encoded_topic][0], grouped[topics.STEP_PROGRESS.name][0],
+             grouped[topics.STEP_PROGRESS.name][-1], grouped[topics.LATENT_CHUNKS.name][0],
+             grouped[topics.DECODED.name][0], grouped[topics.PUBLISHED.name][0]]
+    stamps = [e.event["timestamp"] for e in chain]
+    assert stamps == sorted(stamps)
+
+    # One trace follows the job from the request to the publication.
+    trace_ids = {trace_id_of(e.headers) for e in chain}
+    assert len(trace_ids) == 1 and None not in trace_ids
+
+
+@pytest.mark.parametrize("index", range(len(JOBS)))
+def test_published_mp4_decodes_to_the_requested_video(run, index):
+    job, job_id = JOBS[index], run["job_ids"][index]
+    published = _by_topic(run["events"][job_id])[topics.PUBLISHED.name][0].event
+    blobs = open_blob_store(run["settings"].blob_url)
+    frames = read_mp4(blobs.get(published["video"]))
+    assert frames.shape == (job["num_frames"], job["height"], job["width"], 3)
+    assert (published["frames"], published["width"], published["height"]) == (
+        job["num_frames"], job["width"], job["height"])
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_final_latent_equals_diffusers_wan_pipeline(run, index):
+    job, job_id = JOBS[index], run["job_ids"][index]
+    blobs = open_blob_store(run["settings"].blob_url)
+    chunks = sorted((e.event for e in _by_topic(run["events"][job_id])[topics.LATENT_CHUNKS.name]),
+                    key=lambda c: c["chunk_index"])
+    latent = join_latent_chunks([blobs.get_tensor(c["latent"]) for c in chunks])
+
+    pipe = ModelCatalogue().pipeline("tiny-wan")
+    text = ModelCatalogue().text_encoder("tiny-wan")
+    with torch.inference_mode():
+        reference = pipe(
+            prompt=job["prompt"], negative_prompt="", height=job["height"], width=job["width"],
+            num_frames=job["num_frames"], num_inference_steps=job["steps"], guidance_scale=job["guidance_scale"],
+            generator=torch.Generator().manual_seed(job["seed"]), output_type="latent",
+            max_sequence_length=text.max_sequence_length,
+        ).frames
+    torch.testing.assert_close(latent, reference, rtol=0, atol=1e-5)
+
+
+def test_garbage_goes_to_the_dead_letter_topic_with_its_reason(run):
+    letters = {bytes(d["raw_value"]): d for d in run["dead_letters"] if d["error_type"] == "DECODE"}
+    for i, garbage in enumerate(GARBAGE):
+        letter = letters[garbage]
+        assert letter["source_topic"] == topics.REQUESTED.name
+        assert letter["stage"] == "prompt-encoder"
+        assert bytes(letter["raw_key"]) == f"garbage-{i}".encode()
+        assert letter["source_offset"] >= 0 and letter["error"]
+
+
+def test_invalid_request_is_dead_lettered_and_its_job_fails_with_the_reason(run):
+    letters = [d for d in run["dead_letters"] if d["job_id"] == run["invalid_id"]]
+    assert len(letters) == 1 and letters[0]["error_type"] == "INVALID"
+    assert "4k+1" in letters[0]["error"] or "frames" in letters[0]["error"]
+    grouped = _by_topic(run["events"][run["invalid_id"]])
+    assert len(grouped[topics.FAILED.name]) == 1
+    assert grouped[topics.FAILED.name][0].event["stage"] == "prompt-encoder"
+    assert not any(grouped[t.name] for t in topics.ENCODED.values())
+
+
+def test_stages_survive_bad_input_and_stop_cleanly(run):
+    run["platform"].check_alive()
+    codes = run["platform"].stop()
+    assert all(code == 0 for code in codes.values()), codes

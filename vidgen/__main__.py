@@ -1,0 +1,5 @@
+import sys
+
+from vidgen.cli import main
+
+sys.exit(main())

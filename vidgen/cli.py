@@ -1,0 +1,272 @@
+"""The `vidgen` command: one entry point for every process and tool of the platform."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+STAGES = {
+    "prompt-encoder": "consumers.prompt_encoder",
+    "gpu-agent": "gpu_agents.agent",
+    "vae-decoder": "gpu_agents.decoder",
+    "compliance": "consumers.compliance_stage",
+}
+BENCHMARKS = {"overhead": "bench.overhead"}
+SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def load_stage(name: str):
+    try:
+        return importlib.import_module(STAGES[name]).STAGE
+    except KeyError:
+        raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+def cmd_broker(args) -> int:
+    from streams.embedded import embedded_platform
+    from streams.settings import load_settings
+
+    settings = load_settings()
+    with embedded_platform(settings) as running:
+        print(f"kafka {running.kafka_bootstrap}  schema registry {running.schema_registry_url}", flush=True)
+        print(f"recorded in {settings.platform_file}; Ctrl-C stops", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from schemas.codec import EventCodec
+    from streams.kafka import ensure_topics
+    from streams.serde import registry_client
+    from streams.settings import load_settings
+    from streams.topics import CATALOGUE, value_schemas
+
+    settings = load_settings()
+    created = ensure_topics(settings)
+    ids = EventCodec(registry_client(settings), value_schemas()).register_all()
+    for topic in CATALOGUE:
+        mark = "created" if topic.name in created else "exists"
+        print(f"{topic.name:32} {topic.partitions:3} partitions  {topic.value_schema:20} "
+              f"schema id {ids[topic.name + '-value']}  ({mark})")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from streams.runtime import run_stage
+    from streams.settings import load_settings
+
+    run_stage(load_stage(args.name), load_settings())
+    return 0
+
+
+def cmd_up(args) -> int:
+    from streams.settings import load_settings
+    from streams.supervisor import PlatformProcesses
+
+    settings = load_settings()
+    platform = PlatformProcesses(settings.var_dir, start_broker=not settings.kafka_bootstrap)
+    running = platform.start()
+    print(f"vidgen is up: kafka {running.kafka_bootstrap}, registry {running.schema_registry_url}, "
+          f"stages {', '.join(platform.stage_names)}; logs in {platform.log_dir}. Ctrl-C stops.", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        platform.stop()
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from producers.requests import VideoRequests
+    from streams.settings import load_settings
+
+    settings = load_settings()
+    width, height = _parse_size(args.size)
+    params = dict(width=width, height=height, num_frames=args.frames, steps=args.steps, seed=args.seed,
+                  guidance_scale=args.guidance, fps=args.fps)
+    if args.model:
+        params["model"] = args.model
+    submitted_ms = int(time.time() * 1000)
+    with VideoRequests(settings) as requests:
+        job_id = requests.submit(args.prompt, tier=args.tier, negative_prompt=args.negative_prompt, **params)
+    print(f"job {job_id} submitted ({args.tier})", flush=True)
+    if not args.follow:
+        return 0
+    return follow(settings, job_id, submitted_ms, args.timeout)
+
+
+def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
+    """Show the job's progress until it ends; the exit code says how it ended (0 published, 2 flagged, 3 failed)."""
+    from consumers.progress import follow_job
+    from streams.blobs import open_blob_store
+
+    bar = ProgressBar(sys.stderr)
+    end = follow_job(settings, job_id, bar.update, submitted_ms, timeout_s)
+    bar.close()
+    event = end.event
+    if end.topic.endswith("published"):
+        path = open_blob_store(settings.blob_url).local_path(event["video"])
+        print(f"published: {event['frames']} frames {event['width']}x{event['height']} @ {event['fps']} fps")
+        print(f"video: {path}")
+        return 0
+    if end.topic.endswith("flagged"):
+        print(f"flagged ({event['stage']}, {event['decision']}): {', '.join(event['reasons'])} {event['evidence']}")
+        return 2
+    print(f"failed in {event['stage']}: {event['reason']}")
+    return 3
+
+
+class ProgressBar:
+    """A one-line bar on a terminal; on anything else, a line per stage change and every tenth of the steps."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_tenth = -1
+
+    def update(self, job_event) -> None:
+        topic, event = job_event.topic, job_event.event
+        if topic.endswith("step-progress"):
+            done, total = event["step"], event["total_steps"]
+            filled = self.WIDTH * done // total
+            line = f"denoising [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} steps"
+            if self.tty:
+                self.stream.write("\r" + line)
+            elif done * 10 // total != self.last_tenth:
+                self.last_tenth = done * 10 // total
+                self.stream.write(line + "\n")
+        else:
+            stage = topic.removeprefix("vidgen.")
+            self.stream.write(("\n" if self.tty and stage.startswith("latent") else "") + f"{stage}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def cmd_demo(args) -> int:
+    """make run: start the platform, generate one video with live progress, print the MP4's path, stop."""
+    from producers.requests import VideoRequests
+    from streams.supervisor import PlatformProcesses
+    from streams.settings import load_settings
+
+    var_dir = load_settings().var_dir
+    print("starting the embedded broker, the schema registry and 4 stages ...", flush=True)
+    platform = PlatformProcesses(var_dir)
+    try:
+        settings = platform.start()
+        print(f"platform up (kafka {settings.kafka_bootstrap}); logs in {platform.log_dir}", flush=True)
+        width, height = _parse_size(args.size)
+        submitted_ms = int(time.time() * 1000)
+        with VideoRequests(settings) as requests:
+            job_id = requests.submit(args.prompt, tier="standard", width=width, height=height,
+                                     num_frames=args.frames, steps=args.steps, seed=args.seed)
+        print(f"job {job_id}: {args.prompt!r}", flush=True)
+        code = follow(settings, job_id, submitted_ms, args.timeout)
+    finally:
+        print("shutting down ...", flush=True)
+        platform.stop()
+    print("stopped cleanly." if code == 0 else "stopped.")
+    return code
+
+
+def cmd_bench(args) -> int:
+    try:
+        module = importlib.import_module(BENCHMARKS[args.name])
+    except KeyError:
+        raise SystemExit(f"unknown benchmark {args.name!r}; benchmarks: {', '.join(BENCHMARKS)}") from None
+    return module.main(args.bench_args)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--size must be WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidgen", description="Text-to-video on Kafka.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("broker", help="run the embedded Tansu broker and schema registry (records var/run/platform.json)")
+    sub.add_parser("topics", help="create the catalogue's topics and register the schemas on the configured cluster")
+    stage = sub.add_parser("stage", help="run one stage process (scale out by running more)")
+    stage.add_argument("name", choices=sorted(STAGES))
+    sub.add_parser("up", help="run the broker, the registry and one process per stage until interrupted")
+
+    def generation_args(p, frames=9, steps=20, size="64x64"):
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--frames", type=int, default=frames, help="4k+1 frames")
+        p.add_argument("--size", default=size, help="WIDTHxHEIGHT, multiples of 16")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job to end")
+
+    submit = sub.add_parser("submit", help="publish a VideoRequested; --follow shows progress until the job ends")
+    submit.add_argument("prompt")
+    submit.add_argument("--tier", choices=("premium", "standard", "free"), default="standard")
+    submit.add_argument("--negative-prompt", default="")
+    submit.add_argument("--guidance", type=float, default=5.0)
+    submit.add_argument("--fps", type=int, default=8)
+    submit.add_argument("--model", default=None, help="model id (default: VIDGEN_DEFAULT_MODEL or tiny-wan)")
+    submit.add_argument("--follow", action="store_true")
+    generation_args(submit)
+
+    demo = sub.add_parser("demo", help="start everything, generate one video with live progress, stop (make run)")
+    demo.add_argument("prompt", nargs="?", default=SAMPLE_PROMPT)
+    generation_args(demo, frames=17, steps=30, size="128x128")
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+COMMANDS = {
+    "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
+    "demo": cmd_demo, "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    from streams.settings import SettingsError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except SettingsError as exc:
+        print(f"vidgen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
