@@ -79,6 +79,7 @@ class VideoRequests:
 
     def close(self) -> None:
         self.producer.flush(10)
+        self.producer.close()  # drop the broker connections now, not whenever the object is collected
 
     def __enter__(self) -> "VideoRequests":
         return self

@@ -145,6 +145,7 @@ class ProgressBar:
         self.stream = stream
         self.tty = stream.isatty()
         self.last_tenth = -1
+        self.last_topic = ""
 
     def update(self, job_event) -> None:
         topic, event = job_event.topic, job_event.event
@@ -157,9 +158,10 @@ class ProgressBar:
             elif done * 10 // total != self.last_tenth:
                 self.last_tenth = done * 10 // total
                 self.stream.write(line + "\n")
-        else:
+        elif topic != self.last_topic:  # one line per stage, not per chunk or segment
             stage = topic.removeprefix("vidgen.")
-            self.stream.write(("\n" if self.tty and stage.startswith("latent") else "") + f"{stage}\n")
+            self.stream.write(("\n" if self.tty and self.last_topic.endswith("step-progress") else "") + f"{stage}\n")
+        self.last_topic = topic
         self.stream.flush()
 
     def close(self) -> None:
