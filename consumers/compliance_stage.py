@@ -13,7 +13,7 @@ from streams.stage import Stage, StageContext
 
 class ComplianceStage:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
-        self.blobs = blobs
+        pass  # the detectors, watermarker and signer will be set up here
 
     def handle(self, decoded: dict, ctx: StageContext) -> None:
         if not decoded["is_last"]:

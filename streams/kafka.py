@@ -48,13 +48,9 @@ def client_config(settings: Settings) -> dict:
     return {"bootstrap.servers": settings.require_kafka()}
 
 
-def _user(settings: Settings) -> dict:
-    return dict(settings.kafka_client)
-
-
 def producer_config(settings: Settings, client_id: str = "vidgen") -> dict:
     conf = {**client_config(settings), **PRODUCER_DEFAULTS, "client.id": client_id}
-    conf.update(_user(settings))
+    conf.update(settings.kafka_client)
     # Consumer-only keys given through the shared pass-through would make librdkafka warn on every producer.
     for key in ("session.timeout.ms", "heartbeat.interval.ms", "fetch.wait.max.ms", "max.poll.interval.ms"):
         conf.pop(key, None)
@@ -65,14 +61,14 @@ def consumer_config(settings: Settings, group_id: str, client_id: str = "vidgen"
     conf = {**client_config(settings), **CONSUMER_DEFAULTS, "group.id": group_id, "client.id": client_id}
     if settings.embedded:
         conf.update(TANSU_WORKAROUNDS)
-    conf.update(_user(settings))
+    conf.update(settings.kafka_client)
     for key in ("acks", "enable.idempotence", "linger.ms"):
         conf.pop(key, None)
     return conf
 
 
 def admin_config(settings: Settings) -> dict:
-    conf = {**client_config(settings), **_user(settings)}
+    conf = {**client_config(settings), **settings.kafka_client}
     for key in list(conf):
         if key in PRODUCER_DEFAULTS or key in CONSUMER_DEFAULTS or key in TANSU_WORKAROUNDS or key == "max.poll.interval.ms":
             conf.pop(key)

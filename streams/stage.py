@@ -17,7 +17,7 @@ A handler's contract:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .events import derive_event_id, new_event
 from .topics import Topic
@@ -85,7 +85,3 @@ class StageContext:
     def release(self, key: str) -> None:
         """The unit ``key`` is done: commit every input held under it (after this input's outputs are flushed)."""
         self.released.append(key)
-
-
-def emits_of(stages: Iterable[Stage]) -> set[str]:
-    return {t.name for s in stages for t in s.emits}

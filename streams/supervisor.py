@@ -21,12 +21,11 @@ STAGE_NAMES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance")
 
 
 class PlatformProcesses:
-    def __init__(self, var_dir: Path, stages: tuple[str, ...] = STAGE_NAMES, env: dict[str, str] | None = None,
-                 start_broker: bool = True):
+    """`vidgen broker` (which starts Tansu and the registry unless the settings name real ones) plus stages."""
+    def __init__(self, var_dir: Path, stages: tuple[str, ...] = STAGE_NAMES, env: dict[str, str] | None = None):
         self.var_dir = Path(var_dir).resolve()
         self.stage_names = stages
         self.env = {**os.environ, **(env or {}), "VIDGEN_VAR_DIR": str(self.var_dir)}
-        self.start_broker = start_broker
         self.broker: subprocess.Popen | None = None
         self.stages: dict[str, list[subprocess.Popen]] = {}
         self.log_dir = self.var_dir / "log"
@@ -43,17 +42,16 @@ class PlatformProcesses:
         return load_settings(self.env)
 
     def start(self, timeout_s: float = 60.0) -> Settings:
-        if self.start_broker:
-            platform_file = self.var_dir / "run" / "platform.json"
-            platform_file.unlink(missing_ok=True)
-            self.broker = self._spawn(["broker"], "broker")
-            deadline = time.monotonic() + timeout_s
-            while read_platform_file(platform_file) is None:
-                if self.broker.poll() is not None:
-                    raise RuntimeError(f"`vidgen broker` exited ({self.broker.returncode}); see {self.log_dir}/broker.log")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the platform did not come up in {timeout_s} s; see {self.log_dir}/broker.log")
-                time.sleep(0.05)
+        platform_file = self.var_dir / "run" / "platform.json"
+        platform_file.unlink(missing_ok=True)
+        self.broker = self._spawn(["broker"], "broker")
+        deadline = time.monotonic() + timeout_s
+        while read_platform_file(platform_file) is None:
+            if self.broker.poll() is not None:
+                raise RuntimeError(f"`vidgen broker` exited ({self.broker.returncode}); see {self.log_dir}/broker.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the platform did not come up in {timeout_s} s; see {self.log_dir}/broker.log")
+            time.sleep(0.05)
         for name in self.stage_names:
             self.add_stage(name)
         return self.settings()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import numpy as np
 import pytest
 import torch
 from confluent_kafka import Producer

@@ -25,6 +25,8 @@ def _setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("httpx", "httpx2", "aiohttp.access"):  # a line per registry request is noise, not news
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def load_stage(name: str):
@@ -84,8 +86,8 @@ def cmd_up(args) -> int:
     from streams.settings import load_settings
     from streams.supervisor import PlatformProcesses
 
-    settings = load_settings()
-    platform = PlatformProcesses(settings.var_dir, start_broker=not settings.kafka_bootstrap)
+    # `vidgen broker` runs either way: with a named cluster it starts nothing but prepares topics and schemas.
+    platform = PlatformProcesses(load_settings().var_dir)
     running = platform.start()
     print(f"vidgen is up: kafka {running.kafka_bootstrap}, registry {running.schema_registry_url}, "
           f"stages {', '.join(platform.stage_names)}; logs in {platform.log_dir}. Ctrl-C stops.", flush=True)
