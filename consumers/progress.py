@@ -27,6 +27,7 @@ LIFECYCLE = (
     topics.FLAGGED,
     topics.PUBLISHED,
     topics.FAILED,
+    topics.CANCELLED,
 )
 
 
@@ -42,7 +43,7 @@ class JobEvent:
 def is_terminal(job_event: JobEvent) -> bool:
     if job_event.topic == topics.FLAGGED.name:
         return job_event.event.get("decision") == "BLOCK"
-    return job_event.topic in (topics.PUBLISHED.name, topics.FAILED.name)
+    return job_event.topic in (topics.PUBLISHED.name, topics.FAILED.name, topics.CANCELLED.name)
 
 
 def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,

@@ -10,7 +10,8 @@ import hashlib
 
 from compliance.prompt_safety import evaluate_prompt
 from gpu_agents.encoding import encode_prompts
-from gpu_agents.models import InvalidParamsError, ModelCatalogue, UnknownModelError, validate_generation_params
+from gpu_agents.models import (PRESETS, InvalidParamsError, ModelCatalogue, UnknownModelError, effective_guidance,
+                               validate_generation_params)
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import Settings
@@ -35,6 +36,8 @@ def check_request(request: dict, models: ModelCatalogue) -> None:
         raise InvalidEvent(str(exc)) from exc
     if params["fps"] < 1 or params["fps"] > 120:
         raise InvalidEvent(f"fps must be within 1..120, got {params['fps']}")
+    if params["preset"] not in PRESETS:
+        raise InvalidEvent(f"unknown preset {params['preset']!r}; presets: {', '.join(PRESETS)}")
 
 
 class PromptEncoder:
@@ -58,7 +61,7 @@ class PromptEncoder:
         # One prompt per forward pass, as diffusers' WanPipeline does, so outputs match it exactly.
         prompt_ref = ctx.blobs.put_tensor(encode_prompts(text, [request["prompt"]]), job_id, "prompt_embeds.safetensors")
         negative_ref = None
-        if params["guidance_scale"] > 1.0:
+        if effective_guidance(params) > 1.0:
             negative = encode_prompts(text, [request["negative_prompt"]])
             negative_ref = ctx.blobs.put_tensor(negative, job_id, "negative_prompt_embeds.safetensors")
 

@@ -1,21 +1,29 @@
-"""gpu-agent: PromptEncoded → the explicit denoising loop → StepProgress per step, then the final latent in chunks.
+"""gpu-agent: PromptEncoded → the explicit denoising loop → StepProgress per step, checkpoints, then latent chunks.
 
-Consumes vidgen.encoded.{premium,standard,free}. Emits vidgen.step-progress (every step) and vidgen.latent-chunks
-(k latent frames each, in order, keyed by job so they stay in order). Chunk blobs are all written before the
-first chunk event, so a decoder never waits on a blob. One generation per job: a redelivered job is a duplicate.
+Consumes vidgen.encoded.{premium,standard,free}, picked by tier weight (VIDGEN_TIER_WEIGHTS, default 6:3:1), and
+follows vidgen.control for cancellations. Emits vidgen.step-progress (every step), vidgen.latent-checkpointed
+(every N steps and at least every S seconds, written off the denoising path) and, when the latent is final,
+vidgen.latent-chunks (k latent frames each, in order, keyed by job). A job that was interrupted — its agent
+killed, its partition moved, its process drained — resumes from its newest checkpoint on whichever agent gets it
+next, and ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import os
 import socket
+import time
+
+import torch
 
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import Settings
-from streams.stage import Stage, StageContext
+from streams.stage import CancelledByRequest, JobInterrupted, Stage, StageContext
 
+from .checkpoint import capture, restore_scheduler
 from .denoise import StepInfo, denoise, prepare_latents
-from .models import ModelCatalogue
+from .models import ModelCatalogue, effective_guidance
+from .resume import CheckpointStore, CheckpointWriter
 from .video import split_latent_chunks
 
 
@@ -23,29 +31,81 @@ class DenoisingAgent:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
         self.chunk_frames = settings.latent_chunk_frames
+        self.every_steps = settings.checkpoint_every_steps
+        self.every_s = settings.checkpoint_every_s
         self.agent_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.checkpoints = CheckpointStore(blobs)
+        self.writer = CheckpointWriter(self.checkpoints)
 
     def handle(self, job: dict, ctx: StageContext) -> None:
         job_id, params = job["job_id"], job["params"]
-        attempt = 1
+        attempt = self.checkpoints.next_attempt(job_id)
         denoiser = self.models.denoiser(params["model"])
-        prompt_embeds = ctx.blobs.get_tensor(job["prompt_embeds"])
-        negative_ref = job["negative_prompt_embeds"]
-        negative_embeds = ctx.blobs.get_tensor(negative_ref) if negative_ref else None
+        device = self.models.device
+        guidance = effective_guidance(params)
+        prompt_embeds = ctx.blobs.get_tensor(job["prompt_embeds"]).to(device)
+        negative_ref = job["negative_prompt_embeds"] if guidance > 1.0 else None
+        negative_embeds = ctx.blobs.get_tensor(negative_ref).to(device) if negative_ref else None
+        total = params["steps"]
 
-        def report_step(step: StepInfo) -> None:
-            ctx.emit(topics.STEP_PROGRESS, ctx.event(
-                job_id, "step", attempt, step.step,
-                step=step.step, total_steps=step.total_steps, attempt=attempt, resumed_from_step=None,
-                step_ms=step.elapsed_s * 1000.0, agent_id=self.agent_id,
+        scheduler = denoiser.new_scheduler()
+        resumed = self.checkpoints.newest(job_id)
+        if resumed is not None and resumed.total_steps == total:
+            restore_scheduler(scheduler, resumed)
+            latents, start_step = resumed.latents.to(device), resumed.step
+        else:
+            resumed = None
+            latents = prepare_latents(denoiser, params["width"], params["height"], params["num_frames"],
+                                      params["seed"]).to(device)
+            start_step = 0
+
+        def announce(ckpt, ref) -> None:
+            ctx.emit(topics.LATENT_CHECKPOINTED, ctx.event(
+                job_id, "checkpoint", ckpt.attempt, ckpt.step,
+                step=ckpt.step, total_steps=ckpt.total_steps, attempt=ckpt.attempt, checkpoint=ref,
+                agent_id=self.agent_id,
             ))
 
-        latents = prepare_latents(denoiser, params["width"], params["height"], params["num_frames"], params["seed"])
-        latents = denoise(
-            denoiser, denoiser.new_scheduler(), latents, prompt_embeds, negative_embeds,
-            guidance_scale=params["guidance_scale"], num_steps=params["steps"], on_step=report_step,
-        )
+        def checkpoint(step: StepInfo) -> None:
+            self.writer.submit(capture(
+                job_id, scheduler, step.latents, step.step, total, prompt_embeds_ref=job["prompt_embeds"],
+                negative_prompt_embeds_ref=negative_ref, attempt=attempt, model=params["model"],
+            ), announce)
 
+        last_checkpoint = time.monotonic()
+
+        def after_step(step: StepInfo) -> None:
+            nonlocal last_checkpoint
+            ctx.emit(topics.STEP_PROGRESS, ctx.event(
+                job_id, "step", attempt, step.step,
+                step=step.step, total_steps=total, attempt=attempt,
+                resumed_from_step=start_step if resumed is not None else None,
+                step_ms=step.elapsed_s * 1000.0, agent_id=self.agent_id,
+            ))
+            stop = ctx.stop_reason()
+            if stop == "cancelled":
+                raise CancelledByRequest(step.step)
+            if step.step == total:
+                return  # the result itself follows; a checkpoint of it would never be used
+            if stop is not None:  # revoked or draining: leave a checkpoint at this very step, then stop
+                checkpoint(step)
+                self.writer.drain()
+                raise JobInterrupted(f"{stop} at step {step.step}")
+            if step.step % self.every_steps == 0 or (self.every_s and time.monotonic() - last_checkpoint >= self.every_s):
+                checkpoint(step)
+                last_checkpoint = time.monotonic()
+
+        try:
+            latents = denoise(denoiser, scheduler, latents, prompt_embeds, negative_embeds, guidance_scale=guidance,
+                              num_steps=total, on_step=after_step, start_step=start_step)
+        finally:
+            self.writer.drain()  # every checkpoint announced before the job's outcome is flushed
+
+        self.emit_chunks(job, latents.cpu(), attempt, ctx)
+
+    def emit_chunks(self, job: dict, latents: torch.Tensor, attempt: int, ctx: StageContext) -> None:
+        """All chunk blobs first, then the events, in order: a decoder never waits on a blob."""
+        job_id = job["job_id"]
         chunks = split_latent_chunks(latents, self.chunk_frames)
         refs = [ctx.blobs.put_tensor(chunk, job_id, f"latent-{i:04d}.safetensors") for i, chunk in enumerate(chunks)]
         frame_start = 0
@@ -53,7 +113,7 @@ class DenoisingAgent:
             ctx.emit(topics.LATENT_CHUNKS, ctx.event(
                 job_id, "chunk", index,
                 tenant=job["tenant"], chunk_index=index, chunk_count=len(chunks),
-                latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=params,
+                latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=job["params"],
                 attempt=attempt,
             ))
             frame_start += chunk.shape[2]
@@ -62,8 +122,11 @@ class DenoisingAgent:
 STAGE = Stage(
     name="gpu-agent",
     consumes=tuple(topics.ENCODED.values()),
-    emits=(topics.STEP_PROGRESS, topics.LATENT_CHUNKS),
+    emits=(topics.STEP_PROGRESS, topics.LATENT_CHECKPOINTED, topics.LATENT_CHUNKS, topics.CANCELLED),
     build=DenoisingAgent,
     dedupe_key=lambda job: job["job_id"],
+    long_jobs=True,
+    lanes={topic.name: tier for tier, topic in topics.ENCODED.items()},
+    control=topics.CONTROL,
     doc=__doc__,
 )

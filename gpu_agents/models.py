@@ -236,6 +236,26 @@ def _build_vae(spec: BuiltinModelSpec) -> AutoencoderKLWan:
 # --------------------------------------------------------------------------------------------------
 
 
+PRESETS = ("quality", "fast")
+
+
+def effective_guidance(params: Mapping[str, Any]) -> float:
+    """The fast preset is for distilled few-step checkpoints: no classifier-free guidance, one pass per step."""
+    return 1.0 if params["preset"] == "fast" else float(params["guidance_scale"])
+
+
+def select_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bfloat16 when a GPU is present (Wan's transformer is trained in bf16), else CPU float32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _is_model_path(model_id: str) -> bool:
+    """`--model /models/Wan2.1-T2V-1.3B-Diffusers`: an absolute path to a diffusers directory is its own id."""
+    return os.path.isabs(model_id) and os.path.isfile(os.path.join(model_id, "model_index.json"))
+
+
 def _check_model_dir(model_id: str, model_dir: str) -> None:
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model {model_id!r}: directory {model_dir!r} does not exist")
@@ -287,12 +307,16 @@ def _load_scheduler_recipe(model_dir: str) -> tuple[type[SchedulerMixin], Mappin
 class ModelCatalogue:
     """Resolves model ids to loaded parts; each part is loaded once per process and shared."""
 
-    def __init__(self, model_dirs: dict[str, str] | None = None) -> None:
+    def __init__(self, model_dirs: dict[str, str] | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         model_dirs = dict(model_dirs or {})
         clashes = sorted(set(model_dirs) & set(BUILTIN_MODELS))
         if clashes:
             raise ValueError(f"model_dirs may not reuse built-in model ids: {clashes}")
         self._model_dirs = model_dirs
+        default_device, default_dtype = select_device()
+        self.device = torch.device(device) if device is not None else default_device
+        self.dtype = dtype or (default_dtype if self.device == default_device else torch.float32)
         self._cache: dict[tuple[str, str], Any] = {}
         # Stages may ask from several threads; loading the same part twice would waste memory.
         self._lock = threading.RLock()
@@ -302,7 +326,7 @@ class ModelCatalogue:
         return list(BUILTIN_MODELS) + sorted(self._model_dirs)
 
     def known(self, model_id: str) -> bool:
-        return model_id in BUILTIN_MODELS or model_id in self._model_dirs
+        return model_id in BUILTIN_MODELS or model_id in self._model_dirs or _is_model_path(model_id)
 
     def max_sequence_length(self, model_id: str) -> int:
         """Text length prompts are padded/truncated to; cheap (loads nothing)."""
@@ -311,13 +335,18 @@ class ModelCatalogue:
         return _read_max_sequence_length(self._model_dir(model_id))
 
     def text_encoder(self, model_id: str) -> TextEncoderParts:
-        return self._cached(model_id, "text_encoder", self._load_text_encoder_parts)
+        parts = self._cached(model_id, "text_encoder", self._load_text_encoder_parts)
+        parts.text_encoder.to(self.device, self.dtype)
+        return parts
 
     def denoiser(self, model_id: str) -> DenoiserParts:
-        return self._cached(model_id, "denoiser", self._load_denoiser_parts)
+        parts = self._cached(model_id, "denoiser", self._load_denoiser_parts)
+        parts.transformer.to(self.device, self.dtype)
+        return parts
 
     def vae(self, model_id: str) -> AutoencoderKLWan:
-        return self._cached(model_id, "vae", self._load_vae)
+        # The causal VAE stays float32 (as in diffusers' Wan examples): bf16 decoding visibly bands colours.
+        return self._cached(model_id, "vae", self._load_vae).to(self.device)
 
     def pipeline(self, model_id: str) -> WanPipeline:
         """A diffusers WanPipeline over the same (shared) modules, for references and benchmarks.
@@ -359,7 +388,7 @@ class ModelCatalogue:
 
     def _model_dir(self, model_id: str) -> str:
         self._require_known(model_id)
-        model_dir = self._model_dirs[model_id]
+        model_dir = self._model_dirs.get(model_id, model_id)  # an id may be the directory's absolute path
         _check_model_dir(model_id, model_dir)
         return model_dir
 

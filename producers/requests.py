@@ -23,10 +23,14 @@ DEFAULT_PARAMS = {
     "height": 64,
     "num_frames": 9,
     "fps": 8,
-    "steps": 20,
+    "steps": 50,
     "guidance_scale": 5.0,
     "seed": 0,
-    "preset": "standard",
+}
+#: What a preset changes in the defaults; explicit parameters still win.
+PRESETS = {
+    "quality": {"steps": 50, "guidance_scale": 5.0},  # many steps, classifier-free guidance
+    "fast": {"steps": 4, "guidance_scale": 1.0},  # distilled few-step checkpoints: one transformer pass per step
 }
 
 
@@ -36,20 +40,23 @@ class SubmitError(RuntimeError):
 
 def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standard", tenant: str = "default",
                   negative_prompt: str = "", consent_ref: str | None = None, model: str = "tiny-wan",
-                  **params) -> dict:
-    """A VideoRequested event; unspecified generation parameters take DEFAULT_PARAMS."""
+                  preset: str = "quality", **params) -> dict:
+    """A VideoRequested event; unspecified generation parameters take the preset's, then DEFAULT_PARAMS."""
     unknown = set(params) - set(DEFAULT_PARAMS)
     if unknown:
         raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
     if tier.lower() not in topics.TIERS:
         raise ValueError(f"unknown tier {tier!r}; known: {', '.join(topics.TIERS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    params = {k: v for k, v in params.items() if v is not None}
     return new_event(
         job_id or new_job_id(),
         tenant=tenant,
         prompt=prompt,
         negative_prompt=negative_prompt,
         tier=tier.upper(),
-        params={**DEFAULT_PARAMS, **params, "model": model},
+        params={**DEFAULT_PARAMS, **PRESETS[preset], **params, "model": model, "preset": preset},
         consent_ref=consent_ref,
     )
 
@@ -60,22 +67,31 @@ class VideoRequests:
         self.codec = event_codec(settings)
         self.producer = Producer(producer_config(settings, "vidgen-submit"))
 
-    def publish(self, request: dict, timeout_s: float = 30.0) -> str:
+    def publish(self, request: dict) -> str:
+        """Publish a VideoRequested built with video_request(); returns its job id once acknowledged."""
+        self._publish(topics.REQUESTED, request)
+        return request["job_id"]
+
+    def _publish(self, topic: topics.Topic, event: dict, timeout_s: float = 30.0) -> None:
         errors: list[str] = []
         self.producer.produce(
-            topics.REQUESTED.name,
-            key=encode_key(request["job_id"]),
-            value=self.codec.encode(topics.REQUESTED.name, request),
+            topic.name,
+            key=encode_key(event["job_id"]),
+            value=self.codec.encode(topic.name, event),
             headers=current_trace_headers(),
             on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
         )
         if self.producer.flush(timeout_s) or errors:
-            raise SubmitError(f"request {request['job_id']} not acknowledged by the broker: {errors or 'timeout'}")
-        return request["job_id"]
+            raise SubmitError(f"{topic.name} event for job {event['job_id']} not acknowledged by the broker: "
+                              f"{errors or 'timeout'}")
 
     def submit(self, prompt: str, **kwargs) -> str:
         kwargs.setdefault("model", self.settings.default_model)
         return self.publish(video_request(prompt, **kwargs))
+
+    def cancel(self, job_id: str, reason: str = "", requested_by: str = "") -> None:
+        """Ask for a job to stop: a queued job is skipped, a running one stops within one step."""
+        self._publish(topics.CONTROL, new_event(job_id, reason=reason, requested_by=requested_by))
 
     def close(self) -> None:
         self.producer.flush(10)

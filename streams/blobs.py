@@ -64,6 +64,24 @@ class LocalBlobStore:
             "dtype": dtype,
         }
 
+    def read(self, *segments: str) -> bytes | None:
+        """A small mutable object by name (a pointer such as "newest checkpoint"), or None when absent.
+        Unlike get(), there is no reference to check it against: callers check what it points to."""
+        try:
+            return self.path_for(*segments).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def claim(self, *segments: str) -> bool:
+        """Create an empty marker if it does not exist yet; True for the one caller that created it."""
+        path = self.path_for(*segments)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x"):
+                return True
+        except FileExistsError:
+            return False
+
     def local_path(self, ref: dict) -> Path:
         parsed = urlparse(ref["uri"])
         if parsed.scheme != "file":

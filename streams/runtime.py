@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -28,7 +29,7 @@ from .ledger import ProcessedLedger
 from .offsets import OffsetTracker
 from .serde import decode_key, encode_key, event_codec
 from .settings import Settings
-from .stage import InvalidEvent, SourceMessage, Stage, StageContext
+from .stage import CancelledByRequest, InvalidEvent, JobInterrupted, SourceMessage, Stage, StageContext
 from .tracing import consume_span, current_trace_headers
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,20 @@ class StageCounters:
     deduplicated: int = 0
     dead_lettered: int = 0
     failed_jobs: int = 0
+    cancelled: int = 0
+    interrupted: int = 0
     retries: int = 0
     handle_seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What handling one input came to, for settling it."""
+
+    msg: Message
+    dedupe_key: str | None = None  # None: nothing to mark (undecodable input)
+    ctx: StageContext | None = None
+    interrupted: bool = False
 
 
 class DeliveryFailed(RuntimeError):
@@ -70,6 +83,8 @@ class StageRuntime:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._delivery_errors: list[str] = []
+        #: job_id → JobCancelled request, for stages that follow the control topic
+        self.cancellations: dict[str, dict] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -80,24 +95,33 @@ class StageRuntime:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
-    def run(self) -> StageCounters:
+    def connect(self) -> None:
         self.handler = self.stage.build(self.settings, self.blobs)
         self.producer = Producer(producer_config(self.settings, self.client_id))
         self.consumer = Consumer(consumer_config(self.settings, self.stage.group_id, self.client_id))
         self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("%s: consuming %s", self.stage.name, ", ".join(t.name for t in self.stage.consumes))
+
+    def poll(self, timeout_s: float) -> Message | None:
+        """The next input, or None (nothing yet, or a consumer error, which is logged)."""
+        msg = self.consumer.poll(timeout_s)
+        if msg is None:
+            self.producer.poll(0)
+            return None
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consumer error: %s", self.stage.name, msg.error())
+            return None
+        return msg
+
+    def run(self) -> StageCounters:
+        self.connect()
         try:
             while not self.stopping.is_set():
-                msg = self.consumer.poll(0.1)
-                if msg is None:
-                    self.producer.poll(0)
-                    continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("%s: consumer error: %s", self.stage.name, msg.error())
-                    continue
-                self.process(msg)
+                msg = self.poll(0.1)
+                if msg is not None:
+                    self.process(msg)
         finally:
             self.close()
         return self.counters
@@ -124,36 +148,46 @@ class StageRuntime:
 
     # -- one message -----------------------------------------------------------------------------------------
     def process(self, msg: Message) -> None:
-        tp = (msg.topic(), msg.partition())
-        self.counters.consumed += 1
-        self.offsets.started(tp, msg.offset())
-        try:
-            self._process(msg)
-        finally:
-            if not self.offsets.is_held(tp, msg.offset()):
-                self.offsets.done(tp, msg.offset())
-            self._commit(asynchronous=True)
+        """Handle one input on this thread and settle it: the synchronous path of short stages."""
+        self.offsets.started((msg.topic(), msg.partition()), msg.offset())
+        # An exception here (stopping mid-retry) leaves the input pending: committed below it, redelivered later.
+        self.settle(self.execute(msg))
 
-    def _process(self, msg: Message) -> None:
+    def execute(self, msg: Message, stop_reason: Callable[[], str | None] | None = None) -> "Outcome":
+        """Decode, dedupe and handle one input, and flush what it emitted. Touches no offsets, so a long job can
+        run it on a worker thread while the consumer thread keeps polling."""
+        self.counters.consumed += 1
+        outcome = Outcome(msg)
         event = self._decode(msg)
         if event is None:
-            return
-        dedupe_key = self.stage.dedupe_key(event)
-        if self.ledger.seen(dedupe_key):
+            return outcome
+        outcome.dedupe_key = self.stage.dedupe_key(event)
+        if self.ledger.seen(outcome.dedupe_key):
             self.counters.deduplicated += 1
-            return
+            return outcome
         source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
         with consume_span(self.stage.name, msg.topic(), msg.headers()):
-            ctx = self._handle_with_retries(msg, event, source)
+            outcome.ctx, outcome.interrupted = self._handle_with_retries(msg, event, source, stop_reason)
+        return outcome
+
+    def settle(self, outcome: "Outcome") -> None:
+        """After execute: mark the input done in the ledger and let its offset be committed (unless it is held
+        for a unit still in progress, or its job was interrupted and must be resumed by the next owner)."""
+        msg, ctx = outcome.msg, outcome.ctx
         tp = (msg.topic(), msg.partition())
+        if outcome.interrupted:
+            return  # stays pending: the committed position stays below it
         if ctx is not None and ctx.held:
             for key in ctx.held:
-                self.offsets.hold(key, tp, msg.offset(), dedupe_key)
+                self.offsets.hold(key, tp, msg.offset(), outcome.dedupe_key)
         else:
-            self.ledger.mark(dedupe_key)
+            if outcome.dedupe_key is not None:
+                self.ledger.mark(outcome.dedupe_key)
+            self.offsets.done(tp, msg.offset())
         for key in ctx.released if ctx is not None else ():
             for held_dedupe_key in self.offsets.release(key):  # their outputs were flushed with this input's
                 self.ledger.mark(held_dedupe_key)
+        self._commit(asynchronous=True)
 
     def _decode(self, msg: Message) -> dict | None:
         attempt = 0
@@ -170,44 +204,66 @@ class StageRuntime:
                 if self._sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1]):
                     raise SystemExit(f"{self.stage.name}: stopping while the schema registry is unreachable")
 
-    def _handle_with_retries(self, msg: Message, event: dict, source: SourceMessage) -> StageContext | None:
+    def _handle_with_retries(self, msg: Message, event: dict, source: SourceMessage,
+                             stop_reason: Callable[[], str | None] | None) -> tuple[StageContext | None, bool]:
+        """(context of the successful try or None, interrupted?)"""
+        headers = current_trace_headers()
         for attempt in range(1, HANDLER_ATTEMPTS + 1):
-            ctx = StageContext(self.stage.name, source, self.blobs, self._emit)
+            ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
+                               stop_reason=stop_reason or (lambda: None))
             started = time.perf_counter()
             try:
+                if ctx.stop_reason() == "cancelled":
+                    raise CancelledByRequest()  # still queued when its cancellation arrived
                 self.handler.handle(event, ctx)
                 self._flush()
                 self.counters.handled += 1
-                return ctx
+                return ctx, False
+            except JobInterrupted:
+                self._flush_quietly()  # its checkpoint and progress are worth keeping
+                return None, True
+            except CancelledByRequest as exc:
+                self.end_cancelled(event, exc.step, headers)
+                return ctx, False
             except InvalidEvent as exc:
                 self._flush_quietly()
                 self.dead_letter(msg, "INVALID", str(exc), event)
-                return None
+                return None, False
             except Exception as exc:  # noqa: BLE001 - a stage must survive any one bad job
                 self._flush_quietly()
                 if attempt == HANDLER_ATTEMPTS:
                     log.exception("%s: giving up on %s after %d attempts", self.stage.name, event.get("job_id"), attempt)
                     self.dead_letter(msg, "HANDLER", f"{type(exc).__name__}: {exc}", event, attempts=attempt)
-                    return None
+                    return None, False
                 self.counters.retries += 1
                 log.warning("%s: attempt %d for job %s failed: %s", self.stage.name, attempt, event.get("job_id"), exc)
                 if self._sleep(RETRY_BACKOFF_S[attempt - 1]):
-                    raise SystemExit(f"{self.stage.name}: stopping during a retry") from exc
+                    return None, True  # stopping: leave the job to the next owner
             finally:
                 self.counters.handle_seconds += time.perf_counter() - started
-        return None
+        return None, False
+
+    def end_cancelled(self, event: dict, step: int | None, headers: list) -> None:
+        """The terminal event of a job stopped by a JobCancelled request."""
+        request = self.cancellations.get(event["job_id"], {})
+        self._emit(topics.CANCELLED, new_event(
+            event["job_id"], derive_event_id(event["job_id"], self.stage.name, "cancelled"),
+            reason=request.get("reason", ""), requested_by=request.get("requested_by", ""),
+            stage=self.stage.name, stopped_at_step=step,
+        ), event["job_id"], headers)
+        self._flush()
+        self.counters.cancelled += 1
 
     # -- producing -------------------------------------------------------------------------------------------
-    def _emit(self, topic: topics.Topic, event: dict, key: str | None) -> None:
+    def _emit(self, topic: topics.Topic, event: dict, key: str | None, headers: list | None = None) -> None:
         value = self.codec.encode(topic.name, event)
-        self._produce(topic.name, encode_key(key), value)
+        self._produce(topic.name, encode_key(key), value, headers if headers is not None else current_trace_headers())
         self.counters.emitted += 1
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=current_trace_headers(),
-                                      on_delivery=self._on_delivery)
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
                 return
             except BufferError:  # local queue full: let deliveries drain
                 self.producer.poll(0.1)
@@ -294,6 +350,8 @@ class StageRuntime:
 
 
 def run_stage(stage: Stage, settings: Settings) -> StageCounters:
-    runtime = StageRuntime(stage, settings)
+    from .long_jobs import LongJobRuntime  # it builds on this module
+
+    runtime = (LongJobRuntime if stage.long_jobs else StageRuntime)(stage, settings)
     runtime.install_signal_handlers()
     return runtime.run()

@@ -16,6 +16,8 @@ Environment variables:
   VIDGEN_MODELS                local diffusers model directories: "name=/path,other=/path2"
   VIDGEN_DEFAULT_MODEL         model used when a request names none (default tiny-wan)
   VIDGEN_LATENT_CHUNK_FRAMES   latent frames per LatentChunk (default 2)
+  VIDGEN_TIER_WEIGHTS          GPU agents' share of started jobs per tier: "premium=6,standard=3,free=1"
+  VIDGEN_CHECKPOINT_EVERY_STEPS / VIDGEN_CHECKPOINT_EVERY_S   checkpoint cadence of running jobs (10 steps / 60 s)
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ class Settings:
     model_dirs: dict[str, str] = field(default_factory=dict)
     default_model: str = "tiny-wan"
     latent_chunk_frames: int = 2
+    #: Relative share of started jobs per tier when all are backlogged (the GPU agent's lanes).
+    tier_weights: dict[str, float] = field(default_factory=lambda: {"premium": 6.0, "standard": 3.0, "free": 1.0})
+    #: Checkpoint a running job every N steps, and at least every S seconds (0 = never by time).
+    checkpoint_every_steps: int = 10
+    checkpoint_every_s: float = 60.0
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
 
@@ -114,6 +121,20 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         default_model=env.get("VIDGEN_DEFAULT_MODEL") or file_settings.get("default_model") or "tiny-wan",
         latent_chunk_frames=int(env.get("VIDGEN_LATENT_CHUNK_FRAMES") or file_settings.get("latent_chunk_frames") or 2),
     )
+    weights = env.get("VIDGEN_TIER_WEIGHTS") or file_settings.get("tier_weights")
+    if weights:
+        from .scheduling import parse_weights
+
+        try:
+            settings.tier_weights = parse_weights(weights) if isinstance(weights, str) else {
+                k: float(v) for k, v in weights.items()}
+        except ValueError as exc:
+            raise SettingsError(f"tier weights: {exc}") from exc
+    checkpoints = file_settings.get("checkpoints", {})
+    settings.checkpoint_every_steps = int(env.get("VIDGEN_CHECKPOINT_EVERY_STEPS") or checkpoints.get("every_steps") or 10)
+    settings.checkpoint_every_s = float(env.get("VIDGEN_CHECKPOINT_EVERY_S") or checkpoints.get("every_s") or 60.0)
+    if settings.checkpoint_every_steps < 1:
+        raise SettingsError("checkpoint_every_steps must be at least 1")
     if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):
         settings.schema_registry_client["basic.auth.user.info"] = env["VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"]
     if settings.latent_chunk_frames < 1:

@@ -31,6 +31,19 @@ class InvalidEvent(ValueError):
     """The event decoded but cannot be accepted (bad parameters, inconsistent fields)."""
 
 
+class JobInterrupted(Exception):
+    """The job stopped at a step boundary, after a checkpoint, because its partition was revoked or the process
+    is stopping. Its input is neither committed nor marked done: the next owner resumes it."""
+
+
+class CancelledByRequest(Exception):
+    """The job stopped because a JobCancelled for it arrived on the control topic; the runtime ends it."""
+
+    def __init__(self, step: int | None = None):
+        super().__init__(f"cancelled at step {step}" if step is not None else "cancelled")
+        self.step = step
+
+
 class Handler(Protocol):
     def handle(self, event: dict, ctx: "StageContext") -> None: ...
 
@@ -44,6 +57,13 @@ class Stage:
     build: Callable[["Settings", "LocalBlobStore"], Handler]
     #: What makes two inputs "the same work" for this stage; a redelivered duplicate is skipped.
     dedupe_key: Callable[[dict], str] = lambda event: f"{event['job_id']}/{event['event_id']}"
+    #: Long jobs (minutes): run on a worker thread while the consumer keeps polling, so a job longer than
+    #: max.poll.interval.ms costs no rebalance; waiting inputs are picked by lane weight (see streams/scheduling.py).
+    long_jobs: bool = False
+    #: topic name → lane (tier) for weighted picking of the next long job.
+    lanes: dict[str, str] = field(default_factory=dict)
+    #: Follow cancellations on this topic: a queued job is skipped, a running one stops at the next step.
+    control: Topic | None = None
     doc: str = ""
 
     @property
@@ -59,6 +79,10 @@ class SourceMessage:
     key: str | None
 
 
+def _never_stop() -> str | None:
+    return None
+
+
 @dataclass
 class StageContext:
     """What a handler sees of the runtime while it handles one input."""
@@ -66,13 +90,18 @@ class StageContext:
     stage: str
     source: SourceMessage
     blobs: "LocalBlobStore"
-    _emit: Callable[[Topic, dict, str | None], None]
+    _emit: Callable[[Topic, dict, str | None, list], None]
+    #: Trace context of this input's span, put on everything emitted for it (from any thread).
+    headers: list = field(default_factory=list)
+    #: Why the job should stop at the next step boundary: "cancelled", "revoked", "shutdown", or None.
+    stop_reason: Callable[[], str | None] = _never_stop
     held: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
 
     def emit(self, topic: Topic, event: dict, key: str | None = None) -> None:
-        """Produce an event now (asynchronously); it is flushed before the input's offset is committed."""
-        self._emit(topic, event, key if key is not None else event.get("job_id"))
+        """Produce an event now (asynchronously); it is flushed before the input's offset is committed.
+        Safe to call from a helper thread of the handler (a checkpoint writer)."""
+        self._emit(topic, event, key if key is not None else event.get("job_id"), self.headers)
 
     def event(self, job_id: str, *id_parts: object, **fields) -> dict:
         """A new event whose id is derived from (job, this stage, id_parts): identical on redelivery."""

@@ -33,7 +33,8 @@ DECODED = Topic("vidgen.decoded", 6, "VideoDecoded")
 FLAGGED = Topic("vidgen.flagged", 3, "VideoFlagged", retention_ms=30 * DAY_MS)
 PUBLISHED = Topic("vidgen.published", 6, "VideoPublished", retention_ms=30 * DAY_MS)
 FAILED = Topic("vidgen.failed", 3, "JobFailed", retention_ms=30 * DAY_MS)
-CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellations; every agent reads all of it")
+CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellation requests; every agent reads all of it")
+CANCELLED = Topic("vidgen.cancelled", 3, "JobCancelled", retention_ms=30 * DAY_MS, doc="jobs stopped on request")
 DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY_MS)
 
 CATALOGUE: tuple[Topic, ...] = (
@@ -47,12 +48,13 @@ CATALOGUE: tuple[Topic, ...] = (
     PUBLISHED,
     FAILED,
     CONTROL,
+    CANCELLED,
     DEAD_LETTER,
 )
 BY_NAME = {topic.name: topic for topic in CATALOGUE}
 
-#: Topics whose events end a job: exactly one of them per job.
-TERMINAL = (PUBLISHED, FLAGGED, FAILED)
+#: Topics whose events end a job: exactly one of them per job (on vidgen.flagged, only decision BLOCK ends it).
+TERMINAL = (PUBLISHED, FLAGGED, FAILED, CANCELLED)
 
 
 def topic(name: str) -> Topic:

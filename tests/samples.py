@@ -6,7 +6,7 @@ BLOB = {"uri": "file:///var/vidgen/blobs/j1/latent-0000.safetensors", "sha256": 
 MP4 = {"uri": "file:///var/vidgen/blobs/j1/video.mp4", "sha256": "cd" * 32, "bytes": 20480, "shape": [],
        "dtype": "video/mp4"}
 PARAMS = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 20, "guidance_scale": 5.0, "seed": 7,
-          "model": "tiny-wan", "preset": "standard"}
+          "model": "tiny-wan", "preset": "quality"}
 
 
 def sample_events() -> dict[str, dict]:
@@ -29,7 +29,8 @@ def sample_events() -> dict[str, dict]:
         "VideoPublished": new_event(job, tenant="acme", video=MP4, frames=9, width=64, height=64, fps=8,
                                     params=PARAMS, renditions=[{"name": "360p", "width": 64, "height": 64,
                                                                 "media": MP4}], manifest=None),
-        "JobCancelled": new_event(job, reason="user asked", requested_by="acme"),
+        "JobCancelled": new_event(job, reason="user asked", requested_by="acme", stage="gpu-agent",
+                                  stopped_at_step=4),
         "JobFailed": new_event(job, tenant="acme", stage="gpu-agent", reason="out of memory",
                                error_type="HANDLER", attempts=3),
         "DeadLetter": new_event(job, stage="prompt-encoder", source_topic="vidgen.requested", source_partition=2,

@@ -105,9 +105,9 @@ def cmd_submit(args) -> int:
     settings = load_settings()
     width, height = _parse_size(args.size)
     params = dict(width=width, height=height, num_frames=args.frames, steps=args.steps, seed=args.seed,
-                  guidance_scale=args.guidance, fps=args.fps)
+                  guidance_scale=args.guidance, fps=args.fps, preset=args.preset)
     if args.model:
-        params["model"] = args.model
+        params["model"] = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     submitted_ms = int(time.time() * 1000)
     with VideoRequests(settings) as requests:
         job_id = requests.submit(args.prompt, tier=args.tier, negative_prompt=args.negative_prompt, **params)
@@ -117,8 +117,19 @@ def cmd_submit(args) -> int:
     return follow(settings, job_id, submitted_ms, args.timeout)
 
 
+def cmd_cancel(args) -> int:
+    from producers.requests import VideoRequests
+    from streams.settings import load_settings
+
+    with VideoRequests(load_settings()) as requests:
+        requests.cancel(args.job_id, reason=args.reason, requested_by=os.environ.get("USER", ""))
+    print(f"cancellation of job {args.job_id} requested")
+    return 0
+
+
 def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
-    """Show the job's progress until it ends; the exit code says how it ended (0 published, 2 flagged, 3 failed)."""
+    """Show the job's progress until it ends; the exit code says how it ended (0 published, 2 flagged, 3 failed,
+    4 cancelled)."""
     from consumers.progress import follow_job
     from streams.blobs import open_blob_store
 
@@ -134,6 +145,10 @@ def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
     if end.topic.endswith("flagged"):
         print(f"flagged ({event['stage']}, {event['decision']}): {', '.join(event['reasons'])} {event['evidence']}")
         return 2
+    if end.topic.endswith("cancelled"):
+        step = f" after step {event['stopped_at_step']}" if event["stopped_at_step"] is not None else ""
+        print(f"cancelled{step}: {event['reason'] or 'no reason given'}")
+        return 4
     print(f"failed in {event['stage']}: {event['reason']}")
     return 3
 
@@ -224,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=sorted(STAGES))
     sub.add_parser("up", help="run the broker, the registry and one process per stage until interrupted")
 
-    def generation_args(p, frames=9, steps=20, size="64x64"):
-        p.add_argument("--steps", type=int, default=steps)
+    def generation_args(p, frames=9, steps=None, size="64x64"):
+        p.add_argument("--steps", type=int, default=steps, help="denoising steps (default: the preset's)")
         p.add_argument("--frames", type=int, default=frames, help="4k+1 frames")
         p.add_argument("--size", default=size, help="WIDTHxHEIGHT, multiples of 16")
         p.add_argument("--seed", type=int, default=0)
@@ -235,11 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("prompt")
     submit.add_argument("--tier", choices=("premium", "standard", "free"), default="standard")
     submit.add_argument("--negative-prompt", default="")
-    submit.add_argument("--guidance", type=float, default=5.0)
+    submit.add_argument("--preset", choices=("quality", "fast"), default="quality",
+                        help="quality: 50 steps with guidance 5; fast: 4 steps, no guidance (distilled checkpoints)")
+    submit.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
     submit.add_argument("--fps", type=int, default=8)
-    submit.add_argument("--model", default=None, help="model id (default: VIDGEN_DEFAULT_MODEL or tiny-wan)")
+    submit.add_argument("--model", default=None,
+                        help="model id, or the path of a local diffusers-format directory (default: tiny-wan)")
     submit.add_argument("--follow", action="store_true")
     generation_args(submit)
+
+    cancel = sub.add_parser("cancel", help="cancel a job: a queued one is skipped, a running one stops within a step")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", default="")
 
     demo = sub.add_parser("demo", help="start everything, generate one video with live progress, stop (make run)")
     demo.add_argument("prompt", nargs="?", default=SAMPLE_PROMPT)
@@ -253,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
-    "demo": cmd_demo, "bench": cmd_bench,
+    "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel,
 }
 
 
