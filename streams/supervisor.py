@@ -61,6 +61,16 @@ class PlatformProcesses:
         self.stages.setdefault(name, []).append(process)
         return process
 
+    def signal_stage(self, pid: int, sig: int) -> subprocess.Popen:
+        """Send a stage process a signal (SIGKILL to crash it, SIGTERM to drain it); it is no longer supervised."""
+        for processes in self.stages.values():
+            for process in processes:
+                if process.pid == pid:
+                    processes.remove(process)
+                    process.send_signal(sig)
+                    return process
+        raise KeyError(f"no supervised stage process with pid {pid}")
+
     def check_alive(self) -> None:
         """Raise if a process died on its own (a stage must survive bad input)."""
         for name, processes in self.stages.items():
