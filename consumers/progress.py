@@ -6,6 +6,7 @@ ends the job. Positions come from timestamps, never from "latest" offsets (unrel
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -95,3 +96,50 @@ def follow_job(settings: Settings, job_id: str, on_event: Callable[[JobEvent], N
         if is_terminal(job_event):
             return job_event
     raise RuntimeError("event stream ended")  # read_events never ends on its own
+
+
+class EventLog:
+    """Every event on the given topics, collected by a background reader: what tests and benchmarks inspect."""
+
+    def __init__(self, settings: Settings, lifecycle: Iterable[topics.Topic] = (
+            *LIFECYCLE, topics.LATENT_CHECKPOINTED, topics.CONTROL, topics.DEAD_LETTER)):
+        self.events: list[JobEvent] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(settings, tuple(lifecycle)), daemon=True)
+        self._thread.start()
+
+    def _read(self, settings: Settings, lifecycle: tuple[topics.Topic, ...]) -> None:
+        for job_event in read_events(settings, lifecycle=lifecycle, poll_s=0.02):
+            if self._stop.is_set():
+                return
+            if job_event is not None:
+                with self._lock:
+                    self.events.append(job_event)
+
+    def on(self, topic: topics.Topic) -> list[dict]:
+        with self._lock:
+            return [e.event for e in self.events if e.topic == topic.name]
+
+    def of(self, job_id: str, topic: topics.Topic | None = None) -> list[dict]:
+        with self._lock:
+            return [e.event for e in self.events
+                    if e.event.get("job_id") == job_id and (topic is None or e.topic == topic.name)]
+
+    def terminal(self, job_id: str) -> list[tuple[str, dict]]:
+        """The job's terminal events as (topic, event): exactly one once it has ended."""
+        with self._lock:
+            return [(e.topic, e.event) for e in self.events if e.event.get("job_id") == job_id and is_terminal(e)]
+
+    def wait_for(self, predicate: Callable[["EventLog"], object], timeout_s: float = 120.0, what: str = "") -> object:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            result = predicate(self)
+            if result:
+                return result
+            time.sleep(0.01)
+        raise TimeoutError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

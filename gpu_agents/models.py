@@ -335,18 +335,13 @@ class ModelCatalogue:
         return _read_max_sequence_length(self._model_dir(model_id))
 
     def text_encoder(self, model_id: str) -> TextEncoderParts:
-        parts = self._cached(model_id, "text_encoder", self._load_text_encoder_parts)
-        parts.text_encoder.to(self.device, self.dtype)
-        return parts
+        return self._cached(model_id, "text_encoder", self._load_text_encoder_parts)
 
     def denoiser(self, model_id: str) -> DenoiserParts:
-        parts = self._cached(model_id, "denoiser", self._load_denoiser_parts)
-        parts.transformer.to(self.device, self.dtype)
-        return parts
+        return self._cached(model_id, "denoiser", self._load_denoiser_parts)
 
     def vae(self, model_id: str) -> AutoencoderKLWan:
-        # The causal VAE stays float32 (as in diffusers' Wan examples): bf16 decoding visibly bands colours.
-        return self._cached(model_id, "vae", self._load_vae).to(self.device)
+        return self._cached(model_id, "vae", self._load_vae)
 
     def pipeline(self, model_id: str) -> WanPipeline:
         """A diffusers WanPipeline over the same (shared) modules, for references and benchmarks.
@@ -379,8 +374,21 @@ class ModelCatalogue:
         key = (model_id, part)
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = load(model_id)
+                self._cache[key] = self._place(load(model_id))
             return self._cache[key]
+
+    def _place(self, part: Any) -> Any:
+        """Move a freshly loaded part to this catalogue's device and dtype, once."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return part  # where everything is built and loaded anyway
+        if isinstance(part, TextEncoderParts):
+            part.text_encoder.to(self.device, self.dtype)
+        elif isinstance(part, DenoiserParts):
+            part.transformer.to(self.device, self.dtype)
+        else:
+            # The causal VAE stays float32, as in diffusers' Wan examples: bf16 decoding bands colours.
+            part.to(self.device)
+        return part
 
     def _require_known(self, model_id: str) -> None:
         if not self.known(model_id):

@@ -20,7 +20,7 @@ from streams.blobs import open_blob_store
 from streams.events import new_event
 from streams.kafka import producer_config
 from streams.supervisor import PlatformProcesses
-from tests.eventlog import EventLog
+from consumers.progress import EventLog
 
 pytestmark = pytest.mark.integration
 

@@ -258,3 +258,14 @@ def test_local_dir_without_vidgen_file_uses_wan_default_length(tmp_path):
     ModelCatalogue().save_pretrained("tiny-wan", tmp_path)
     (tmp_path / "vidgen_model.json").unlink()
     assert ModelCatalogue(model_dirs={"m": str(tmp_path)}).text_encoder("m").max_sequence_length == 512
+
+
+def test_an_absolute_directory_path_is_a_model_id(tmp_path):
+    """`vidgen submit --model /path/to/dir`: the path itself names the model, no VIDGEN_MODELS entry needed."""
+    path = tmp_path / "saved-tiny"
+    ModelCatalogue().save_pretrained("tiny-wan", path)
+    catalogue = ModelCatalogue()
+    assert catalogue.known(str(path)) and not catalogue.known(str(tmp_path / "missing"))
+    loaded = catalogue.denoiser(str(path)).transformer.state_dict()
+    builtin = ModelCatalogue().denoiser("tiny-wan").transformer.state_dict()
+    assert all(torch.equal(loaded[k], builtin[k]) for k in builtin)
