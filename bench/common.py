@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from producers.requests import parse_size  # noqa: F401 - the benchmarks take sizes as the CLI does
+
 
 # -- statistics -------------------------------------------------------------------------------------------------
 def percentile(values: Sequence[float], q: float) -> float:
@@ -195,12 +197,3 @@ def result_line(**fields: object) -> str:
 def print_result(**fields: object) -> None:
     """Print the RESULT line; call it last, it must be the final line of stdout."""
     print(result_line(**fields), flush=True)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'64x48' → (64, 48), as (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
-    return width, height

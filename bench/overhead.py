@@ -448,7 +448,8 @@ class Comparison:
             direct, direct_cpu = self.direct_alone(seed)
             (platform_job,), platform_cpu = self.platform_alone([seed])
             pairs.append(RunPair(direct, direct_cpu, platform_job, platform_cpu))
-            note = "" if pairs[-1].clean else f" (repeated: other processes kept {pairs[-1].other_cores:.2f} cores busy)"
+            pair = pairs[-1]
+            note = "" if pair.clean else f" (repeated: other processes kept {pair.other_cores:.2f} cores busy)"
             print(f"run {len(pairs)}: direct {direct.total_s:.3f} s, platform {platform_job.total_s:.3f} s{note}",
                   flush=True)
         self.client.read_back([pair.platform_job for pair in pairs])
@@ -489,6 +490,12 @@ def clean_pairs(pairs: list[RunPair]) -> list[RunPair]:
     return clean if len(clean) * 2 >= len(pairs) else pairs
 
 
+def latency_medians(pairs: list[RunPair]) -> tuple[float, float]:
+    """(direct, platform) median seconds over the pairs the medians use."""
+    used = clean_pairs(pairs)
+    return median([pair.direct.total_s for pair in used]), median([pair.platform.total_s for pair in used])
+
+
 def report_latency(pairs: list[RunPair]) -> None:
     rows = [
         (f"run {i + 1}" + ("" if pair.clean else " (left out)"), pair.direct.total_s, pair.platform.total_s,
@@ -497,8 +504,7 @@ def report_latency(pairs: list[RunPair]) -> None:
         for i, pair in enumerate(pairs)
     ]
     used = clean_pairs(pairs)
-    direct_median = median([pair.direct.total_s for pair in used])
-    platform_median = median([pair.platform.total_s for pair in used])
+    direct_median, platform_median = latency_medians(pairs)
     rows.append((f"median of {len(used)}", direct_median, platform_median, platform_median / direct_median,
                  median([median_step_ms(pair.direct) for pair in used]),
                  median([median_step_ms(pair.platform) for pair in used]), None))
@@ -585,7 +591,8 @@ def equalise_torch_threads(platform_env: dict[str, str]) -> str:
     if bench_threads != stage_threads:
         torch.set_num_threads(stage_threads)
         return f"torch threads: stage processes {stage_threads}, this process {bench_threads}, set to {stage_threads}"
-    return f"torch threads: stage processes {stage_threads} (a fresh interpreter with their environment), this process {bench_threads}"
+    return (f"torch threads: stage processes {stage_threads} (a fresh interpreter with their environment), "
+            f"this process {bench_threads}")
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -603,7 +610,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     direct.run(seed=0)  # warm-up
     before_platform = [direct.run(seed).total_s for seed in range(REFERENCE_DIRECT_RUNS)]
     # Pausing the platform for longer than a fraction of its consumers' session timeout would rebalance them.
-    pause_platform = max(before_platform) < MAX_PAUSE_S
+    # The fastest run decides: a slow one may only mean that something else was running.
+    pause_platform = min(before_platform) < MAX_PAUSE_S
 
     client: PlatformClient | None = None
     finished = False
@@ -642,7 +650,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         report_throughput(throughput)
     print_section("conditions", "\n".join([
         "direct runs had the machine to themselves: the platform was paused (SIGSTOP) during each" if pause_platform
-        else f"direct runs ran beside the idle platform (a direct call takes over {MAX_PAUSE_S} s: too long to pause it)",
+        else f"direct runs ran beside the idle platform (a direct call takes over {MAX_PAUSE_S} s: too long a pause)",
         f"direct before the platform started: median {median(before_platform):.3f} s over {len(before_platform)} runs",
         f"direct beside the idle, running platform: median {median(beside_idle_platform):.3f} s over "
         f"{len(beside_idle_platform)} runs; idle platform load "
@@ -650,9 +658,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"platform env: {platform_env or 'defaults'}",
     ]))
 
-    used = clean_pairs(pairs)
-    direct_median = median([pair.direct.total_s for pair in used])
-    platform_median = median([pair.platform.total_s for pair in used])
+    direct_median, platform_median = latency_medians(pairs)
     print()
     print_result(ratio=platform_median / direct_median, platform_s=platform_median, direct_s=direct_median,
                  jobs=args.jobs, steps=workload.steps, size=workload.size, frames=workload.num_frames,

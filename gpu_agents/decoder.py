@@ -1,10 +1,17 @@
-"""vae-decoder: LatentChunk × K → VAE decode → H.264 MP4 → VideoDecoded.
+"""vae-decoder: LatentChunk × K → causal VAE decode, chunk by chunk → a playable fMP4 segment per chunk → VideoDecoded.
 
-Consumes vidgen.latent-chunks. Emits vidgen.decoded. A job's chunks are collected (duplicates ignored, any order)
-and their inputs held uncommitted until the job's video is written, so a decoder that dies mid-job leaves every
-chunk to be replayed by the next one.
+Consumes vidgen.latent-chunks. Emits vidgen.decoded: one event per segment as soon as it is decoded, each naming
+the segment, the job's init segment and the live HLS playlist (EVENT, then ENDLIST); the last also names the
+complete video. Each job keeps its own causal cache, so jobs interleaved on one decoder never mix, and the frames
+equal a one-shot decode of the whole latent. Early chunks wait for their turn; duplicates are ignored. A job's
+inputs stay uncommitted until its last segment is out, so a decoder that dies mid-job leaves the whole job to be
+replayed from chunk 0 by the next one, which writes the same segments under the same event ids.
 """
 from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
 
 from streams import topics
 from streams.blobs import LocalBlobStore
@@ -12,7 +19,15 @@ from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
 
 from .models import ModelCatalogue
-from .video import decode_latents, encode_mp4, join_latent_chunks
+from .segments import HlsPlaylist, encode_init_and_segment, join_segments
+from .streaming_vae import CausalDecodeState, CausalVaeDecoder
+
+PLAYLIST = "playlist.m3u8"
+INIT_SEGMENT = "init.mp4"
+
+
+def segment_name(index: int) -> str:
+    return f"segment-{index:05d}.m4s"
 
 
 def check_chunk(chunk: dict) -> None:
@@ -22,37 +37,87 @@ def check_chunk(chunk: dict) -> None:
         raise InvalidEvent("chunk has no latent frames or a negative start")
 
 
+@dataclass
+class JobStream:
+    """One job being decoded: its causal cache, what has been written, and chunks that came early."""
+
+    state: CausalDecodeState
+    chunk_count: int
+    next_index: int = 0
+    early: dict[int, dict] = field(default_factory=dict)
+    init_ref: dict | None = None
+    init: bytes = b""
+    segments: list[bytes] = field(default_factory=list)
+    playlist: HlsPlaylist = field(default_factory=HlsPlaylist)
+
+
 class VaeDecoder:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
-        self.pending: dict[str, dict[int, dict]] = {}  # job_id → chunk_index → LatentChunk
+        self.decoders: dict[str, CausalVaeDecoder] = {}  # model id → decoder over that model's VAE
+        self.jobs: dict[str, JobStream] = {}
+        self.decoder_id = f"{socket.gethostname()}-{os.getpid()}"
+
+    def decoder(self, model_id: str) -> CausalVaeDecoder:
+        if model_id not in self.decoders:
+            self.decoders[model_id] = CausalVaeDecoder(self.models.vae(model_id))
+        return self.decoders[model_id]
 
     def handle(self, chunk: dict, ctx: StageContext) -> None:
         check_chunk(chunk)
         job_id = chunk["job_id"]
-        received = self.pending.setdefault(job_id, {})
-        received.setdefault(chunk["chunk_index"], chunk)
-        if len(received) < chunk["chunk_count"]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            if chunk["chunk_index"] != 0:
+                # This decoder never saw the job's first chunk: it was finished here (a late duplicate), or the
+                # chunks before this one are uncommitted and come first on a redelivery.
+                return
+            # HLS forbids a growing target duration: fix it from the longest segment a chunk can make (the
+            # first latent frame yields 1 video frame, every later one 4).
+            longest_s = 4 * chunk["latent_frames"] / chunk["params"]["fps"]
+            job = self.jobs[job_id] = JobStream(self.decoder(chunk["params"]["model"]).new_state(),
+                                                chunk["chunk_count"], playlist=HlsPlaylist(INIT_SEGMENT, longest_s))
+        if chunk["chunk_count"] != job.chunk_count:
+            raise InvalidEvent(f"chunk says {chunk['chunk_count']} chunks, the job's first said {job.chunk_count}")
+        if chunk["chunk_index"] >= job.next_index:
+            job.early.setdefault(chunk["chunk_index"], chunk)  # a duplicate of a decoded chunk just waits
+        while job.next_index in job.early:
+            self.decode_next(job, job.early.pop(job.next_index), ctx)
+        if job.next_index == job.chunk_count:
+            ctx.release(job_id)
+            del self.jobs[job_id]
+        else:
             ctx.hold(job_id)
-            return
 
-        ordered = [received[i] for i in range(chunk["chunk_count"])]
-        params = chunk["params"]
-        latents = join_latent_chunks([ctx.blobs.get_tensor(c["latent"]) for c in ordered])
-        frames = decode_latents(self.models.vae(params["model"]), latents)
-        video = ctx.blobs.put(encode_mp4(frames, params["fps"]), job_id, "video.mp4", dtype="video/mp4")
+    def decode_next(self, job: JobStream, chunk: dict, ctx: StageContext) -> None:
+        """Decode the job's next chunk into a segment, store it with the playlist, and announce it."""
+        job_id, params, index = chunk["job_id"], chunk["params"], chunk["chunk_index"]
+        first_frame = job.state.frames_decoded
+        frames = self.decoder(params["model"]).decode_chunk(job.state, ctx.blobs.get_tensor(chunk["latent"]))
+        init, media = encode_init_and_segment(frames, params["fps"], first_frame)
+        if job.init_ref is None:
+            job.init, job.init_ref = init, ctx.blobs.put(init, job_id, INIT_SEGMENT, dtype="video/mp4")
+        segment_ref = ctx.blobs.put(media, job_id, segment_name(index), dtype="video/iso.segment")
+        job.segments.append(media)
+        job.playlist.add_segment(segment_name(index), len(frames) / params["fps"])
+        is_last = index == job.chunk_count - 1
+        playlist_ref = ctx.blobs.put(job.playlist.render(complete=is_last).encode(), job_id, PLAYLIST,
+                                     dtype="application/vnd.apple.mpegurl")
+        video_ref = None
+        if is_last:
+            video_ref = ctx.blobs.put(join_segments(job.init, job.segments), job_id, "video.mp4", dtype="video/mp4")
+        job.next_index += 1
         ctx.emit(topics.DECODED, ctx.event(
-            job_id, "segment", 0,
-            tenant=chunk["tenant"], segment_index=0, is_last=True, segment=video, frame_start=0,
-            frames=int(frames.shape[0]), video=video, params=params,
+            job_id, "segment", index,
+            tenant=chunk["tenant"], segment_index=index, is_last=is_last, segment=segment_ref,
+            frame_start=first_frame, frames=len(frames), video=video_ref, params=params,
+            init_segment=job.init_ref, playlist=playlist_ref, decoder_id=self.decoder_id,
         ))
-        ctx.release(job_id)
-        del self.pending[job_id]
 
     def forget(self, job_ids: list[str]) -> None:
-        """A rebalance moved these jobs' partitions away: their new owner replays the chunks."""
+        """A rebalance moved these jobs' partitions away: their new owner replays them from chunk 0."""
         for job_id in job_ids:
-            self.pending.pop(job_id, None)
+            self.jobs.pop(job_id, None)
 
 
 STAGE = Stage(

@@ -24,15 +24,23 @@ def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> np.ndarray:
     """
     if latents.shape[0] != 1:
         raise ValueError(f"decode_latents takes one video at a time, got a batch of {latents.shape[0]}")
+    video = vae.decode(denormalize_latents(vae, latents), return_dict=False)[0]
+    return video_to_uint8(vae, video)
+
+
+def denormalize_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the denoiser emits them (normalised per channel) -> what `vae.decode` takes, in the VAE's dtype."""
     z_dim = vae.config.z_dim
     latents = latents.to(vae.dtype)
     # Latents are stored normalised per channel; undo it exactly as WanPipeline does
     # (dividing by 1/std rather than multiplying by std; the rounding differs).
     latents_mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
     latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    latents = latents / latents_std + latents_mean
+    return latents / latents_std + latents_mean
 
-    video = vae.decode(latents, return_dict=False)[0]
+
+def video_to_uint8(vae: AutoencoderKLWan, video: torch.Tensor) -> np.ndarray:
+    """VAE output (1, 3, F, H, W) in [-1, 1] -> rounded uint8 frames (F, H, W, 3), as WanPipeline postprocesses."""
     video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
     frames = video_processor.postprocess_video(video, output_type="np")[0]  # (F, H, W, 3) floats in [0, 1]
     return (frames * 255).round().astype(np.uint8)
@@ -61,6 +69,17 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = DEFAULT_CRF) -> bytes:
     Every frame is written with pts = its index in a 1/fps time base, so none is dropped or duplicated.
     Height and width must be even (4:2:0 chroma subsampling halves both).
     """
+    check_frames(frames, fps)
+    buffer = io.BytesIO()
+    # No "movflags=+faststart": its second pass reopens the output by file name, which a BytesIO
+    # does not have, so the index (moov) stays at the end of the file.
+    with av.open(buffer, mode="w", format="mp4") as container:
+        mux_h264(container, frames, fps, crf)
+    return buffer.getvalue()
+
+
+def check_frames(frames: np.ndarray, fps: float) -> None:
+    """Raise ValueError unless `frames` is non-empty uint8 (F, H, W, 3) with even sides and fps is positive."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 with shape (F, H, W, 3), got {frames.dtype} {frames.shape}")
     num_frames, height, width, _ = frames.shape
@@ -70,25 +89,26 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = DEFAULT_CRF) -> bytes:
         raise ValueError(f"yuv420p needs even height and width, got {height}x{width}")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    rate = Fraction(fps).limit_denominator(1001)  # 23.976 -> 24000/1001
 
-    buffer = io.BytesIO()
-    # No "movflags=+faststart": its second pass reopens the output by file name, which a BytesIO
-    # does not have, so the index (moov) stays at the end of the file.
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width = width
-        stream.height = height
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = 1 / rate
-        stream.options = {"crf": str(crf)}
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts = index
-            frame.time_base = stream.time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush frames the encoder still holds
-    return buffer.getvalue()
+
+def mux_h264(container: av.container.OutputContainer, frames: np.ndarray, fps: float, crf: int,
+             first_pts: int = 0, encoder_options: dict[str, str] | None = None) -> None:
+    """Add a libx264 (yuv420p) stream to `container` and encode `frames` into it, flushing the encoder.
+
+    Frame i gets pts = first_pts + i in a 1/fps time base. `frames` must pass check_frames.
+    """
+    rate = Fraction(fps).limit_denominator(1001)  # 23.976 -> 24000/1001
+    stream = container.add_stream("libx264", rate=rate)
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    stream.time_base = 1 / rate
+    stream.options = {"crf": str(crf), **(encoder_options or {})}
+    for pts, rgb in enumerate(frames, start=first_pts):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = pts
+        frame.time_base = stream.time_base
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))  # flush frames the encoder still holds
 
 
 def read_mp4(data: bytes) -> np.ndarray:

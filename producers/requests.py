@@ -38,6 +38,15 @@ class SubmitError(RuntimeError):
     pass
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'64x48' → (64, 48), as (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
+    return width, height
+
+
 def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standard", tenant: str = "default",
                   negative_prompt: str = "", consent_ref: str | None = None, model: str = "tiny-wan",
                   preset: str = "quality", **params) -> dict:

@@ -126,14 +126,18 @@ def test_job_goes_through_every_stage_in_order(run, index):
     latent_frames = (job["num_frames"] - 1) // 4 + 1
     assert [c["chunk_index"] for c in chunks] == list(range(latent_frames))  # 1 latent frame per chunk here
     assert all(c["chunk_count"] == latent_frames for c in chunks)
-    assert len(grouped[topics.DECODED.name]) == 1 and grouped[topics.DECODED.name][0].event["is_last"]
+    segments = [e.event for e in grouped[topics.DECODED.name]]
+    assert [d["segment_index"] for d in segments] == list(range(latent_frames)), "a segment per chunk, in order"
+    assert [d["is_last"] for d in segments] == [False] * (latent_frames - 1) + [True]
+    assert [d["frame_start"] for d in segments] == [0] + [1 + 4 * i for i in range(latent_frames - 1)]
+    assert segments[-1]["video"] is not None and all(d["video"] is None for d in segments[:-1])
     assert len(grouped[topics.PUBLISHED.name]) == 1, "published exactly once"
     assert not grouped[topics.FAILED.name] and not grouped[topics.FLAGGED.name]
 
     # Causal order across stages: each stage's event was created after the one it came from.
     chain = [grouped[topics.REQUESTED.name][0], grouped[encoded_topic][0], grouped[topics.STEP_PROGRESS.name][0],
              grouped[topics.STEP_PROGRESS.name][-1], grouped[topics.LATENT_CHUNKS.name][0],
-             grouped[topics.DECODED.name][0], grouped[topics.PUBLISHED.name][0]]
+             grouped[topics.DECODED.name][-1], grouped[topics.PUBLISHED.name][0]]
     stamps = [e.event["timestamp"] for e in chain]
     assert stamps == sorted(stamps)
 

@@ -221,11 +221,12 @@ def cmd_bench(args) -> int:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    from producers.requests import parse_size
+
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--size must be WIDTHxHEIGHT, e.g. 64x64 (got {text!r})") from None
-    return width, height
+        return parse_size(text)
+    except ValueError as exc:
+        raise SystemExit(f"--size: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

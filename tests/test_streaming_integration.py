@@ -1,0 +1,97 @@
+"""Streaming output on a real broker: a segment is playable right after the first VideoDecoded, and a decoder
+killed mid-job is replaced by another that finishes the same video."""
+from __future__ import annotations
+
+import hashlib
+import io
+import signal
+import time
+
+import av
+import pytest
+
+from consumers.progress import EventLog
+from gpu_agents.video import read_mp4
+from producers.requests import VideoRequests
+from streams import topics
+from streams.blobs import open_blob_store
+from streams.supervisor import PlatformProcesses
+
+pytestmark = pytest.mark.integration
+
+# Decoding a 256x256, 33-frame video chunk by chunk takes long enough here to kill a decoder in the middle.
+STREAMED = dict(width=256, height=256, num_frames=33, steps=2, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    processes = PlatformProcesses(tmp_path_factory.mktemp("streaming"),
+                                  stages=("prompt-encoder", "gpu-agent", "vae-decoder", "vae-decoder", "compliance"),
+                                  env={"VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000", "VIDGEN_LATENT_CHUNK_FRAMES": "1"})
+    settings = processes.start()
+    log = EventLog(settings)
+    requests = VideoRequests(settings)
+    yield dict(processes=processes, settings=settings, log=log, requests=requests,
+               blobs=open_blob_store(settings.blob_url))
+    requests.close()
+    log.close()
+    processes.stop()
+
+
+def _decode(*parts: bytes) -> int:
+    with av.open(io.BytesIO(b"".join(parts))) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _frames_digest(video: bytes) -> str:
+    return hashlib.sha256(read_mp4(video).tobytes()).hexdigest()
+
+
+def test_first_segment_is_playable_as_soon_as_it_is_announced(platform):
+    log, blobs = platform["log"], platform["blobs"]
+    job_id = platform["requests"].submit("a firework over a harbour", seed=1, **STREAMED)
+    first = log.wait_for(lambda l: l.of(job_id, topics.DECODED), 180, "the first segment")[0]
+    # Right now, before the rest is decoded: the playlist names a segment that plays with the init segment.
+    playlist = blobs.get(first["playlist"]).decode()
+    assert "#EXT-X-PLAYLIST-TYPE:EVENT" in playlist and '#EXT-X-MAP:URI="init.mp4"' in playlist
+    named = [line for line in playlist.splitlines() if line and not line.startswith("#")]
+    assert named[0] == "segment-00000.m4s"
+    segment = blobs.get(first["segment"])
+    assert blobs.local_path(first["segment"]).name == named[0]
+    assert _decode(blobs.get(first["init_segment"]), segment) == first["frames"] == 1
+    unfinished = not any(d["is_last"] for d in log.of(job_id, topics.DECODED)[:1])
+    assert unfinished
+
+    log.wait_for(lambda l: l.terminal(job_id), 180, "the job to end")
+    segments = log.of(job_id, topics.DECODED)
+    final_playlist = blobs.get(segments[-1]["playlist"]).decode()
+    assert final_playlist.rstrip().endswith("#EXT-X-ENDLIST")
+    assert len([line for line in final_playlist.splitlines() if line.endswith(".m4s")]) == len(segments) == 9
+    assert _decode(blobs.get(segments[-1]["video"])) == STREAMED["num_frames"]
+
+
+def test_a_decoder_killed_mid_job_is_replaced_and_the_video_is_the_same(platform):
+    log, blobs, requests = platform["log"], platform["blobs"], platform["requests"]
+    reference_job = requests.submit("a sailing boat at noon", seed=2, **STREAMED)
+    log.wait_for(lambda l: l.terminal(reference_job), 180, "the fault-free run")
+    reference = blobs.get(log.of(reference_job, topics.PUBLISHED)[0]["video"])
+
+    job_id = requests.submit("a sailing boat at noon", seed=2, **STREAMED)  # the same video, another job
+    first = log.wait_for(lambda l: l.of(job_id, topics.DECODED), 180, "the first segment")[0]
+    victim = int(first["decoder_id"].rsplit("-", 1)[1])
+    platform["processes"].signal_stage(victim, signal.SIGKILL)
+    killed_at = time.time()
+    assert not any(d["is_last"] for d in log.of(job_id, topics.DECODED)), "it finished before it could be killed"
+
+    log.wait_for(lambda l: l.terminal(job_id), 180, "the surviving decoder to finish")
+    time.sleep(1.0)
+    ends = log.terminal(job_id)
+    assert [t for t, _ in ends] == [topics.PUBLISHED.name], "published exactly once"
+    published = blobs.get(ends[0][1]["video"])
+    assert _frames_digest(published) == _frames_digest(reference)
+    assert published == reference, "the replacement writes byte-identical segments"
+    segments = {d["segment_index"] for d in log.of(job_id, topics.DECODED)}
+    assert segments == set(range(9))
+    replacement = {d["decoder_id"] for d in log.of(job_id, topics.DECODED) if d["timestamp"].timestamp() > killed_at}
+    assert replacement and first["decoder_id"] not in replacement, "the rest came from another decoder"
+    platform["processes"].add_stage("vae-decoder")
