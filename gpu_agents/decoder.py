@@ -3,7 +3,8 @@
 Consumes vidgen.latent-chunks. Emits vidgen.decoded: one event per segment as soon as it is decoded, each naming
 the segment, the job's init segment and the live HLS playlist (EVENT, then ENDLIST); the last also names the
 complete video. Each job keeps its own causal cache, so jobs interleaved on one decoder never mix, and the frames
-equal a one-shot decode of the whole latent. Early chunks wait for their turn; duplicates are ignored. A job's
+equal a one-shot decode of the whole latent. Early chunks wait for their turn (even ahead of chunk 0);
+duplicates are ignored. A job's
 inputs stay uncommitted until its last segment is out, so a decoder that dies mid-job leaves the whole job to be
 replayed from chunk 0 by the next one, which writes the same segments under the same event ids.
 """
@@ -22,6 +23,7 @@ from .models import ModelCatalogue
 from .segments import HlsPlaylist, encode_init_and_segment, join_segments
 from .streaming_vae import CausalDecodeState, CausalVaeDecoder
 
+FINISHED_REMEMBERED = 10_000
 PLAYLIST = "playlist.m3u8"
 INIT_SEGMENT = "init.mp4"
 
@@ -56,6 +58,7 @@ class VaeDecoder:
         self.models = ModelCatalogue(settings.model_dirs)
         self.decoders: dict[str, CausalVaeDecoder] = {}  # model id → decoder over that model's VAE
         self.jobs: dict[str, JobStream] = {}
+        self.finished: dict[str, None] = {}  # recently completed jobs, oldest first
         self.decoder_id = f"{socket.gethostname()}-{os.getpid()}"
 
     def decoder(self, model_id: str) -> CausalVaeDecoder:
@@ -68,10 +71,8 @@ class VaeDecoder:
         job_id = chunk["job_id"]
         job = self.jobs.get(job_id)
         if job is None:
-            if chunk["chunk_index"] != 0:
-                # This decoder never saw the job's first chunk: it was finished here (a late duplicate), or the
-                # chunks before this one are uncommitted and come first on a redelivery.
-                return
+            if job_id in self.finished:
+                return  # a late duplicate of a job this decoder completed (after a restart, the ledger skips it)
             # HLS forbids a growing target duration: fix it from the longest segment a chunk can make (the
             # first latent frame yields 1 video frame, every later one 4).
             longest_s = 4 * chunk["latent_frames"] / chunk["params"]["fps"]
@@ -86,6 +87,9 @@ class VaeDecoder:
         if job.next_index == job.chunk_count:
             ctx.release(job_id)
             del self.jobs[job_id]
+            self.finished[job_id] = None
+            if len(self.finished) > FINISHED_REMEMBERED:
+                self.finished.pop(next(iter(self.finished)))
         else:
             ctx.hold(job_id)
 

@@ -16,7 +16,10 @@ STAGES = {
     "vae-decoder": "gpu_agents.decoder",
     "compliance": "consumers.compliance_stage",
 }
-BENCHMARKS = {"overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume"}
+BENCHMARKS = {
+    "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
+    "streaming": "bench.streaming",
+}
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
 
