@@ -18,6 +18,11 @@ from .settings import Settings, load_settings, read_platform_file
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance")
+#: On one machine the denoiser should win the cores: everything else only needs CPU between denoising steps, and
+#: on a small CPU box two torch threads stall whenever another process takes a core. (A real deployment puts the
+#: agents on their own GPU machines; this only shapes `vidgen up`, `demo`, the tests and the benchmarks.)
+FOREGROUND_STAGES = ("gpu-agent",)
+BACKGROUND_NICENESS = 10
 
 
 class PlatformProcesses:
@@ -32,10 +37,11 @@ class PlatformProcesses:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        background = args[-1] not in FOREGROUND_STAGES  # the broker (and Tansu, its child) and the CPU stages
         with open(self.log_dir / f"{log_name}.log", "ab") as log_file:
             return subprocess.Popen(
                 [sys.executable, "-m", "vidgen", *args], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, preexec_fn=(lambda: os.nice(BACKGROUND_NICENESS)) if background else None,
             )
 
     def settings(self) -> Settings:
