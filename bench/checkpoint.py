@@ -16,13 +16,13 @@ from gpu_agents import agent as agent_module
 from gpu_agents.agent import DenoisingAgent
 from gpu_agents.encoding import encode_prompts
 from gpu_agents.models import ModelCatalogue
-from producers.requests import video_request
+from producers.requests import parse_size, video_request
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import load_settings
 from streams.stage import SourceMessage, StageContext
 
-from .common import format_table, median, parse_size, print_result
+from .common import format_table, median, print_result
 
 
 def _encoded_job(blobs: LocalBlobStore, catalogue: ModelCatalogue, job_id: str, params: dict) -> dict:

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from producers.requests import parse_size  # noqa: F401 - the benchmarks take sizes as the CLI does
 
 
 # -- statistics -------------------------------------------------------------------------------------------------

@@ -47,14 +47,14 @@ import torch
 from consumers.progress import JobEvent, read_events
 from gpu_agents.models import InvalidParamsError, ModelCatalogue, validate_generation_params
 from gpu_agents.video import encode_mp4
-from producers.requests import VideoRequests
+from producers.requests import VideoRequests, parse_size
 from streams import topics
 from streams.settings import Settings
 from streams.supervisor import PlatformProcesses
 from vidgen.cli import SAMPLE_PROMPT
 
 from .common import (
-    CpuAccount, Stopwatch, cpu_load, format_table, median, parse_size, print_result, process_tree,
+    CpuAccount, Stopwatch, cpu_load, format_table, median, print_result, process_tree,
 )
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ import torch
 from consumers.progress import EventLog
 from gpu_agents.models import ModelCatalogue
 from gpu_agents.video import join_latent_chunks
-from producers.requests import VideoRequests
+from producers.requests import VideoRequests, parse_size
 from streams import topics
 from streams.blobs import open_blob_store
 from streams.supervisor import PlatformProcesses
 
-from .common import parse_size, print_result
+from .common import print_result
 
 
 def agent_pid(step_event: dict) -> int:

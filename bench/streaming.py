@@ -12,11 +12,11 @@ import math
 import tempfile
 
 from consumers.progress import EventLog
-from producers.requests import VideoRequests
+from producers.requests import VideoRequests, parse_size
 from streams import topics
 from streams.supervisor import PlatformProcesses
 
-from .common import format_table, median, parse_size, print_result
+from .common import format_table, median, print_result
 
 
 def main(argv: list[str]) -> int:
