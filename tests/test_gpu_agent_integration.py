@@ -5,6 +5,7 @@ max.poll.interval.ms shorter than the long jobs it runs; every check reads the e
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -67,12 +68,12 @@ def _final_latent(settings, log: EventLog, job_id: str) -> torch.Tensor:
     return join_latent_chunks([blobs.get_tensor(unique[i]["latent"]) for i in sorted(unique)])
 
 
-def _reference_latent(prompt: str, seed: int) -> torch.Tensor:
+def _reference_latent(prompt: str, seed: int, steps: int = LONG_JOB["steps"]) -> torch.Tensor:
     catalogue = ModelCatalogue()
     with torch.inference_mode():
         return catalogue.pipeline(MODEL)(
             prompt=prompt, negative_prompt="", height=LONG_JOB["height"], width=LONG_JOB["width"],
-            num_frames=LONG_JOB["num_frames"], num_inference_steps=LONG_JOB["steps"],
+            num_frames=LONG_JOB["num_frames"], num_inference_steps=steps,
             guidance_scale=LONG_JOB["guidance_scale"], generator=torch.Generator().manual_seed(seed),
             output_type="latent", max_sequence_length=catalogue.max_sequence_length(MODEL),
         ).frames
@@ -171,3 +172,31 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_its_partition(pla
     assert failed["stage"] == "gpu-agent" and failed["attempts"] == 3 and "does not exist" in failed["reason"]
     _published_once(log, good_job)
     platform["processes"].check_alive()
+
+
+def test_a_partition_lost_mid_job_stops_the_job_at_a_checkpoint_and_the_new_owner_resumes(platform):
+    """SIGSTOP the agent running a job past the session timeout: the group gives its partitions to the other
+    agent, which resumes the job; when the stopped agent wakes up, librdkafka tells it the partitions are lost
+    (the revocation path) and it stops the job at its next step boundary, after a checkpoint, without committing."""
+    log, requests, processes = platform["log"], platform["requests"], platform["processes"]
+    prompt, seed = "a heron standing in reeds", 7
+    job = {**LONG_JOB, "steps": 200}  # long enough that the woken agent learns of the loss before it finishes
+    job_id = requests.submit(prompt, tier="premium", seed=seed, **job)
+    log.wait_for(lambda l: l.of(job_id, topics.LATENT_CHECKPOINTED), 120, "a first checkpoint")
+    sleeper = _agent_pid(log.of(job_id, topics.STEP_PROGRESS)[0])
+    os.kill(sleeper, signal.SIGSTOP)
+    try:
+        log.wait_for(lambda l: [s for s in l.of(job_id, topics.STEP_PROGRESS) if s["attempt"] > 1], 60,
+                     "the other agent to take the job over")
+    finally:
+        os.kill(sleeper, signal.SIGCONT)
+        woken_at = time.time()
+    _published_once(log, job_id)
+    first_attempt = [s for s in log.of(job_id, topics.STEP_PROGRESS) if s["attempt"] == 1]
+    print(f"the woken agent stopped {first_attempt[-1]['timestamp'].timestamp() - woken_at:.2f} s after SIGCONT")
+    first_attempt = [s["step"] for s in first_attempt]
+    assert first_attempt[-1] < job["steps"], "the woken agent stopped instead of finishing the job"
+    last_checkpoint = [c["step"] for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1][-1]
+    assert last_checkpoint == first_attempt[-1], "it checkpointed at the step it stopped after"
+    assert torch.equal(_final_latent(platform["settings"], log, job_id), _reference_latent(prompt, seed, job["steps"]))
+    processes.check_alive()
