@@ -21,22 +21,19 @@ anything else is refused with CheckpointError rather than silently dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import struct
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
 import numpy as np
-import safetensors.torch
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .denoise import _check_resume_position
+from .sealed import seal, unseal
 
 FORMAT_NAME = "vidgen.denoise-checkpoint"
 FORMAT_VERSION = 1
@@ -238,20 +235,8 @@ def to_bytes(ckpt: DenoiseCheckpoint) -> bytes:
         "attempt": ckpt.attempt,
         "model": ckpt.model,
         "created_at": ckpt.created_at,
-        # For people reading a payload; reading does not depend on them.
-        "written_by": {"diffusers": diffusers.__version__, "torch": torch.__version__},
     }
-    try:
-        body_json = json.dumps(body, sort_keys=True)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint of job {ckpt.job_id!r} has fields JSON cannot hold: {error}") from error
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "checkpoint": body_json,
-        "sha256": _content_digest(body_json, tensors),
-    }
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return seal(FORMAT_NAME, FORMAT_VERSION, body, tensors, CheckpointError, f"checkpoint of job {ckpt.job_id!r}")
 
 
 def from_bytes(data: bytes, device: torch.device | str | None = None) -> DenoiseCheckpoint:
@@ -261,61 +246,13 @@ def from_bytes(data: bytes, device: torch.device | str | None = None) -> Denoise
     latents, timesteps, UniPC's model outputs...) go to `device` instead; the ones a scheduler keeps on
     the CPU on purpose (sigmas) stay there.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"checkpoint data must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    metadata = _read_metadata(data)
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"not a denoising checkpoint (format {metadata.get('format')!r}, expected {FORMAT_NAME!r})"
-        )
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(
-            f"checkpoint format version {metadata.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
-        )
+    body, tensors = unseal(data, FORMAT_NAME, FORMAT_VERSION, CheckpointError, "denoising checkpoint")
     try:
-        tensors = safetensors.torch.load(data)
-    except Exception as error:  # safetensors raises its own error types, and OverflowError on bad offsets
-        raise CheckpointError(f"checkpoint tensors are unreadable: {error}") from error
-    body_json = metadata.get("checkpoint", "")
-    if metadata.get("sha256") != _content_digest(body_json, tensors):
-        raise CheckpointError("checkpoint content does not match its sha256: the payload is corrupt")
-    try:
-        return _decode_checkpoint(json.loads(body_json), tensors, device)
+        return _decode_checkpoint(body, tensors, device)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"checkpoint metadata is malformed: {error!r}") from error
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (safetensors.torch.load does not return it)."""
-    # Layout: 8-byte little-endian header length, then that many bytes of JSON header, then tensor data.
-    if len(data) < 8:
-        raise CheckpointError(f"checkpoint is truncated ({len(data)} bytes)")
-    (header_length,) = struct.unpack("<Q", data[:8])
-    if header_length > len(data) - 8:
-        raise CheckpointError("checkpoint is truncated or not a safetensors payload (header runs past the end)")
-    try:
-        header = json.loads(data[8 : 8 + header_length])
-    except ValueError as error:
-        raise CheckpointError(f"checkpoint header is unreadable: {error}") from error
-    # A safetensors file without metadata is readable, just not a checkpoint: the format check says so.
-    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise CheckpointError("checkpoint header is unreadable: not a safetensors header")
-    return metadata
-
-
-def _content_digest(body_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the JSON body and every tensor (name, dtype, shape, bytes): safetensors has no checksum,
-    and a flipped bit in the latents would otherwise resume into a silently different video."""
-    digest = hashlib.sha256(body_json.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 # Value encoding. JSON specs, one per value:

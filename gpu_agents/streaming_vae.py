@@ -16,17 +16,14 @@ instance of the same model to continue the job there.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-import diffusers
 import numpy as np
-import safetensors.torch
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
-from .checkpoint import CheckpointError, _content_digest, _read_metadata
+from .sealed import seal, unseal
 from .video import denormalize_latents, video_to_uint8
 
 FORMAT_NAME = "vidgen.causal-decode-state"
@@ -159,17 +156,8 @@ def state_to_bytes(state: CausalDecodeState) -> bytes:
         "latent_frames_decoded": state.latent_frames_decoded,
         "frames_decoded": state.frames_decoded,
         "latent_size": list(state.latent_size) if state.latent_size is not None else None,
-        # For people reading a payload; reading does not depend on it.
-        "written_by": {"diffusers": diffusers.__version__, "torch": torch.__version__},
     }
-    body_json = json.dumps(body, sort_keys=True)
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        _STATE_KEY: body_json,
-        "sha256": _content_digest(body_json, tensors),
-    }
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return seal(FORMAT_NAME, FORMAT_VERSION, body, tensors, DecoderStateError, "decode state")
 
 
 def state_from_bytes(data: bytes) -> CausalDecodeState:
@@ -177,28 +165,9 @@ def state_from_bytes(data: bytes) -> CausalDecodeState:
 
     Raises DecoderStateError if the payload is corrupt, truncated or of another format or version.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode state data must be bytes, got {type(data).__name__}")
-    data = bytes(data)
+    body, tensors = unseal(data, FORMAT_NAME, FORMAT_VERSION, DecoderStateError, "decode state")
     try:
-        metadata = _read_metadata(data)
-    except CheckpointError as error:
-        raise DecoderStateError(f"decode state is unreadable: {error}") from error
-    if metadata.get("format") != FORMAT_NAME:
-        raise DecoderStateError(f"not a decode state (format {metadata.get('format')!r}, expected {FORMAT_NAME!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise DecoderStateError(
-            f"decode state format version {metadata.get('format_version')!r}; this build reads {FORMAT_VERSION}"
-        )
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as error:  # safetensors raises its own error types, and OverflowError on bad offsets
-        raise DecoderStateError(f"decode state tensors are unreadable: {error}") from error
-    body_json = metadata.get(_STATE_KEY, "")
-    if metadata.get("sha256") != _content_digest(body_json, tensors):
-        raise DecoderStateError("decode state does not match its sha256: the payload is corrupt")
-    try:
-        return _state_from_body(json.loads(body_json), tensors)
+        return _state_from_body(body, tensors)
     except DecoderStateError:
         raise
     except (KeyError, TypeError, ValueError) as error:
