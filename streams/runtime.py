@@ -129,6 +129,8 @@ class StageRuntime:
     def close(self) -> None:
         if self.producer is not None:
             self.producer.flush(30)
+            self.producer.close()  # its connections go now, not whenever the object is collected
+            self.producer = None
         if self.consumer is not None:
             self._commit(asynchronous=False)
             self.consumer.close()  # leaves the group, so partitions move at once
