@@ -50,7 +50,6 @@ class LongJobRuntime(StageRuntime):
         self.waiting: dict[str, deque[Message]] = {lane: deque() for lane in set(self.lanes.values())}
         self.current: RunningJob | None = None
         self.control: Consumer | None = None
-        self.started_per_lane: dict[str, int] = {lane: 0 for lane in self.waiting}
 
     def _lane_weights(self) -> dict[str, float]:
         lanes = set(self.lanes.values())
@@ -92,7 +91,6 @@ class LongJobRuntime(StageRuntime):
         if lane is None:
             return
         job = RunningJob(self.waiting[lane].popleft())
-        self.started_per_lane[lane] += 1
         job.thread = threading.Thread(target=self._work, args=(job,), name=f"{self.stage.name}-job", daemon=True)
         self.current = job
         job.thread.start()
