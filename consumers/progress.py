@@ -43,7 +43,7 @@ class JobEvent:
 
 def is_terminal(job_event: JobEvent) -> bool:
     if job_event.topic == topics.FLAGGED.name:
-        return job_event.event.get("decision") == "BLOCK"
+        return job_event.event.get("ends_job", job_event.event.get("decision") == "BLOCK")
     return job_event.topic in (topics.PUBLISHED.name, topics.FAILED.name, topics.CANCELLED.name)
 
 

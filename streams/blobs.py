@@ -42,8 +42,17 @@ class LocalBlobStore:
     def path_for(self, *segments: str) -> Path:
         return self.root.joinpath(*(_check_segment(s) for s in segments))
 
-    def put(self, data: bytes, *segments: str, shape: tuple[int, ...] = (), dtype: str = "") -> dict:
-        """Write bytes under root/segments..., atomically; returns the BlobRef record."""
+    def put(self, data: bytes, *segments: str, shape: tuple[int, ...] = (), dtype: str = "",
+            content_addressed: bool = False) -> dict:
+        """Write bytes under root/segments..., atomically; returns the BlobRef record.
+
+        content_addressed puts the sha256 in the file name (``name.ext`` → ``name-<sha256[:16]>.ext``): writers that
+        may produce different bytes for the same name (a cache filled by several processes) then never replace a
+        blob that an event already names.
+        """
+        if content_addressed:
+            stem, dot, ext = segments[-1].partition(".")
+            segments = (*segments[:-1], f"{stem}-{sha256_hex(data)[:16]}{dot}{ext}")
         path = self.path_for(*segments)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -110,11 +119,12 @@ class LocalBlobStore:
             return False
 
     # Tensors travel as safetensors: no pickle, exact dtypes (bfloat16 included), shape and dtype in the ref too.
-    def put_tensor(self, tensor, *segments: str) -> dict:
+    def put_tensor(self, tensor, *segments: str, content_addressed: bool = False) -> dict:
         from safetensors.torch import save
 
         data = save({"tensor": tensor.detach().contiguous().cpu()})
-        return self.put(data, *segments, shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))
+        return self.put(data, *segments, shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
+                        content_addressed=content_addressed)
 
     def get_tensor(self, ref: dict):
         from safetensors.torch import load

@@ -115,12 +115,29 @@ class StageRuntime:
             return None
         return msg
 
+    def poll_waiting(self, max_messages: int) -> list[Message]:
+        """Inputs already fetched and waiting, without blocking: what a batching stage adds to a polled one."""
+        if max_messages <= 0:
+            return []
+        waiting = self.consumer.consume(num_messages=max_messages, timeout=0)
+        for msg in waiting:
+            if msg.error() and msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consumer error: %s", self.stage.name, msg.error())
+        return [msg for msg in waiting if not msg.error()]
+
     def run(self) -> StageCounters:
         self.connect()
+        # A handler with a prepare() hook sees up to batch_size waiting inputs at once (the prompt encoder encodes
+        # them in one forward pass); a lone input is never held back waiting for company.
+        batch_size = getattr(self.handler, "batch_size", 1) if hasattr(self.handler, "prepare") else 1
         try:
             while not self.stopping.is_set():
                 msg = self.poll(0.1)
-                if msg is not None:
+                if msg is None:
+                    continue
+                if batch_size > 1:
+                    self.process_batch([msg, *self.poll_waiting(batch_size - 1)])
+                else:
                     self.process(msg)
         finally:
             self.close()
@@ -155,12 +172,30 @@ class StageRuntime:
         # An exception here (stopping mid-retry) leaves the input pending: committed below it, redelivered later.
         self.settle(self.execute(msg))
 
-    def execute(self, msg: Message, stop_reason: Callable[[], str | None] | None = None) -> "Outcome":
+    def process_batch(self, msgs: list[Message]) -> None:
+        """Let the handler prepare the batch's fresh events together, then handle and settle each one as process()
+        does: preparing is only an optimisation, so every input keeps its own retries, dead letter and commit."""
+        events = [self._decode(msg) for msg in msgs]
+        fresh = [event for event in events
+                 if event is not None and not self.ledger.seen(self.stage.dedupe_key(event))]
+        if fresh:
+            try:
+                self.handler.prepare(fresh)
+            except Exception:  # noqa: BLE001 - each event is handled (and fails, if it must) on its own below
+                log.exception("%s: preparing a batch of %d failed; handling them one by one", self.stage.name,
+                              len(fresh))
+        for msg, event in zip(msgs, events):
+            self.offsets.started((msg.topic(), msg.partition()), msg.offset())
+            self.settle(self.execute(msg, decoded=(event,)))
+
+    def execute(self, msg: Message, stop_reason: Callable[[], str | None] | None = None,
+                decoded: tuple[dict | None] | None = None) -> "Outcome":
         """Decode, dedupe and handle one input, and flush what it emitted. Touches no offsets, so a long job can
-        run it on a worker thread while the consumer thread keeps polling."""
+        run it on a worker thread while the consumer thread keeps polling. ``decoded`` carries the event when the
+        caller decoded it already (a batch)."""
         self.counters.consumed += 1
         outcome = Outcome(msg)
-        event = self._decode(msg)
+        event = self._decode(msg) if decoded is None else decoded[0]
         if event is None:
             return outcome
         outcome.dedupe_key = self.stage.dedupe_key(event)

@@ -51,6 +51,20 @@ class Settings:
     #: Checkpoint a running job every N steps, and at least every S seconds (0 = never by time).
     checkpoint_every_steps: int = 10
     checkpoint_every_s: float = 60.0
+    #: Prompt policy (compliance/prompt_policy.toml when unset), consent registry, and whether a prompt the
+    #: policy sends to REVIEW is still generated (annotated) or stops there.
+    prompt_policy: str | None = None
+    consents: str | None = None
+    review_proceeds: bool = True
+    #: Prompts the encoder takes into one forward pass when several are waiting.
+    encoder_batch: int = 8
+    #: Post-generation detection policy (compliance/detection_policy.toml when unset).
+    detection_policy: str | None = None
+    #: C2PA signing certificate chain and key (PEM); unset: a development chain under var/c2pa.
+    signing_chain: str | None = None
+    signing_key: str | None = None
+    #: Delivery renditions as ``name:scale:crf,...`` (compliance/renditions.py DEFAULT_LADDER when unset).
+    rendition_ladder: str | None = None
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
 
@@ -135,6 +149,20 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     settings.checkpoint_every_s = float(env.get("VIDGEN_CHECKPOINT_EVERY_S") or checkpoints.get("every_s") or 60.0)
     if settings.checkpoint_every_steps < 1:
         raise SettingsError("checkpoint_every_steps must be at least 1")
+    safety = file_settings.get("safety", {})
+    settings.prompt_policy = env.get("VIDGEN_PROMPT_POLICY") or safety.get("prompt_policy")
+    settings.consents = env.get("VIDGEN_CONSENTS") or safety.get("consents")
+    settings.review_proceeds = _flag(env.get("VIDGEN_REVIEW_PROCEEDS"), safety.get("review_proceeds", True))
+    settings.encoder_batch = int(env.get("VIDGEN_ENCODER_BATCH") or safety.get("encoder_batch") or 8)
+    settings.detection_policy = env.get("VIDGEN_DETECTION_POLICY") or safety.get("detection_policy")
+    provenance = file_settings.get("provenance", {})
+    settings.signing_chain = env.get("VIDGEN_SIGNING_CHAIN") or provenance.get("signing_chain")
+    settings.signing_key = env.get("VIDGEN_SIGNING_KEY") or provenance.get("signing_key")
+    settings.rendition_ladder = env.get("VIDGEN_RENDITIONS") or provenance.get("renditions")
+    if bool(settings.signing_chain) != bool(settings.signing_key):
+        raise SettingsError("signing needs both a certificate chain and a key (VIDGEN_SIGNING_CHAIN, VIDGEN_SIGNING_KEY)")
+    if settings.encoder_batch < 1:
+        raise SettingsError("encoder_batch must be at least 1")
     if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):
         settings.schema_registry_client["basic.auth.user.info"] = env["VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"]
     if settings.latent_chunk_frames < 1:
@@ -149,6 +177,16 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
                 settings.embedded = True
             settings.schema_registry_url = settings.schema_registry_url or embedded.get("schema_registry_url")
     return settings
+
+
+def _flag(text: str | None, default: bool) -> bool:
+    if text is None or text == "":
+        return bool(default)
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"expected true or false, got {text!r}")
 
 
 def read_platform_file(path: Path) -> dict | None:

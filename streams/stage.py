@@ -13,6 +13,10 @@ A handler's contract:
   * A handler that needs several inputs before it can emit (the decoder's chunks) calls ``ctx.hold(key)``: the
     input's offset is not committed until ``ctx.release(key)``, so a crash replays every input of an unfinished
     unit. ``forget(keys)`` is called when a rebalance takes the partitions of held units away.
+  * A handler may batch: with ``prepare(events)`` and ``batch_size``, the runtime passes it up to batch_size
+    waiting, not yet handled events before handling each one as usual. prepare() may only warm what handle()
+    would compute anyway (the prompt encoder encodes the batch in one forward pass), so a failed or partial
+    prepare changes nothing but speed.
 """
 from __future__ import annotations
 
