@@ -1,21 +1,32 @@
-"""prompt-encoder: VideoRequested → prompt safety → text encoding → PromptEncoded on the tier's generation topic.
+"""prompt-encoder: VideoRequested → prompt policy → text encoding → PromptEncoded on the tier's generation topic.
 
-Consumes vidgen.requested. Emits vidgen.encoded.<tier>, or vidgen.flagged (PRE_GEN) when the prompt is blocked.
-Invalid parameters fail the job here, before any GPU time is spent. A job id is encoded once: a request repeated
-with the same job_id is a duplicate.
+Consumes vidgen.requested. Emits vidgen.encoded.<tier>, or vidgen.flagged (PRE_GEN) when the policy blocks the
+prompt, or sends it to REVIEW and the platform holds reviewed prompts (``review_proceeds = false``); a REVIEW that
+proceeds is flagged as an annotation (ends_job false) and encoded. Invalid parameters fail the job here, before any
+GPU time is spent. A job id is encoded once: a request repeated with the same job_id is a duplicate.
+
+Encoding happens once per distinct prompt: embeddings are cached by (encoder, prompt, negative prompt, max length)
+(consumers/embedding_cache.py), and when several requests are waiting the stage encodes every uncached prompt of the
+batch in one forward pass (``prepare``), which only warms the cache that ``handle`` reads.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import defaultdict
 
-from compliance.prompt_safety import evaluate_prompt
-from gpu_agents.encoding import encode_prompts
-from gpu_agents.models import (PRESETS, InvalidParamsError, ModelCatalogue, UnknownModelError, effective_guidance,
-                               validate_generation_params)
+from compliance.prompt_safety import PromptDecision, evaluate_prompt, load_consents, load_policy
+from gpu_agents.encoding import encode_prompts, token_counts
+from gpu_agents.models import (PRESETS, InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError,
+                               effective_guidance, validate_generation_params)
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
+
+from .embedding_cache import CachedEmbeddings, EmbeddingCache, cache_key
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 10_000
 
@@ -25,8 +36,9 @@ def check_request(request: dict, models: ModelCatalogue) -> None:
     params = request["params"]
     if not request["prompt"].strip():
         raise InvalidEvent("prompt is empty")
-    if len(request["prompt"]) > MAX_PROMPT_CHARS:
-        raise InvalidEvent(f"prompt has {len(request['prompt'])} characters; the limit is {MAX_PROMPT_CHARS}")
+    for field in ("prompt", "negative_prompt"):
+        if len(request[field]) > MAX_PROMPT_CHARS:
+            raise InvalidEvent(f"{field} has {len(request[field])} characters; the limit is {MAX_PROMPT_CHARS}")
     if not models.known(params["model"]):
         raise InvalidEvent(str(UnknownModelError(params["model"])))
     try:
@@ -43,28 +55,31 @@ def check_request(request: dict, models: ModelCatalogue) -> None:
 class PromptEncoder:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
+        self.policy = load_policy(settings.prompt_policy)
+        self.consents = load_consents(settings.consents) if settings.consents else {}
+        self.review_proceeds = settings.review_proceeds
+        self.batch_size = settings.encoder_batch
+        self.cache = EmbeddingCache(blobs)
 
+    # -- the recipe ------------------------------------------------------------------------------------------
     def handle(self, request: dict, ctx: StageContext) -> None:
         job_id, params = request["job_id"], request["params"]
         check_request(request, self.models)
 
-        decision = evaluate_prompt(request["prompt"])
-        if decision.action == "BLOCK":
+        decision = self.judge(request)
+        if decision.action != "ALLOW":
+            ends_job = decision.action == "BLOCK" or not self.review_proceeds
             ctx.emit(topics.FLAGGED, ctx.event(
                 job_id, "flagged",
-                tenant=request["tenant"], stage="PRE_GEN", decision="BLOCK", reasons=decision.reasons,
-                scores={}, evidence=decision.evidence, policy_version=decision.policy_version,
+                tenant=request["tenant"], stage="PRE_GEN", decision=decision.action, reasons=decision.reasons,
+                scores={}, evidence=decision.evidence, policy_version=decision.policy_version, ends_job=ends_job,
             ))
-            return
+            if ends_job:
+                return
 
         text = self.models.text_encoder(params["model"])
-        # One prompt per forward pass, as diffusers' WanPipeline does, so outputs match it exactly.
-        prompt_ref = ctx.blobs.put_tensor(encode_prompts(text, [request["prompt"]]), job_id, "prompt_embeds.safetensors")
-        negative_ref = None
-        if effective_guidance(params) > 1.0:
-            negative = encode_prompts(text, [request["negative_prompt"]])
-            negative_ref = ctx.blobs.put_tensor(negative, job_id, "negative_prompt_embeds.safetensors")
-
+        embeddings, cached = self.embeddings_for(request, text)
+        truncated = token_counts(text, [request["prompt"]])[0] > text.max_sequence_length
         ctx.emit(topics.encoded_topic(request["tier"]), ctx.event(
             job_id, "encoded",
             tenant=request["tenant"],
@@ -72,10 +87,68 @@ class PromptEncoder:
             params=params,
             prompt_sha256=hashlib.sha256(request["prompt"].encode("utf-8")).hexdigest(),
             encoder=text.encoder_id,
-            prompt_embeds=prompt_ref,
-            negative_prompt_embeds=negative_ref,
+            prompt_embeds=embeddings.prompt_embeds,
+            negative_prompt_embeds=embeddings.negative_prompt_embeds,
             requested_at=request["timestamp"],
+            prompt_truncated=truncated,
+            embeddings_cached=cached,
         ))
+
+    def judge(self, request: dict) -> PromptDecision:
+        # Only the prompt is judged: the negative prompt lists what the video must NOT show.
+        return evaluate_prompt(request["prompt"], consent_ref=request.get("consent_ref"), policy=self.policy,
+                               consents=self.consents)
+
+    # -- embeddings: cache first, then the encoder -----------------------------------------------------------
+    def embeddings_for(self, request: dict, text: TextEncoderParts) -> tuple[CachedEmbeddings, bool]:
+        """(embeddings, from an earlier job's prompt?). A miss here means prepare() did not see this request (a
+        lone request, a retry): it is encoded on its own, exactly as prepare() would have."""
+        key, need_negative = self._cache_key(request, text)
+        embeddings = self.cache.get(key, need_negative)
+        if embeddings is None:
+            self._encode_into_cache([request], text)
+            embeddings = self.cache.peek(key, need_negative)
+        return embeddings, embeddings.made_for != request["job_id"]
+
+    def prepare(self, requests: list[dict]) -> None:
+        """Encode every valid, allowed, uncached prompt of a batch in one forward pass per text encoder."""
+        by_encoder: dict[str, tuple[TextEncoderParts, list[dict]]] = {}
+        for request in requests:
+            try:
+                check_request(request, self.models)
+            except InvalidEvent:
+                continue  # handle() dead-letters it
+            if self.judge(request).action == "BLOCK":
+                continue
+            text = self.models.text_encoder(request["params"]["model"])
+            if self.cache.peek(*self._cache_key(request, text)) is None:
+                by_encoder.setdefault(text.encoder_id, (text, []))[1].append(request)
+        for text, waiting in by_encoder.values():
+            self._encode_into_cache(waiting, text)
+
+    def _cache_key(self, request: dict, text: TextEncoderParts) -> tuple[str, bool]:
+        need_negative = effective_guidance(request["params"]) > 1.0
+        negative = request["negative_prompt"] if need_negative else ""
+        return cache_key(text.encoder_id, request["prompt"], negative, text.max_sequence_length), need_negative
+
+    def _encode_into_cache(self, requests: list[dict], text: TextEncoderParts) -> None:
+        """One forward pass over the prompts (and the negative prompts guidance needs) of these requests."""
+        rows: dict[str, int] = {}  # text → its row of the batch: each distinct string is encoded once
+        slots: dict[str, dict[str, int]] = defaultdict(dict)  # cache key → role → row
+        made_for: dict[str, str] = {}
+        for request in requests:
+            key, need_negative = self._cache_key(request, text)
+            made_for.setdefault(key, request["job_id"])
+            wanted = {"prompt": request["prompt"]}
+            if need_negative:
+                wanted["negative"] = request["negative_prompt"]
+            for role, string in wanted.items():
+                slots[key][role] = rows.setdefault(string, len(rows))
+        embeddings = encode_prompts(text, list(rows))
+        for key, roles in slots.items():
+            negative = embeddings[roles["negative"]:roles["negative"] + 1].clone() if "negative" in roles else None
+            self.cache.put(key, made_for[key], embeddings[roles["prompt"]:roles["prompt"] + 1].clone(), negative)
+        log.debug("encoded %d texts for %d requests in one pass", len(rows), len(requests))
 
 
 STAGE = Stage(

@@ -46,3 +46,10 @@ def encode_prompts(parts: TextEncoderParts, prompts: list[str]) -> torch.Tensor:
         [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in real_tokens], dim=0
     )
     return prompt_embeds
+
+
+def token_counts(parts: TextEncoderParts, prompts: list[str]) -> list[int]:
+    """Tokens each prompt has before truncation (special tokens included), to tell which ones encode_prompts cut."""
+    cleaned_prompts = [prompt_clean(prompt) for prompt in prompts]
+    ids = parts.tokenizer(cleaned_prompts, add_special_tokens=True, truncation=False).input_ids
+    return [len(token_ids) for token_ids in ids]

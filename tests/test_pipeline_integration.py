@@ -35,6 +35,8 @@ JOBS = [
          guidance_scale=3.0, seed=13),
 ]
 GARBAGE = [b"this is not avro", b"\x00\x00\x00\x00\x63\x01\x02", b"\x00\xff\xff\xff\xff"]
+BLOCKED = dict(prompt="Abr4ham L1ncoln giving a speech", tier="premium", steps=2, num_frames=5, width=32, height=32,
+               guidance_scale=1.0, seed=2)  # a protected person, spelled to dodge a plain word match
 INVALID = dict(prompt="ten frames cannot be", tier="standard", steps=2, num_frames=10, width=32, height=32,
                guidance_scale=1.0, seed=1)
 TIMEOUT_S = 240
@@ -53,6 +55,7 @@ def run(tmp_path_factory):
         raw = Producer(producer_config(settings, "test-garbage"))
         job_ids = []
         invalid_id = requests.submit(**INVALID)
+        blocked_id = requests.submit(**BLOCKED)
         for i, job in enumerate(JOBS):
             raw.produce(topics.REQUESTED.name, key=f"garbage-{i}".encode(), value=GARBAGE[i])
             raw.flush(10)
@@ -73,7 +76,9 @@ def run(tmp_path_factory):
                     events[job_event.event["job_id"]].append(job_event)
             published = sum(any(e.topic == topics.PUBLISHED.name for e in events[j]) for j in job_ids)
             invalid_done = any(e.topic == topics.FAILED.name for e in events[invalid_id])
-            if published == len(job_ids) and invalid_done and len(dead_letters) >= len(GARBAGE) + 1:
+            blocked_done = any(e.topic == topics.FLAGGED.name for e in events[blocked_id])
+            if (published == len(job_ids) and invalid_done and blocked_done
+                    and len(dead_letters) >= len(GARBAGE) + 1):
                 time.sleep(1.0)  # a moment for anything that should not come (a duplicate publication)
                 break
             if time.monotonic() > deadline:
@@ -93,7 +98,7 @@ def run(tmp_path_factory):
             else:
                 events[job_event.event["job_id"]].append(job_event)
         platform.check_alive()
-        yield dict(settings=settings, job_ids=job_ids, invalid_id=invalid_id, events=events,
+        yield dict(settings=settings, job_ids=job_ids, invalid_id=invalid_id, blocked_id=blocked_id, events=events,
                    dead_letters=dead_letters, platform=platform)
     finally:
         codes = platform.stop()
@@ -195,6 +200,15 @@ def test_invalid_request_is_dead_lettered_and_its_job_fails_with_the_reason(run)
     assert len(grouped[topics.FAILED.name]) == 1
     assert grouped[topics.FAILED.name][0].event["stage"] == "prompt-encoder"
     assert not any(grouped[t.name] for t in topics.ENCODED.values())
+
+
+def test_blocked_prompt_is_flagged_with_its_reason_and_never_encoded(run):
+    job_events = run["events"][run["blocked_id"]]
+    assert [e.topic for e in job_events] == [topics.REQUESTED.name, topics.FLAGGED.name]
+    flagged = job_events[1].event
+    assert (flagged["stage"], flagged["decision"], flagged["ends_job"]) == ("PRE_GEN", "BLOCK", True)
+    assert flagged["reasons"] == ["REAL_PERSON"]
+    assert "lincoln" in flagged["evidence"].lower() and flagged["policy_version"]
 
 
 def test_stages_survive_bad_input_and_stop_cleanly(run):
