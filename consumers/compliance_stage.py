@@ -1,38 +1,159 @@
-"""compliance: VideoDecoded (last segment) → checks → VideoPublished.
+"""compliance: VideoDecoded (last segment) → detectors → watermark → renditions → C2PA signatures → VideoPublished.
 
-Consumes vidgen.decoded. Emits vidgen.published. A placeholder until the detectors, watermark and C2PA signing
-land (issue 5): it verifies the video blob against its reference and publishes it.
+Consumes vidgen.decoded. Emits vidgen.published, or vidgen.flagged (POST_GEN) when the detector ensemble blocks
+the video (or sends it to REVIEW and the platform holds reviewed jobs): a flagged job is never published.
+
+Order matters: the detectors judge the decoded frames; the watermark goes into every frame before anything is
+encoded; every file is signed last, so each C2PA signature covers the final bytes. The master is the watermarked
+video at full quality; the renditions are the delivery ladder, each a signed progressive MP4, plus an HLS VOD master
+playlist over fragmented copies of them. All of it is plain functions from compliance/; this module only strings
+them together and stores the results as blobs (content-addressed: a redelivered job re-signs to new bytes, and must
+never overwrite a file an already-emitted event names).
 """
 from __future__ import annotations
 
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from compliance.detectors import Assessment, assess, load_detection_policy
+from compliance.provenance import (GenerationClaims, SignedVideo, ensure_dev_chain, load_signing_material, make_signer,
+                                   sign_video)
+from compliance.renditions import (DEFAULT_LADDER, HlsMedia, Rendition, Rung, encode_renditions, hls_media,
+                                   hls_vod_playlist, sign_hls_media)
+from compliance.watermark import embed_watermark, payload_for_job
+from gpu_agents.video import encode_mp4, read_mp4
 from streams import topics
-from streams.blobs import LocalBlobStore
-from streams.settings import Settings
+from streams.blobs import LocalBlobStore, sha256_hex
+from streams.settings import Settings, SettingsError
 from streams.stage import Stage, StageContext
+
+log = logging.getLogger(__name__)
+
+
+def parse_ladder(text: str) -> tuple[Rung, ...]:
+    """``name:scale:crf,...`` (e.g. ``native:1:23,half:0.5:23``) → rungs."""
+    rungs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            name, scale, crf = item.split(":")
+            rungs.append(Rung(name, float(scale), int(crf)))
+        except ValueError:
+            raise SettingsError(f"rendition {item!r}: expected name:scale:crf, e.g. half:0.5:23") from None
+    if not rungs:
+        raise SettingsError("the rendition ladder is empty")
+    return tuple(rungs)
+
+
+@dataclass
+class FinishedVideo:
+    """Everything compliance makes of one job, before it is stored."""
+
+    master: SignedVideo
+    renditions: list[tuple[Rendition, bytes, HlsMedia]]  # (rendition, its signed MP4, its signed HLS copy)
+    watermark_payload: str | None
+    watermark_note: str
 
 
 class ComplianceStage:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
-        pass  # the detectors, watermarker and signer will be set up here
+        self.policy = load_detection_policy(settings.detection_policy)
+        self.review_proceeds = settings.review_proceeds
+        self.ladder = parse_ladder(settings.rendition_ladder) if settings.rendition_ladder else DEFAULT_LADDER
+        if settings.signing_chain:
+            material = load_signing_material(settings.signing_chain, settings.signing_key)
+        else:
+            material = ensure_dev_chain(settings.var_dir / "c2pa")  # development only: say so in every log
+            log.warning("compliance: signing with the development certificate chain in %s", settings.var_dir / "c2pa")
+        self.signer = make_signer(material)
 
+    # -- the recipe ------------------------------------------------------------------------------------------
     def handle(self, decoded: dict, ctx: StageContext) -> None:
         if not decoded["is_last"]:
-            return
-        video = decoded["video"] or decoded["segment"]
-        ctx.blobs.get(video)  # BlobError (missing or altered) fails the job instead of publishing a bad link
-        params = decoded["params"]
+            return  # segments are for watching early; the checks run on the whole video
+        started = time.perf_counter()
+        job_id, params = decoded["job_id"], decoded["params"]
+        frames = read_mp4(ctx.blobs.get(decoded["video"] or decoded["segment"]))  # BlobError fails the job
+
+        assessment = assess(frames, self.policy)
+        if assessment.decision != "ALLOW":
+            ends_job = assessment.decision == "BLOCK" or not self.review_proceeds
+            ctx.emit(topics.FLAGGED, ctx.event(
+                job_id, "flagged", tenant=decoded["tenant"], stage="POST_GEN", decision=assessment.decision,
+                reasons=assessment.reasons, scores=scores_of(assessment), evidence=json.dumps(assessment.evidence),
+                policy_version=assessment.policy_version, ends_job=ends_job,
+            ))
+            if ends_job:
+                return
+
+        finished = self.finish(frames, decoded)
+        refs = self.store(finished, job_id, ctx.blobs)
         ctx.emit(topics.PUBLISHED, ctx.event(
-            decoded["job_id"], "published",
-            tenant=decoded["tenant"], video=video, frames=decoded["frame_start"] + decoded["frames"],
+            job_id, "published",
+            tenant=decoded["tenant"], video=refs["master"], frames=len(frames),
             width=params["width"], height=params["height"], fps=params["fps"], params=params,
-            renditions=[], manifest=None,
+            renditions=refs["renditions"], manifest=refs["manifest"], playlist=refs["playlist"],
+            manifest_label=finished.master.manifest_label, watermark_payload=finished.watermark_payload,
+            watermark_note=finished.watermark_note, scores=scores_of(assessment),
+            policy_version=assessment.policy_version,
         ))
+        log.info("compliance: job %s published in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
+
+    def finish(self, frames, decoded: dict) -> FinishedVideo:
+        """Watermark every frame, encode the master and the renditions, sign each file."""
+        job_id, params = decoded["job_id"], decoded["params"]
+        watermarked = embed_watermark(frames, payload_for_job(job_id))
+        payload = watermarked.payload_hex if watermarked.embedded else None
+        claims = GenerationClaims(
+            job_id=job_id, prompt_sha256=decoded.get("prompt_sha256", ""), seed=params["seed"],
+            steps=params["steps"], model=params["model"], width=params["width"], height=params["height"],
+            frames=len(frames), watermark_payload_hex=payload,
+        )
+
+        def sign(data: bytes) -> bytes:
+            return sign_video(data, signer=self.signer, claims=claims).data
+
+        master = sign_video(encode_mp4(watermarked.frames, params["fps"]), signer=self.signer, claims=claims)
+        renditions = []
+        for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder):
+            hls = sign_hls_media(hls_media(rendition, f"{rendition.name}.m4s"), sign)
+            renditions.append((rendition, sign(rendition.data), hls))
+        return FinishedVideo(master, renditions, payload, watermarked.reason)
+
+    def store(self, finished: FinishedVideo, job_id: str, blobs: LocalBlobStore) -> dict:
+        """Blobs for the master, its manifest, each rendition (progressive MP4 and HLS copy) and the playlists.
+
+        One folder per signing, named after the signed master's hash: a redelivered job is signed again (new
+        timestamps, new bytes) into a folder of its own, so no file an emitted event names is ever replaced, and
+        the playlists' relative links stay within one consistent set."""
+        folder = (job_id, "published", sha256_hex(finished.master.data)[:16])
+        master = blobs.put(finished.master.data, *folder, "video.mp4", dtype="video/mp4")
+        manifest = blobs.put(finished.master.manifest_json.encode("utf-8"), *folder, "manifest.json",
+                             dtype="application/json")
+        renditions = []
+        for rendition, signed, hls in finished.renditions:
+            media = blobs.put(signed, *folder, f"{rendition.name}.mp4", dtype="video/mp4")
+            renditions.append({"name": rendition.name, "width": rendition.width, "height": rendition.height,
+                               "media": media, "bitrate": rendition.bitrate, "signed": True})
+            blobs.put(hls.segment_data, *folder, f"{rendition.name}.m4s", dtype="video/mp4")
+            blobs.put(hls.playlist.encode("utf-8"), *folder, f"{rendition.name}.m3u8",
+                      dtype="application/vnd.apple.mpegurl")
+        master_playlist = hls_vod_playlist([rendition for rendition, _, _ in finished.renditions],
+                                           [f"{rendition.name}.m3u8" for rendition, _, _ in finished.renditions])
+        playlist = blobs.put(master_playlist.encode("utf-8"), *folder, "master.m3u8",
+                             dtype="application/vnd.apple.mpegurl")
+        return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist)
+
+
+def scores_of(assessment: Assessment) -> dict[str, float]:
+    return {**assessment.scores, "ensemble": assessment.score}
 
 
 STAGE = Stage(
     name="compliance",
     consumes=(topics.DECODED,),
-    emits=(topics.PUBLISHED,),
+    emits=(topics.PUBLISHED, topics.FLAGGED),
     build=ComplianceStage,
     dedupe_key=lambda decoded: f"{decoded['job_id']}/{decoded['segment_index']}",
     doc=__doc__,

@@ -114,7 +114,7 @@ class DenoisingAgent:
                 job_id, "chunk", index,
                 tenant=job["tenant"], chunk_index=index, chunk_count=len(chunks),
                 latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=job["params"],
-                attempt=attempt,
+                attempt=attempt, prompt_sha256=job.get("prompt_sha256", ""),
             ))
             frame_start += chunk.shape[2]
 

@@ -116,6 +116,7 @@ class VaeDecoder:
             tenant=chunk["tenant"], segment_index=index, is_last=is_last, segment=segment_ref,
             frame_start=first_frame, frames=len(frames), video=video_ref, params=params,
             init_segment=job.init_ref, playlist=playlist_ref, decoder_id=self.decoder_id,
+            prompt_sha256=chunk.get("prompt_sha256", ""),
         ))
 
     def forget(self, job_ids: list[str]) -> None:

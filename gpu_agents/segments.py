@@ -61,7 +61,7 @@ def encode_init_and_segment(
     with av.open(buffer, mode="w", format="mp4", options=FRAGMENTED_MP4_OPTIONS) as container:
         mux_h264(container, frames, fps, crf, first_pts=first_frame_index, encoder_options=SEGMENT_ENCODER_OPTIONS)
     data = buffer.getvalue()
-    media_start = next((offset for box_type, offset, _ in _top_level_boxes(data) if box_type == b"moof"), None)
+    media_start = next((offset for box_type, offset, _ in top_level_boxes(data) if box_type == b"moof"), None)
     if media_start is None:
         raise SegmentError("the muxer wrote no fragment")  # ffmpeg without fragmented-MP4 support
     return data[:media_start], data[media_start:]
@@ -82,12 +82,12 @@ def join_segments(init: bytes, segments: list[bytes]) -> bytes:
 
 
 def _check_boxes(data: bytes, allowed: frozenset[bytes], first: bytes | None, what: str) -> None:
-    box_types = [box_type for box_type, _, _ in _top_level_boxes(data)]
+    box_types = [box_type for box_type, _, _ in top_level_boxes(data)]
     if not box_types or (first is not None and box_types[0] != first) or not set(box_types) <= allowed:
         raise SegmentError(f"{what} has top-level boxes {[t.decode('latin-1') for t in box_types]}")
 
 
-def _top_level_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
+def top_level_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
     """(type, offset, size) of each top-level ISO-BMFF box; raises SegmentError if they do not tile `data`."""
     boxes = []
     offset = 0

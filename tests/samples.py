@@ -16,20 +16,24 @@ def sample_events() -> dict[str, dict]:
                                     params=PARAMS, consent_ref=None),
         "PromptEncoded": new_event(job, tenant="acme", tier="PREMIUM", params=PARAMS, prompt_sha256="ef" * 32,
                                    encoder="tiny-t5", prompt_embeds=BLOB, negative_prompt_embeds=BLOB,
-                                   requested_at=1_700_000_000_000),
+                                   requested_at=1_700_000_000_000, prompt_truncated=True, embeddings_cached=True),
         "StepProgress": new_event(job, step=3, total_steps=20, attempt=2, resumed_from_step=2, step_ms=15.5,
                                   agent_id="host-1"),
         "LatentCheckpointed": new_event(job, step=10, total_steps=20, attempt=1, checkpoint=BLOB, agent_id="host-1"),
         "LatentChunk": new_event(job, tenant="acme", chunk_index=1, chunk_count=2, latent_frame_start=2,
-                                 latent_frames=1, latent=BLOB, params=PARAMS, attempt=1),
+                                 latent_frames=1, latent=BLOB, params=PARAMS, attempt=1, prompt_sha256="ef" * 32),
         "VideoDecoded": new_event(job, tenant="acme", segment_index=0, is_last=True, segment=MP4, frame_start=0,
                                   frames=9, video=MP4, params=PARAMS, init_segment=MP4, playlist=None,
-                                  decoder_id="host-2"),
+                                  decoder_id="host-2", prompt_sha256="ef" * 32),
         "VideoFlagged": new_event(job, tenant="acme", stage="PRE_GEN", decision="BLOCK", reasons=["NCII"],
-                                  scores={"ncii": 0.93}, evidence="matched: ...", policy_version="1"),
+                                  scores={"ncii": 0.93}, evidence="matched: ...", policy_version="1",
+                                  ends_job=True),
         "VideoPublished": new_event(job, tenant="acme", video=MP4, frames=9, width=64, height=64, fps=8,
                                     params=PARAMS, renditions=[{"name": "360p", "width": 64, "height": 64,
-                                                                "media": MP4}], manifest=None),
+                                                                "media": MP4, "bitrate": 250_000, "signed": True}],
+                                    manifest=MP4, playlist=MP4, manifest_label="urn:c2pa:1234",
+                                    watermark_payload="a1b2c3d4e5f6", watermark_note="", scores={"nsfw": 0.1},
+                                    policy_version="detectors-1"),
         "JobCancelled": new_event(job, reason="user asked", requested_by="acme", stage="gpu-agent",
                                   stopped_at_step=4),
         "JobFailed": new_event(job, tenant="acme", stage="gpu-agent", reason="out of memory",
@@ -39,3 +43,16 @@ def sample_events() -> dict[str, dict]:
                                 raw_key=b"j1", raw_value=b"\xff\x00garbage",
                                 headers=[{"key": "traceparent", "value": b"00-abc"}]),
     }
+
+
+def strict_detection_policy(path) -> str:
+    """The default policy with every threshold at zero: any video is blocked."""
+    from compliance.detectors import DEFAULT_POLICY_PATH
+
+    text = DEFAULT_POLICY_PATH.read_text()
+    for key in ("version", "block_threshold", "review_threshold"):
+        assert f"\n{key} = " in text, key
+    text = (text.replace('version = "', 'version = "strict-', 1).replace("block_threshold = ", "block_threshold = 0.0 #")
+            .replace("review_threshold = ", "review_threshold = 0.0 #"))
+    path.write_text(text)
+    return str(path)

@@ -74,7 +74,8 @@ def test_a_decoder_killed_mid_job_is_replaced_and_the_video_is_the_same(platform
     log, blobs, requests = platform["log"], platform["blobs"], platform["requests"]
     reference_job = requests.submit("a sailing boat at noon", seed=2, **STREAMED)
     log.wait_for(lambda l: l.terminal(reference_job), 180, "the fault-free run")
-    reference = blobs.get(log.of(reference_job, topics.PUBLISHED)[0]["video"])
+    # The decoder's complete video (before compliance, which watermarks each job with its own id).
+    reference = blobs.get(next(d["video"] for d in log.of(reference_job, topics.DECODED) if d["is_last"]))
 
     job_id = requests.submit("a sailing boat at noon", seed=2, **STREAMED)  # the same video, another job
     first = log.wait_for(lambda l: l.of(job_id, topics.DECODED), 180, "the first segment")[0]
@@ -87,9 +88,9 @@ def test_a_decoder_killed_mid_job_is_replaced_and_the_video_is_the_same(platform
     time.sleep(1.0)
     ends = log.terminal(job_id)
     assert [t for t, _ in ends] == [topics.PUBLISHED.name], "published exactly once"
-    published = blobs.get(ends[0][1]["video"])
-    assert _frames_digest(published) == _frames_digest(reference)
-    assert published == reference, "the replacement writes byte-identical segments"
+    decoded = blobs.get(next(d["video"] for d in log.of(job_id, topics.DECODED) if d["is_last"]))
+    assert _frames_digest(decoded) == _frames_digest(reference)
+    assert decoded == reference, "the replacement writes byte-identical segments"
     segments = {d["segment_index"] for d in log.of(job_id, topics.DECODED)}
     assert segments == set(range(9))
     replacement = {d["decoder_id"] for d in log.of(job_id, topics.DECODED) if d["timestamp"].timestamp() > killed_at}

@@ -15,10 +15,11 @@ STAGES = {
     "gpu-agent": "gpu_agents.agent",
     "vae-decoder": "gpu_agents.decoder",
     "compliance": "consumers.compliance_stage",
+    "tracker": "consumers.tracker",  # a faust app, not a StageRuntime stage: see cmd_stage
 }
 BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
-    "streaming": "bench.streaming",
+    "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -81,6 +82,10 @@ def cmd_stage(args) -> int:
     from streams.runtime import run_stage
     from streams.settings import load_settings
 
+    if args.name == "tracker":  # the job-state table is a faust app with its own worker
+        from consumers.tracker import run_tracker
+
+        return run_tracker(load_settings())
     run_stage(load_stage(args.name), load_settings())
     return 0
 
@@ -144,6 +149,10 @@ def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
         path = open_blob_store(settings.blob_url).local_path(event["video"])
         print(f"published: {event['frames']} frames {event['width']}x{event['height']} @ {event['fps']} fps")
         print(f"video: {path}")
+        print(f"C2PA manifest: {event['manifest_label'] or 'none'}; watermark: "
+              f"{event['watermark_payload'] or 'absent (' + event['watermark_note'] + ')'}; renditions: "
+              + ", ".join(f"{r['name']} {r['width']}x{r['height']}" for r in event["renditions"]))
+        print(f"check it: vidgen verify {path}")
         return 0
     if end.topic.endswith("flagged"):
         print(f"flagged ({event['stage']}, {event['decision']}): {', '.join(event['reasons'])} {event['evidence']}")
@@ -215,6 +224,15 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_verify(args) -> int:
+    """Provenance of a video file: C2PA state and assertions, the watermark, and its job when the log is reachable."""
+    from consumers.verify import verify_file
+
+    report = verify_file(args.file, trust_anchor=args.trust_anchor, look_up_job=not args.offline)
+    print(report.render())
+    return 0 if report.ok else 5
+
+
 def cmd_bench(args) -> int:
     try:
         module = importlib.import_module(BENCHMARKS[args.name])
@@ -269,7 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start everything, generate one video with live progress, stop (make run)")
     demo.add_argument("prompt", nargs="?", default=SAMPLE_PROMPT)
-    generation_args(demo, frames=17, steps=30, size="128x128")
+    # 256x256: the smallest size the invisible watermark fits in, so the demo's video carries one.
+    generation_args(demo, frames=17, steps=30, size="256x256")
+
+    verify = sub.add_parser("verify", help="C2PA validation, watermark and job of a video file (exit 0: trusted "
+                                           "and watermarked)")
+    verify.add_argument("file")
+    verify.add_argument("--trust-anchor", default=None,
+                        help="PEM root to trust (default: the development root under var/c2pa, if present)")
+    verify.add_argument("--offline", action="store_true", help="do not look the watermark up in the event log")
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
@@ -279,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
-    "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel,
+    "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify,
 }
 
 
