@@ -1,0 +1,298 @@
+"""The job-state fold: a job's lifecycle events in, one state out, whatever the order and however often."""
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+
+import pytest
+
+from consumers.job_state import (CANCELLED, DECODING, FAILED, FLAGGED, PUBLISHED, QUEUED, REQUESTED, REVIEW, RUNNING,
+                                 JobState, epoch_ms, fold, fold_all, jsonable_event, to_public)
+from streams import topics
+from streams.events import derive_event_id
+from tests.samples import BLOB, MP4, PARAMS
+
+T0 = 1_700_000_000_000
+
+
+def _event(job_id: str, emitter: str, parts: tuple, at: int, **fields) -> dict:
+    """An event as a stage emits it: a deterministic id per logical event, so a redelivery is an exact copy."""
+    return {"event_id": derive_event_id(job_id, emitter, *parts), "job_id": job_id, "timestamp": at, **fields}
+
+
+def requested(job_id: str, at: int = T0, tier: str = "PREMIUM", retry: int = 0) -> tuple[str, dict]:
+    return topics.REQUESTED.name, _event(job_id, "client", ("requested", retry), at, tenant="acme", prompt="a fox",
+                                         negative_prompt="", tier=tier, params=PARAMS, consent_ref=None)
+
+
+def encoded(job_id: str, at: int = T0 + 100, tier: str = "PREMIUM") -> tuple[str, dict]:
+    return topics.encoded_topic(tier).name, _event(
+        job_id, "prompt-encoder", ("encoded",), at, tenant="acme", tier=tier, params=PARAMS,
+        prompt_sha256="ef" * 32, encoder="tiny-t5", prompt_embeds=BLOB, negative_prompt_embeds=None,
+        requested_at=T0)
+
+
+def step(job_id: str, n: int, total: int = 4, attempt: int = 1, at: int | None = None,
+         resumed_from: int | None = None, step_ms: float = 20.0) -> tuple[str, dict]:
+    at = T0 + 1000 * attempt + 10 * n if at is None else at
+    return topics.STEP_PROGRESS.name, _event(job_id, "gpu-agent", ("step", attempt, n), at, step=n, total_steps=total,
+                                             attempt=attempt, resumed_from_step=resumed_from, step_ms=step_ms,
+                                             agent_id=f"agent-{attempt}")
+
+
+def checkpoint(job_id: str, n: int, total: int = 4, attempt: int = 1) -> tuple[str, dict]:
+    blob = dict(BLOB, uri=f"file:///blobs/{job_id}/checkpoint-{n}.safetensors")
+    return topics.LATENT_CHECKPOINTED.name, _event(job_id, "gpu-agent", ("checkpoint", attempt, n),
+                                                   T0 + 1000 * attempt + 10 * n + 5, step=n, total_steps=total,
+                                                   attempt=attempt, checkpoint=blob, agent_id="agent")
+
+
+def chunk(job_id: str, index: int, count: int = 2, attempt: int = 1) -> tuple[str, dict]:
+    return topics.LATENT_CHUNKS.name, _event(job_id, "gpu-agent", ("chunk", index), T0 + 5000 + index,
+                                             tenant="acme", chunk_index=index, chunk_count=count,
+                                             latent_frame_start=index, latent_frames=1, latent=BLOB, params=PARAMS,
+                                             attempt=attempt)
+
+
+def segment(job_id: str, index: int, count: int = 2) -> tuple[str, dict]:
+    last = index == count - 1
+    media = dict(MP4, uri=f"file:///blobs/{job_id}/segment-{index}.m4s")
+    playlist = dict(MP4, uri=f"file:///blobs/{job_id}/live-{index}.m3u8")
+    return topics.DECODED.name, _event(job_id, "vae-decoder", ("segment", index), T0 + 6000 + index, tenant="acme",
+                                       segment_index=index, is_last=last, segment=media, frame_start=4 * index,
+                                       frames=4 + (index == 0), video=MP4 if last else None, params=PARAMS,
+                                       init_segment=dict(MP4, uri=f"file:///blobs/{job_id}/init.mp4"),
+                                       playlist=playlist, decoder_id="decoder")
+
+
+def published(job_id: str, at: int = T0 + 7000) -> tuple[str, dict]:
+    return topics.PUBLISHED.name, _event(job_id, "compliance", ("published",), at, tenant="acme", video=MP4,
+                                         frames=9, width=64, height=64, fps=8, params=PARAMS,
+                                         renditions=[{"name": "360p", "width": 64, "height": 64, "media": MP4}],
+                                         manifest=dict(MP4, uri="file:///blobs/manifest.c2pa"))
+
+
+def flagged(job_id: str, decision: str = "BLOCK", stage: str = "POST_GEN", at: int = T0 + 6900,
+            ends_job: bool | None = None) -> tuple[str, dict]:
+    fields = {} if ends_job is None else {"ends_job": ends_job}
+    return topics.FLAGGED.name, _event(job_id, "compliance", ("flagged", stage, decision), at, tenant="acme",
+                                       stage=stage, decision=decision, reasons=["NSFW"], scores={"nsfw": 0.9},
+                                       evidence="", policy_version="1", **fields)
+
+
+def failed(job_id: str, at: int = T0 + 3000) -> tuple[str, dict]:
+    return topics.FAILED.name, _event(job_id, "gpu-agent", ("failed",), at, tenant="acme", stage="gpu-agent",
+                                      reason="out of memory", error_type="HANDLER", attempts=3)
+
+
+def cancelled(job_id: str, at: int = T0 + 1025, stopped_at: int | None = 2) -> tuple[str, dict]:
+    return topics.CANCELLED.name, _event(job_id, "gpu-agent", ("cancelled",), at, reason="user asked",
+                                         requested_by="acme", stage="gpu-agent", stopped_at_step=stopped_at)
+
+
+def cancel_request(job_id: str, at: int = T0 + 1015) -> tuple[str, dict]:
+    return topics.CONTROL.name, _event(job_id, "gateway", ("cancel",), at, reason="user asked", requested_by="acme",
+                                       stage="", stopped_at_step=None)
+
+
+def job_lifecycle(job_id: str, total: int = 4, segments: int = 2) -> list[tuple[str, dict]]:
+    """A whole successful job, in pipeline order: request → encoded → steps (checkpoint at 2) → chunks → segments
+    → published."""
+    events = [requested(job_id), encoded(job_id)]
+    for n in range(1, total + 1):
+        events.append(step(job_id, n, total))
+        if n == 2:
+            events.append(checkpoint(job_id, n, total))
+    events += [chunk(job_id, i, segments) for i in range(segments)]
+    events += [segment(job_id, i, segments) for i in range(segments)]
+    events.append(published(job_id))
+    return events
+
+
+# -- tests -----------------------------------------------------------------------------------------------------------
+def test_a_whole_job_in_order_ends_published_with_everything_in_it():
+    state = fold_all(job_lifecycle("j1"))
+    assert state.status == PUBLISHED and state.terminal
+    assert (state.tenant, state.tier, state.prompt, state.params) == ("acme", "premium", "a fox", PARAMS)
+    assert (state.step, state.total_steps, state.attempt, state.eta_ms) == (4, 4, 1, None)
+    assert state.checkpoints == [2] and state.last_checkpoint["uri"].endswith("checkpoint-2.safetensors")
+    assert state.latent_chunks == [0, 1] and state.chunk_count == 2
+    assert [s["index"] for s in state.segments] == [0, 1] and state.segment_count == 2
+    assert state.segments[0] == {"index": 0, "uri": "file:///blobs/j1/segment-0.m4s", "frame_start": 0, "frames": 5,
+                                 "is_last": False}
+    assert state.init_segment == "file:///blobs/j1/init.mp4"
+    assert state.playlist == "file:///blobs/j1/live-1.m3u8"  # the newest segment's playlist
+    assert state.outputs["video"]["uri"] == MP4["uri"] and state.outputs["renditions"][0]["name"] == "360p"
+    assert state.outputs["manifest"]["uri"] == "file:///blobs/manifest.c2pa"
+    assert (state.requested_at, state.encoded_at, state.started_at, state.finished_at) == (
+        T0, T0 + 100, T0 + 1010, T0 + 7000)
+    assert state.updated_at == T0 + 7000
+    assert state.flags == [] and state.error is None
+
+
+def test_each_phase_has_its_status():
+    events = job_lifecycle("j1")
+    statuses = []
+    state = None
+    for topic_name, event in events:
+        state = fold(state, topic_name, event)
+        statuses.append(state.status)
+    assert statuses == [REQUESTED, QUEUED] + [RUNNING] * 5 + [DECODING] * 4 + [PUBLISHED]
+
+
+def test_eta_comes_from_the_newest_steps_own_fields():
+    state = fold_all([requested("j1"), step("j1", 1, total=10, step_ms=30.0), step("j1", 4, total=10, step_ms=25.0)])
+    assert (state.step, state.step_ms, state.eta_ms) == (4, 25.0, 150)  # 6 steps left at 25 ms
+    assert to_public(state)["progress"] == 0.4
+
+
+def test_applying_an_event_twice_equals_applying_it_once():
+    state = None
+    for topic_name, event in job_lifecycle("j1"):
+        once = fold(state, topic_name, event)
+        assert fold(once, topic_name, event) == once
+        state = once
+
+
+def test_replaying_the_whole_log_over_the_final_state_changes_nothing():
+    events = job_lifecycle("j1")
+    final = fold_all(events)
+    assert fold_all(events, final) == final
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shuffled_events_with_duplicates_give_the_same_state(seed):
+    rng = random.Random(seed)
+    events = job_lifecycle("j1") + [requested("j1", at=T0 + 50, retry=1)]  # an upstream retry of the request
+    expected = fold_all(events)
+    noisy = events + rng.sample(events, 6)  # redeliveries
+    rng.shuffle(noisy)
+    assert fold_all(noisy) == expected
+
+
+def test_an_older_step_never_moves_progress_back_within_an_attempt():
+    state = fold_all([step("j1", 3), step("j1", 1), step("j1", 2)])
+    assert (state.step, state.attempt) == (3, 1)
+    assert state.started_at == T0 + 1010  # the earliest step, whatever came first
+
+
+def test_a_resumed_attempt_takes_over_from_its_checkpoint_even_at_a_lower_step():
+    events = [requested("j1"), encoded("j1"), step("j1", 1, 10), step("j1", 2, 10), checkpoint("j1", 2, 10),
+              step("j1", 3, 10), step("j1", 3, 10, attempt=2, resumed_from=2), step("j1", 4, 10, attempt=2,
+                                                                                    resumed_from=2)]
+    state = fold_all(events)
+    assert (state.step, state.attempt, state.resumed_from_step, state.agent_id) == (4, 2, 2, "agent-2")
+    assert state.status == RUNNING
+    # A late step of the dead attempt does not pull the job back to attempt 1.
+    late = fold(state, *step("j1", 5, 10, attempt=1))
+    assert (late.step, late.attempt) == (4, 2)
+    assert late == fold(late, *step("j1", 5, 10, attempt=1))
+
+
+def test_a_resume_after_the_latent_was_chunked_is_running_again_until_it_chunks_again():
+    state = fold_all([step("j1", 4), chunk("j1", 0)])
+    assert state.status == DECODING
+    state = fold(state, *step("j1", 3, attempt=2, resumed_from=2))
+    assert state.status == RUNNING
+    state = fold(state, *chunk("j1", 0, attempt=2))
+    assert state.status == DECODING
+
+
+def test_terminal_states_are_sticky_against_late_progress():
+    done = fold_all(job_lifecycle("j1"))
+    late = fold_all([step("j1", 2, at=T0 + 8000), chunk("j1", 0), segment("j1", 0)], done)
+    assert late.status == PUBLISHED and late.finished_at == done.finished_at and late.eta_ms is None
+    assert late.outputs == done.outputs
+
+
+def test_a_blocked_job_never_turns_published_in_either_order():
+    events = [requested("j1"), step("j1", 4), flagged("j1", "BLOCK", at=T0 + 6900), published("j1", at=T0 + 7000)]
+    for order in (events, list(reversed(events))):
+        state = fold_all(order)
+        assert state.status == FLAGGED
+        assert state.outputs is None  # a stray publication's outputs are never shown
+        assert state.flags[0]["decision"] == "BLOCK" and state.flags[0]["reasons"] == ["NSFW"]
+        assert state.finished_at == T0 + 6900
+
+
+def test_a_held_review_waits_and_a_publication_afterwards_ends_it():
+    state = fold_all([requested("j1"), step("j1", 4), segment("j1", 0, 1), flagged("j1", "REVIEW", ends_job=True)])
+    assert state.status == REVIEW and not state.terminal
+    state = fold(state, *published("j1"))
+    assert state.status == PUBLISHED and state.flags[0]["decision"] == "REVIEW"
+    assert state.outputs["video"]["uri"] == MP4["uri"]
+
+
+def test_a_review_annotation_does_not_hold_the_job():
+    state = fold_all([requested("j1"), encoded("j1"), flagged("j1", "REVIEW", "PRE_GEN", at=T0 + 90,
+                                                             ends_job=False), step("j1", 1)])
+    assert state.status == RUNNING
+    assert state.flags[0]["ends_job"] is False and state.flags[0]["stage"] == "PRE_GEN"
+
+
+def test_failure_and_cancellation_keep_their_reasons():
+    state = fold_all([requested("j1"), step("j1", 1), failed("j1")])
+    assert state.status == FAILED and state.error == {"kind": FAILED, "stage": "gpu-agent",
+                                                      "reason": "out of memory", "error_type": "HANDLER",
+                                                      "attempts": 3}
+    state = fold_all([requested("j2"), step("j2", 1), cancel_request("j2"), step("j2", 2)])
+    assert state.status == RUNNING and state.cancel_requested["reason"] == "user asked"
+    state = fold(state, *cancelled("j2"))
+    assert state.status == CANCELLED and state.error["stopped_at_step"] == 2 and state.finished_at == T0 + 1025
+
+
+def test_the_earliest_terminal_event_wins_whatever_arrives_first():
+    events = [requested("j1"), failed("j1", at=T0 + 3000), published("j1", at=T0 + 7000)]
+    assert fold_all(events).status == FAILED
+    assert fold_all(list(reversed(events))).status == FAILED
+    assert fold_all(list(reversed(events))).outputs is None
+
+
+def test_avro_datetimes_fold_like_epoch_milliseconds():
+    topic_name, event = step("j1", 1)
+    as_datetime = dict(event, timestamp=datetime.fromtimestamp(event["timestamp"] / 1000, tz=timezone.utc))
+    assert fold(None, topic_name, as_datetime) == fold(None, topic_name, event)
+    assert epoch_ms(datetime(2023, 11, 14, 22, 13, 20, 1000, tzinfo=timezone.utc)) == T0 + 1
+    encoded_topic, encoded_event = encoded("j1")
+    with_datetime = dict(encoded_event, requested_at=datetime.fromtimestamp(T0 / 1000, tz=timezone.utc))
+    assert fold(None, encoded_topic, with_datetime).requested_at == T0
+
+
+def test_an_event_arriving_before_the_request_still_ends_in_the_requests_facts():
+    state = fold_all([step("j1", 1), encoded("j1", tier="FREE"), requested("j1", tier="FREE")])
+    assert (state.tier, state.prompt, state.requested_at) == ("free", "a fox", T0)
+
+
+def test_state_survives_json_and_the_public_view_hides_bookkeeping():
+    state = fold_all(job_lifecycle("j1") + [flagged("j1", "REVIEW", ends_job=False)])
+    restored = JobState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert restored == state
+    public = to_public(state.to_dict())
+    json.dumps(public)  # JSON-friendly
+    assert "seen" not in public and all("event_id" not in f for f in public["flags"])
+    assert public["status"] == PUBLISHED and public["progress"] == 1.0 and public["terminal"]
+    assert public["checkpoints"] == {"count": 1, "last_step": 2}
+
+
+def test_events_of_another_job_or_topic_are_refused():
+    state = fold(None, *requested("j1"))
+    with pytest.raises(ValueError):
+        fold(state, *requested("j2"))
+    with pytest.raises(KeyError):
+        fold(state, topics.DEAD_LETTER.name, requested("j1")[1])
+
+
+def test_a_forwarded_event_folds_like_the_decoded_one():
+    """The tracker forwards events as JSON (datetimes as epoch ms): folding that equals folding the Avro dict."""
+    topic_name, event = encoded("j1")
+    decoded = dict(event, timestamp=datetime.fromtimestamp(event["timestamp"] / 1000, tz=timezone.utc),
+                   requested_at=datetime.fromtimestamp(T0 / 1000, tz=timezone.utc))
+    forwarded = json.loads(json.dumps(jsonable_event(decoded)))
+    assert fold(None, topic_name, forwarded) == fold(None, topic_name, decoded)
+
+
+def test_a_review_from_before_ends_job_existed_is_an_annotation():
+    topic_name, event = flagged("j1", "REVIEW")
+    assert "ends_job" not in event
+    assert fold_all([requested("j1"), step("j1", 1), (topic_name, event)]).status == RUNNING
