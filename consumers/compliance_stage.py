@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from compliance.detectors import Assessment, assess, load_detection_policy
 from compliance.provenance import (GenerationClaims, SignedVideo, ensure_dev_chain, load_signing_material, make_signer,
@@ -72,11 +74,12 @@ class ComplianceStage:
     def handle(self, decoded: dict, ctx: StageContext) -> None:
         if not decoded["is_last"]:
             return  # segments are for watching early; the checks run on the whole video
-        started = time.perf_counter()
         job_id, params = decoded["job_id"], decoded["params"]
-        frames = read_mp4(ctx.blobs.get(decoded["video"] or decoded["segment"]))  # BlobError fails the job
-
-        assessment = assess(frames, self.policy)
+        self.timings = timings = {}
+        with phase(timings, "read"):
+            frames = read_mp4(ctx.blobs.get(decoded["video"] or decoded["segment"]))  # BlobError fails the job
+        with phase(timings, "detectors"):
+            assessment = assess(frames, self.policy)
         if assessment.decision != "ALLOW":
             ends_job = assessment.decision == "BLOCK" or not self.review_proceeds
             ctx.emit(topics.FLAGGED, ctx.event(
@@ -87,8 +90,9 @@ class ComplianceStage:
             if ends_job:
                 return
 
-        finished = self.finish(frames, decoded)
-        refs = self.store(finished, job_id, ctx.blobs)
+        finished = self.finish(frames, decoded, timings)
+        with phase(timings, "store"):
+            refs = self.store(finished, job_id, ctx.blobs)
         ctx.emit(topics.PUBLISHED, ctx.event(
             job_id, "published",
             tenant=decoded["tenant"], video=refs["master"], frames=len(frames),
@@ -98,12 +102,14 @@ class ComplianceStage:
             watermark_note=finished.watermark_note, scores=scores_of(assessment),
             policy_version=assessment.policy_version,
         ))
-        log.info("compliance: job %s published in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
+        log.info("compliance: job %s published in %.0f ms (%s)", job_id, sum(timings.values()),
+                 ", ".join(f"{name} {ms:.0f}" for name, ms in timings.items()))
 
-    def finish(self, frames, decoded: dict) -> FinishedVideo:
+    def finish(self, frames, decoded: dict, timings: dict[str, float]) -> FinishedVideo:
         """Watermark every frame, encode the master and the renditions, sign each file."""
         job_id, params = decoded["job_id"], decoded["params"]
-        watermarked = embed_watermark(frames, payload_for_job(job_id))
+        with phase(timings, "watermark"):
+            watermarked = embed_watermark(frames, payload_for_job(job_id))
         payload = watermarked.payload_hex if watermarked.embedded else None
         claims = GenerationClaims(
             job_id=job_id, prompt_sha256=decoded.get("prompt_sha256", ""), seed=params["seed"],
@@ -114,11 +120,13 @@ class ComplianceStage:
         def sign(data: bytes) -> bytes:
             return sign_video(data, signer=self.signer, claims=claims).data
 
-        master = sign_video(encode_mp4(watermarked.frames, params["fps"]), signer=self.signer, claims=claims)
+        with phase(timings, "master"):
+            master = sign_video(encode_mp4(watermarked.frames, params["fps"]), signer=self.signer, claims=claims)
         renditions = []
-        for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder):
-            hls = sign_hls_media(hls_media(rendition, f"{rendition.name}.m4s"), sign)
-            renditions.append((rendition, sign(rendition.data), hls))
+        with phase(timings, "renditions"):
+            for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder):
+                hls = sign_hls_media(hls_media(rendition, f"{rendition.name}.m4s"), sign)
+                renditions.append((rendition, sign(rendition.data), hls))
         return FinishedVideo(master, renditions, payload, watermarked.reason)
 
     def store(self, finished: FinishedVideo, job_id: str, blobs: LocalBlobStore) -> dict:
@@ -144,6 +152,16 @@ class ComplianceStage:
         playlist = blobs.put(master_playlist.encode("utf-8"), *folder, "master.m3u8",
                              dtype="application/vnd.apple.mpegurl")
         return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist)
+
+
+@contextmanager
+def phase(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the block's wall time (ms) to timings[name]: the stage logs where a job's time went."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - started) * 1000
 
 
 def scores_of(assessment: Assessment) -> dict[str, float]:

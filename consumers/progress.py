@@ -48,8 +48,12 @@ def is_terminal(job_event: JobEvent) -> bool:
 
 
 def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,
-                poll_s: float = 0.1) -> Iterable[JobEvent]:
-    """Every decodable event on the lifecycle topics from ``since_ms`` (or the beginning), as it arrives."""
+                poll_s: float = 0.1, skip_before_ms: int | None = None) -> Iterable[JobEvent]:
+    """Every decodable event on the lifecycle topics from ``since_ms`` (or the beginning), as it arrives.
+
+    ``skip_before_ms``: records stamped earlier are skipped before decoding (a long-running reader such as the
+    gateway's, whose partitions without a record since ``since_ms`` are read from their start).
+    """
     codec = event_codec(settings)
     conf = consumer_config(settings, group_id="vidgen.follow")  # group.id is required; it is never joined
     consumer = Consumer(conf)
@@ -73,6 +77,8 @@ def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iter
                 yield None  # lets callers check their deadline
                 continue
             if msg.error():
+                continue
+            if skip_before_ms is not None and 0 <= msg.timestamp()[1] < skip_before_ms:
                 continue
             try:
                 event = codec.decode(msg.topic(), msg.value())

@@ -19,7 +19,7 @@ STAGES = {
 }
 BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
-    "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
+    "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark", "compliance": "bench.compliance",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
