@@ -72,7 +72,7 @@ from datetime import date, datetime, timezone
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import OSA
@@ -423,16 +423,24 @@ def _parse_groups(src: _PolicySource, raw: Any) -> dict[str, Group]:
     return groups
 
 
-def _parse_rules(src: _PolicySource, raw: Any, groups: Mapping[str, Group]) -> tuple[Rule, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise src.error("'rules' must be a non-empty array of [[rules]] tables", src.key_line("rules", 1))
-    header_lines = src.headers("[[rules]]")
-    rules: list[Rule] = []
+def _array_of_tables(src: _PolicySource, raw: Any, name: str,
+                     allow_empty: bool) -> Iterator[tuple[dict, str, int | None]]:
+    """(table, "name[i]", its header line) for each [[name]] table, after checking the array's shape."""
+    if not isinstance(raw, list) or (not raw and not allow_empty):
+        kind = "an array" if allow_empty else "a non-empty array"
+        raise src.error(f"'{name}' must be {kind} of [[{name}]] tables", src.key_line(name, 1))
+    header_lines = src.headers(f"[[{name}]]")
     for index, table in enumerate(raw):
         line = header_lines[index] if index < len(header_lines) else None
-        where = f"rules[{index}]"
+        where = f"{name}[{index}]"
         if not isinstance(table, dict):
             raise src.error(f"{where} must be a table", line)
+        yield table, where, line
+
+
+def _parse_rules(src: _PolicySource, raw: Any, groups: Mapping[str, Group]) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    for table, where, line in _array_of_tables(src, raw, "rules", allow_empty=False):
         if isinstance(table.get("id"), str):
             where += f" (id {table['id']!r})"
         _check_keys(src, table, _RULE_KEYS, where, line)
@@ -476,15 +484,8 @@ def _parse_rules(src: _PolicySource, raw: Any, groups: Mapping[str, Group]) -> t
 
 
 def _parse_persons(src: _PolicySource, raw: Any) -> tuple[Person, ...]:
-    if not isinstance(raw, list):
-        raise src.error("'persons' must be an array of [[persons]] tables", src.key_line("persons", 1))
-    header_lines = src.headers("[[persons]]")
     persons: list[Person] = []
-    for index, table in enumerate(raw):
-        line = header_lines[index] if index < len(header_lines) else None
-        where = f"persons[{index}]"
-        if not isinstance(table, dict):
-            raise src.error(f"{where} must be a table", line)
+    for table, where, line in _array_of_tables(src, raw, "persons", allow_empty=True):
         _check_keys(src, table, _PERSON_KEYS, where, line)
         for key in ("id", "name"):
             if not isinstance(table.get(key), str) or not _phrase_words(table[key]):
