@@ -28,6 +28,7 @@ from compliance.watermark import embed_watermark, payload_for_job
 from gpu_agents.video import encode_mp4, read_mp4
 from streams import topics
 from streams.blobs import LocalBlobStore, sha256_hex
+from streams.metrics import COMPLIANCE_SECONDS, JOB_SECONDS, observe_since
 from streams.settings import Settings, SettingsError
 from streams.stage import Stage, StageContext
 
@@ -88,6 +89,7 @@ class ComplianceStage:
                 policy_version=assessment.policy_version, ends_job=ends_job,
             ))
             if ends_job:
+                observe_since(JOB_SECONDS, ("flagged",), decoded.get("requested_at"))
                 return
 
         finished = self.finish(frames, decoded, timings)
@@ -102,6 +104,9 @@ class ComplianceStage:
             watermark_note=finished.watermark_note, scores=scores_of(assessment),
             policy_version=assessment.policy_version,
         ))
+        observe_since(JOB_SECONDS, ("published",), decoded.get("requested_at"))
+        for name, ms in timings.items():
+            COMPLIANCE_SECONDS.labels(name).observe(ms / 1000.0)
         log.info("compliance: job %s published in %.0f ms (%s)", job_id, sum(timings.values()),
                  ", ".join(f"{name} {ms:.0f}" for name, ms in timings.items()))
 

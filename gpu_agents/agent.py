@@ -17,6 +17,7 @@ import torch
 
 from streams import topics
 from streams.blobs import LocalBlobStore
+from streams.metrics import QUEUE_WAIT_SECONDS, STEP_SECONDS, observe_since
 from streams.settings import Settings
 from streams.stage import CancelledByRequest, JobInterrupted, Stage, StageContext
 
@@ -76,6 +77,9 @@ class DenoisingAgent:
 
         def after_step(step: StepInfo) -> None:
             nonlocal last_checkpoint
+            STEP_SECONDS.labels(params["model"]).observe(step.elapsed_s)
+            if step.step == 1:  # the first step of a fresh job: how long it waited for a GPU
+                observe_since(QUEUE_WAIT_SECONDS, (job["tier"].lower(),), job.get("requested_at"))
             ctx.emit(topics.STEP_PROGRESS, ctx.event(
                 job_id, "step", attempt, step.step,
                 step=step.step, total_steps=total, attempt=attempt,
@@ -114,7 +118,7 @@ class DenoisingAgent:
                 job_id, "chunk", index,
                 tenant=job["tenant"], chunk_index=index, chunk_count=len(chunks),
                 latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=job["params"],
-                attempt=attempt, prompt_sha256=job.get("prompt_sha256", ""),
+                attempt=attempt, prompt_sha256=job.get("prompt_sha256", ""), requested_at=job.get("requested_at"),
             ))
             frame_start += chunk.shape[2]
 

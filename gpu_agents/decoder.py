@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from streams import topics
 from streams.blobs import LocalBlobStore
+from streams.metrics import DECODE_CHUNK_SECONDS
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
 
@@ -97,8 +98,9 @@ class VaeDecoder:
         """Decode the job's next chunk into a segment, store it with the playlist, and announce it."""
         job_id, params, index = chunk["job_id"], chunk["params"], chunk["chunk_index"]
         first_frame = job.state.frames_decoded
-        frames = self.decoder(params["model"]).decode_chunk(job.state, ctx.blobs.get_tensor(chunk["latent"]))
-        init, media = encode_init_and_segment(frames, params["fps"], first_frame)
+        with DECODE_CHUNK_SECONDS.labels(params["model"]).time():
+            frames = self.decoder(params["model"]).decode_chunk(job.state, ctx.blobs.get_tensor(chunk["latent"]))
+            init, media = encode_init_and_segment(frames, params["fps"], first_frame)
         if job.init_ref is None:
             job.init, job.init_ref = init, ctx.blobs.put(init, job_id, INIT_SEGMENT, dtype="video/mp4")
         segment_ref = ctx.blobs.put(media, job_id, segment_name(index), dtype="video/iso.segment")
@@ -116,7 +118,7 @@ class VaeDecoder:
             tenant=chunk["tenant"], segment_index=index, is_last=is_last, segment=segment_ref,
             frame_start=first_frame, frames=len(frames), video=video_ref, params=params,
             init_segment=job.init_ref, playlist=playlist_ref, decoder_id=self.decoder_id,
-            prompt_sha256=chunk.get("prompt_sha256", ""),
+            prompt_sha256=chunk.get("prompt_sha256", ""), requested_at=chunk.get("requested_at"),
         ))
 
     def forget(self, job_ids: list[str]) -> None:

@@ -15,6 +15,7 @@ import threading
 from typing import Callable
 
 from streams.blobs import BlobError, LocalBlobStore
+from streams.metrics import CHECKPOINT_WRITE_SECONDS
 
 from .checkpoint import CheckpointError, DenoiseCheckpoint, from_bytes, to_bytes
 
@@ -78,7 +79,9 @@ class CheckpointWriter:
         while True:
             ckpt, on_saved = self._queue.get()
             try:
-                on_saved(ckpt, self.store.save(ckpt))
+                with CHECKPOINT_WRITE_SECONDS.time():
+                    ref = self.store.save(ckpt)
+                on_saved(ckpt, ref)
             except Exception:  # noqa: BLE001 - see the class docstring
                 log.exception("checkpoint of job %s at step %d not saved", ckpt.job_id, ckpt.step)
             finally:

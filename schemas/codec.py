@@ -39,6 +39,7 @@ EVENT_NAMES = (
     "JobCancelled",
     "JobFailed",
     "DeadLetter",
+    "StageStats",
 )
 
 #: Named types shared by several events, each in its own file.

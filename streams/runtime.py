@@ -26,6 +26,7 @@ from .blobs import LocalBlobStore, open_blob_store
 from .events import derive_event_id, new_event
 from .kafka import consumer_config, producer_config
 from .ledger import ProcessedLedger
+from .metrics import BusyMeter, LagMonitor, gpu_utilization, instance_id, register_stage_counters, serve_metrics
 from .offsets import OffsetTracker
 from .serde import decode_key, encode_key, event_codec
 from .settings import Settings
@@ -85,6 +86,10 @@ class StageRuntime:
         self._delivery_errors: list[str] = []
         #: job_id → JobCancelled request, for stages that follow the control topic
         self.cancellations: dict[str, dict] = {}
+        self.lag = LagMonitor(stage.name)
+        self.busy = BusyMeter()
+        self._handling_since: float | None = None  # perf_counter when the current handler call began
+        self._next_report = time.monotonic() + settings.stats_interval_s
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -97,8 +102,15 @@ class StageRuntime:
 
     def connect(self) -> None:
         self.handler = self.stage.build(self.settings, self.blobs)
+        if serve_metrics(self.settings.metrics_port):
+            register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
-        self.consumer = Consumer(consumer_config(self.settings, self.stage.group_id, self.client_id))
+        conf = consumer_config(self.settings, self.stage.group_id, self.client_id)
+        if self.settings.stats_interval_s or self.settings.metrics_port:
+            # The lag comes from librdkafka's own statistics (high watermark − committed), not offset look-ups.
+            conf["statistics.interval.ms"] = int(1000 * min(self.settings.stats_interval_s or 5.0, 5.0))
+            conf["stats_cb"] = self.lag.on_stats
+        self.consumer = Consumer(conf)
         self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("%s: consuming %s", self.stage.name, ", ".join(t.name for t in self.stage.consumes))
@@ -106,6 +118,7 @@ class StageRuntime:
     def poll(self, timeout_s: float) -> Message | None:
         """The next input, or None (nothing yet, or a consumer error, which is logged)."""
         msg = self.consumer.poll(timeout_s)
+        self.report_stats()
         if msg is None:
             self.producer.poll(0)
             return None
@@ -248,7 +261,7 @@ class StageRuntime:
         for attempt in range(1, HANDLER_ATTEMPTS + 1):
             ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
                                stop_reason=stop_reason or (lambda: None))
-            started = time.perf_counter()
+            started = self._handling_since = time.perf_counter()
             try:
                 if ctx.stop_reason() == "cancelled":
                     raise CancelledByRequest()  # still queued when its cancellation arrived
@@ -278,6 +291,7 @@ class StageRuntime:
                     return None, True  # stopping: leave the job to the next owner
             finally:
                 self.counters.handle_seconds += time.perf_counter() - started
+                self._handling_since = None
         return None, False
 
     def end_cancelled(self, event: dict, step: int | None, headers: list) -> None:
@@ -290,6 +304,22 @@ class StageRuntime:
         ), event["job_id"], headers)
         self._flush()
         self.counters.cancelled += 1
+
+    def report_stats(self) -> None:
+        """Every stats_interval_s: a StageStats event with this process's lag per partition and busy share."""
+        if not self.settings.stats_interval_s or time.monotonic() < self._next_report:
+            return
+        self._next_report = time.monotonic() + self.settings.stats_interval_s
+        since = self._handling_since
+        busy_total = self.counters.handle_seconds + (time.perf_counter() - since if since is not None else 0.0)
+        busy, interval = self.busy.fraction(busy_total)
+        report = new_event("", f"{instance_id()}-{time.time_ns()}", stage=self.stage.name, instance=instance_id(),
+                           interval_s=interval, lag=self.lag.snapshot(), busy_fraction=busy,
+                           gpu_utilization=gpu_utilization())
+        try:
+            self._emit(topics.STATS, report, self.stage.name, [])
+        except Exception as exc:  # noqa: BLE001 - a report is never worth a stage
+            log.warning("%s: stats report not sent: %s", self.stage.name, exc)
 
     # -- producing -------------------------------------------------------------------------------------------
     def _emit(self, topic: topics.Topic, event: dict, key: str | None, headers: list | None = None) -> None:

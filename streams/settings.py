@@ -65,6 +65,9 @@ class Settings:
     signing_key: str | None = None
     #: Delivery renditions as ``name:scale:crf,...`` (compliance/renditions.py DEFAULT_LADDER when unset).
     rendition_ladder: str | None = None
+    #: Serve Prometheus /metrics on this port (None: off); send a StageStats report every N seconds (0: off).
+    metrics_port: int | None = None
+    stats_interval_s: float = 10.0
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
 
@@ -161,6 +164,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     settings.rendition_ladder = env.get("VIDGEN_RENDITIONS") or provenance.get("renditions")
     if bool(settings.signing_chain) != bool(settings.signing_key):
         raise SettingsError("signing needs both a certificate chain and a key (VIDGEN_SIGNING_CHAIN, VIDGEN_SIGNING_KEY)")
+    observability = file_settings.get("observability", {})
+    port = env.get("VIDGEN_METRICS_PORT") or observability.get("metrics_port")
+    settings.metrics_port = int(port) if port else None
+    interval = env.get("VIDGEN_STATS_INTERVAL_S") or observability.get("stats_interval_s")
+    settings.stats_interval_s = float(interval) if interval not in (None, "") else 10.0
     if settings.encoder_batch < 1:
         raise SettingsError("encoder_batch must be at least 1")
     if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):

@@ -36,6 +36,8 @@ FAILED = Topic("vidgen.failed", 3, "JobFailed", retention_ms=30 * DAY_MS)
 CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellation requests; every agent reads all of it")
 CANCELLED = Topic("vidgen.cancelled", 3, "JobCancelled", retention_ms=30 * DAY_MS, doc="jobs stopped on request")
 DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY_MS)
+STATS = Topic("vidgen.stats", 3, "StageStats", key="stage", retention_ms=DAY_MS,
+              doc="stage processes' lag and busy reports, for `vidgen autoscale`")
 
 CATALOGUE: tuple[Topic, ...] = (
     REQUESTED,
@@ -50,6 +52,7 @@ CATALOGUE: tuple[Topic, ...] = (
     CONTROL,
     CANCELLED,
     DEAD_LETTER,
+    STATS,
 )
 BY_NAME = {topic.name: topic for topic in CATALOGUE}
 

@@ -1,0 +1,161 @@
+"""Prometheus metrics of a stage process, and its periodic StageStats report for `vidgen autoscale`.
+
+Every stage process serves /metrics (prometheus-client) on VIDGEN_METRICS_PORT when it is set (the Kubernetes
+manifests set 9400; locally it is off). What is measured, where it matters as histograms:
+
+* vidgen_stage_<counter>_total — the runtime's counters (consumed, handled, emitted, deduplicated, dead-lettered,
+  failed jobs, cancelled, interrupted, retries), read from the runtime's own StageCounters at scrape time;
+* vidgen_consumer_lag — per assigned partition, from librdkafka's statistics (``consumer_lag``: high watermark −
+  committed offset), never from offset look-ups (the embedded broker answers "latest" wrongly);
+* vidgen_step_seconds, vidgen_queue_wait_seconds (request → denoising starts), vidgen_checkpoint_write_seconds,
+  vidgen_decode_chunk_seconds, vidgen_compliance_seconds (per phase), vidgen_job_seconds (request → published or
+  flagged after generation).
+
+The same lag, with how busy the process was, goes out as a StageStats event on vidgen.stats every
+``stats_interval_s``: a whole-fleet view `vidgen autoscale` reads without scraping every pod.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+
+from prometheus_client import REGISTRY, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+log = logging.getLogger(__name__)
+
+# Buckets spanning a tiny model's milliseconds to a real model's minutes.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+CONSUMER_LAG = Gauge("vidgen_consumer_lag", "Messages between the committed offset and the high watermark",
+                     ["stage", "topic", "partition"])
+STEP_SECONDS = Histogram("vidgen_step_seconds", "Wall time of one denoising step", ["model"],
+                         buckets=SECONDS_BUCKETS)
+QUEUE_WAIT_SECONDS = Histogram("vidgen_queue_wait_seconds", "From the request to the first denoising step",
+                               ["tier"], buckets=SECONDS_BUCKETS)
+CHECKPOINT_WRITE_SECONDS = Histogram("vidgen_checkpoint_write_seconds", "Serialising and storing one checkpoint",
+                                     buckets=SECONDS_BUCKETS)
+DECODE_CHUNK_SECONDS = Histogram("vidgen_decode_chunk_seconds", "VAE decode and segment encode of one chunk",
+                                 ["model"], buckets=SECONDS_BUCKETS)
+COMPLIANCE_SECONDS = Histogram("vidgen_compliance_seconds", "Compliance work per job, by phase", ["phase"],
+                               buckets=SECONDS_BUCKETS)
+JOB_SECONDS = Histogram("vidgen_job_seconds", "From the request to the end of compliance", ["outcome"],
+                        buckets=SECONDS_BUCKETS)
+
+_server_lock = threading.Lock()
+_server_port: int | None = None
+
+
+def serve_metrics(port: int | None) -> int | None:
+    """Serve /metrics on the port once per process (None or 0: off). Returns the port served."""
+    global _server_port
+    if not port:
+        return None
+    with _server_lock:
+        if _server_port is None:
+            start_http_server(port)
+            _server_port = port
+            log.info("metrics on :%d/metrics", port)
+    return _server_port
+
+
+def instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class StageCountersCollector:
+    """Exposes a runtime's StageCounters as Prometheus counters, read when scraped (no second bookkeeping)."""
+
+    def __init__(self, stage: str, counters):
+        self.stage = stage
+        self.counters = counters
+
+    def collect(self):
+        for name, value in asdict(self.counters).items():
+            family = CounterMetricFamily(f"vidgen_stage_{name}", f"Stage runtime counter {name}", labels=["stage"])
+            family.add_metric([self.stage], value)
+            yield family
+
+
+def register_stage_counters(stage: str, counters) -> None:
+    REGISTRY.register(StageCountersCollector(stage, counters))
+
+
+def partition_lags(stats_json: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) → consumer_lag from a librdkafka statistics document; partitions whose lag librdkafka does
+    not know yet (-1) and the internal partition -1 are left out."""
+    stats = json.loads(stats_json)
+    lags = {}
+    for topic, topic_stats in stats.get("topics", {}).items():
+        for partition, partition_stats in topic_stats.get("partitions", {}).items():
+            lag = partition_stats.get("consumer_lag", -1)
+            if int(partition) >= 0 and lag >= 0 and partition_stats.get("fetch_state") != "none":
+                lags[(topic, int(partition))] = int(lag)
+    return lags
+
+
+class LagMonitor:
+    """The stats_cb of a stage's consumer: keeps the newest lag per partition and mirrors it into the gauge."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.lags: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def on_stats(self, stats_json: str) -> None:
+        try:
+            lags = partition_lags(stats_json)
+        except (ValueError, KeyError, TypeError) as exc:  # a statistics format change must not stop a stage
+            log.warning("%s: unreadable consumer statistics: %s", self.stage, exc)
+            return
+        with self._lock:
+            for key in set(self.lags) - set(lags):  # partitions no longer held
+                CONSUMER_LAG.remove(self.stage, key[0], str(key[1]))
+            self.lags = lags
+        for (topic, partition), lag in lags.items():
+            CONSUMER_LAG.labels(self.stage, topic, str(partition)).set(lag)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [{"topic": t, "partition": p, "lag": lag} for (t, p), lag in sorted(self.lags.items())]
+
+
+class BusyMeter:
+    """Share of wall time spent handling, between two reports: handle seconds done plus the running one's."""
+
+    def __init__(self):
+        self._last_wall = time.monotonic()
+        self._last_busy = 0.0
+
+    def fraction(self, busy_seconds_total: float) -> tuple[float, float]:
+        """(busy fraction, interval seconds) since the previous call."""
+        now = time.monotonic()
+        interval = max(now - self._last_wall, 1e-9)
+        busy = max(0.0, busy_seconds_total - self._last_busy)
+        self._last_wall, self._last_busy = now, busy_seconds_total
+        return min(1.0, busy / interval), interval
+
+
+def gpu_utilization() -> float | None:
+    """Device utilisation in [0, 1] from NVML through torch, or None (no GPU, or NVML not available)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.utilization() / 100.0
+    except Exception:  # noqa: BLE001 - utilisation is optional
+        return None
+    return None
+
+
+def observe_since(histogram, labels: tuple, since) -> None:
+    """Observe now − ``since`` (a datetime, epoch ms, or None) in seconds; nothing when it is unknown."""
+    if since is None:
+        return
+    started_s = since.timestamp() if hasattr(since, "timestamp") else since / 1000.0
+    (histogram.labels(*labels) if labels else histogram).observe(max(0.0, time.time() - started_s))
