@@ -18,6 +18,8 @@ from .settings import Settings, load_settings, read_platform_file
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance")
+#: What `vidgen up` runs besides the pipeline: the job-state tracker and the archiver (and a gateway).
+SERVICE_NAMES = ("tracker", "archiver")
 #: On one machine the denoiser should win the cores: everything else only needs CPU between denoising steps, and
 #: on a small CPU box two torch threads stall whenever another process takes a core. (A real deployment puts the
 #: agents on their own GPU machines; this only shapes `vidgen up`, `demo`, the tests and the benchmarks.)
@@ -67,6 +69,12 @@ class PlatformProcesses:
         """Start one more process of a stage; ``env`` adds settings for this process only."""
         process = self._spawn(["stage", name], f"{name}-{len(self.stages.get(name, []))}", env)
         self.stages.setdefault(name, []).append(process)
+        return process
+
+    def add_gateway(self, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
+        """A gateway process (HTTP API, websockets, web page) on host:port, supervised like a stage."""
+        process = self._spawn(["gateway", "--host", host, "--port", str(port)], "gateway")
+        self.stages.setdefault("gateway", []).append(process)
         return process
 
     def signal_stage(self, pid: int, sig: int) -> subprocess.Popen:

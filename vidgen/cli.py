@@ -16,10 +16,13 @@ STAGES = {
     "vae-decoder": "gpu_agents.decoder",
     "compliance": "consumers.compliance_stage",
     "tracker": "consumers.tracker",  # a faust app, not a StageRuntime stage: see cmd_stage
+    "archiver": "consumers.archiver",  # copies every topic into hash-chained Avro files: see cmd_stage
 }
 BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
-    "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark", "compliance": "bench.compliance",
+    "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
+    "compliance": "bench.compliance", "intake": "bench.intake", "progress": "bench.progress",
+    "fanout": "bench.fanout",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -86,19 +89,32 @@ def cmd_stage(args) -> int:
         from consumers.tracker import run_tracker
 
         return run_tracker(load_settings())
+    if args.name == "archiver":  # writes files per partition, committing only what is durably written
+        from consumers.archiver import run_archiver
+
+        return run_archiver(load_settings())
     run_stage(load_stage(args.name), load_settings())
     return 0
 
 
 def cmd_up(args) -> int:
+    from gateway.tenants import load_or_create, tenants_path
     from streams.settings import load_settings
-    from streams.supervisor import PlatformProcesses
+    from streams.supervisor import SERVICE_NAMES, STAGE_NAMES, PlatformProcesses
 
+    settings = load_settings()
+    # The tenants file is made here, not by the gateway, so the first run can show its key on this terminal.
+    tenants_file, (_, new_key) = tenants_path(settings), load_or_create(tenants_path(settings))
     # `vidgen broker` runs either way: with a named cluster it starts nothing but prepares topics and schemas.
-    platform = PlatformProcesses(load_settings().var_dir)
+    platform = PlatformProcesses(settings.var_dir, stages=STAGE_NAMES + SERVICE_NAMES)
     running = platform.start()
+    platform.add_gateway(args.port, args.host)
     print(f"vidgen is up: kafka {running.kafka_bootstrap}, registry {running.schema_registry_url}, "
-          f"stages {', '.join(platform.stage_names)}; logs in {platform.log_dir}. Ctrl-C stops.", flush=True)
+          f"stages {', '.join(platform.stage_names)}; logs in {platform.log_dir}.", flush=True)
+    print(f"web page and API: http://{args.host}:{args.port}/ (tenants in {tenants_file})", flush=True)
+    if new_key:
+        print(f"API key of tenant 'dev' (shown once; only its hash is stored): {new_key}", flush=True)
+    print("Ctrl-C stops.", flush=True)
     try:
         _wait_for_signal()
     finally:
@@ -233,6 +249,30 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 5
 
 
+def cmd_gateway(args) -> int:
+    from gateway.app import main as gateway_main
+
+    return gateway_main(args.rest)
+
+
+def cmd_simulate(args) -> int:
+    from bench.simulate import main as simulate_main
+
+    return simulate_main(args.rest)
+
+
+def cmd_autoscale(args) -> int:
+    from consumers.autoscaler import main as autoscale_main
+
+    return autoscale_main(args.rest)
+
+
+def cmd_audit(args) -> int:
+    from consumers.audit import main_replay, main_verify
+
+    return (main_verify if args.action == "verify" else main_replay)(args.rest)
+
+
 def cmd_bench(args) -> int:
     try:
         module = importlib.import_module(BENCHMARKS[args.name])
@@ -259,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("topics", help="create the catalogue's topics and register the schemas on the configured cluster")
     stage = sub.add_parser("stage", help="run one stage process (scale out by running more)")
     stage.add_argument("name", choices=sorted(STAGES))
-    sub.add_parser("up", help="run the broker, the registry and one process per stage until interrupted")
+    up = sub.add_parser("up", help="run the broker, the registry, one process per stage, the tracker, the archiver "
+                                   "and the gateway until interrupted")
+    up.add_argument("--port", type=int, default=8080, help="the gateway's port")
+    up.add_argument("--host", default="127.0.0.1")
 
     def generation_args(p, frames=9, steps=None, size="64x64"):
         p.add_argument("--steps", type=int, default=steps, help="denoising steps (default: the preset's)")
@@ -297,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM root to trust (default: the development root under var/c2pa, if present)")
     verify.add_argument("--offline", action="store_true", help="do not look the watermark up in the event log")
 
+    # Commands with their own argument parsers get every argument after their name (see PASS_THROUGH).
+    sub.add_parser("simulate", add_help=False,
+                   help="discrete-event simulation of a GPU fleet (arrivals, tiers, failures, checkpoints, "
+                        "autoscaling) with the platform's own scheduler and policy; `vidgen simulate --help`")
+    sub.add_parser("gateway", add_help=False,
+                   help="the HTTP API (OpenAI Videos shaped), websocket progress and the web page; "
+                        "`vidgen gateway --help` for its options")
+    sub.add_parser("autoscale", add_help=False,
+                   help="desired replicas per stage from vidgen.stats (consumer lag and utilisation), as a decision "
+                        "log and metrics; `vidgen autoscale --help` for the policy")
+    audit = sub.add_parser("audit", help="verify the archive's hash chain, or replay the log and check every "
+                                         "job's invariants")
+    audit.add_argument("action", choices=("verify", "replay"))
+    audit.add_argument("rest", nargs=argparse.REMAINDER)
+
     bench = sub.add_parser("bench", help="run a benchmark from bench/")
     bench.add_argument("name", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -306,11 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
     "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify,
+    "autoscale": cmd_autoscale, "audit": cmd_audit, "gateway": cmd_gateway, "simulate": cmd_simulate,
 }
 
 
+PASS_THROUGH = ("autoscale", "gateway", "simulate")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in PASS_THROUGH:
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _setup_logging(args.verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     from streams.settings import SettingsError

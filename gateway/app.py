@@ -1,0 +1,810 @@
+"""The gateway's HTTP API (aiohttp): jobs in over POST, their state, list, outputs and cancellation out.
+
+Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.json describes):
+
+  POST   /v1/videos                          create a job (OpenAI Videos API body + vidgen fields) → video object
+  GET    /v1/videos                          the tenant's jobs, newest first: ?limit=1..100&after=<id>
+  GET    /v1/videos/{video_id}               one job → video object (OpenAI shape + `vidgen`: the full state)
+  DELETE /v1/videos/{video_id}               cancel it (asynchronous: a JobCancelled on vidgen.control)
+  GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist; Range ok
+  GET    /v1/videos/{video_id}/segments/{name}   live fMP4 segments, init.mp4 and playlist.m3u8 while it decodes
+  GET    /v1/videos/{video_id}/published/{name}  files of the published set (rendition playlists and media)
+  GET    /v1/videos/{video_id}/events        websocket: the job's state, then every change (gateway/events.py)
+  GET    /v1/events                          websocket: all of the tenant's jobs (gateway/events.py)
+  GET    /openapi.json, /healthz, /, /static/{filename}   without authentication
+
+Tenancy and limits (gateway/tenants.py, gateway/limits.py):
+* ``Authorization: Bearer <key>`` (or ``?api_key=``, for websockets and the web page) names the tenant; no key or
+  an unknown key → 401.
+* The tier is the tenant's. A request may name a tier at or BELOW its tenant's (a premium tenant may submit a
+  cheap free job); a higher one is refused with 403 ``tier_not_allowed`` rather than silently lowered, so a
+  client never believes it bought a tier it did not get.
+* Rate limit: a token bucket per tenant and gateway process over every authenticated request → 429
+  ``rate_limit_exceeded`` with ``Retry-After``.
+* In-flight quota: jobs of the tenant not yet finished (from the job states, so every gateway process counts the
+  same jobs; plus this process's POSTs still being acknowledged) ≥ ``max_in_flight`` → 429
+  ``in_flight_limit``, without Retry-After (a job's end cannot be predicted). 429 rather than 403/409: the
+  request is fine and will succeed later, which is what OpenAI clients' retry logic expects of a 429.
+* ``Idempotency-Key``: the job id is uuid5(tenant, key), so every gateway process maps the same key to the same
+  job. The same key with the same request returns the existing job (200, header ``Idempotent-Replayed: true``)
+  and publishes nothing; with a different request → 409 ``idempotency_key_reused``. Within a process a record of
+  the request's fingerprint decides; across processes the job's state (prompt, tier, parameters) does.
+* Another tenant's job answers exactly as an unknown id: 404 ``video_not_found``.
+
+Validation reuses the pipeline's own checks (``producers.requests.parse_size`` / ``video_request``,
+``consumers.prompt_encoder.check_request`` with ``gpu_agents.models.validate_generation_params`` inside), so the
+gateway refuses at once with 400 what the prompt encoder would fail later. Frames from ``seconds``: seconds × fps
+rounded to the nearest 4k+1 (at least 1); an explicit ``frames`` wins. Only the catalogue's model ids are accepted
+over HTTP (a client may not name a server directory).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, video_request
+from streams import topics
+from streams.blobs import BlobError, LocalBlobStore, open_blob_store
+from streams.events import new_job_id
+from streams.settings import Settings
+
+from .errors import ApiError, error_middleware, not_found
+from .limits import RateLimiter, retry_after_header
+from .openapi import Route, openapi_document
+from .publisher import PublishError
+from .tenants import Tenant, TenantStore
+
+log = logging.getLogger(__name__)
+#: The gateway's modules share state through string keys (app["jobs"], request["tenant"]: the shared contract
+#: between its modules) rather than web.AppKey / web.RequestKey objects; aiohttp's advice about that is noise here.
+warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"gateway\.")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+IDEMPOTENCY_NAMESPACE = uuid.UUID("0b9d7c1e-3f57-4c2a-9a51-7d0f3e6b2a44")
+MAX_LIST_LIMIT = 100
+DEFAULT_LIST_LIMIT = 20
+MAX_SEED = 2**63 - 1  # GenerationParams.seed is an Avro long
+CREATE_FIELDS = ("prompt", "model", "size", "seconds", "frames", "fps", "tier", "steps", "seed", "negative_prompt",
+                 "preset", "guidance_scale", "consent_ref")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
+_CONTENT_TYPES = {".mp4": "video/mp4", ".m4s": "video/iso.segment", ".m3u8": "application/vnd.apple.mpegurl",
+                  ".json": "application/json", ".html": "text/html", ".js": "text/javascript", ".css": "text/css",
+                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+
+
+# -- validation: the pipeline's own checks, loaded once (they import torch) --------------------------------------------
+@functools.cache
+def _pipeline_checks():
+    from consumers.prompt_encoder import MAX_PROMPT_CHARS, check_request
+    from gpu_agents.models import BUILTIN_MODELS
+    from streams.stage import InvalidEvent
+
+    return check_request, InvalidEvent, MAX_PROMPT_CHARS, tuple(BUILTIN_MODELS)
+
+
+class _CatalogueIds:
+    """What check_request needs of a ModelCatalogue (``known``), limited to ids: never a filesystem path."""
+
+    def __init__(self, ids):
+        self.ids = tuple(ids)
+
+    def known(self, model_id: str) -> bool:
+        return model_id in self.ids
+
+
+#: Which request field a check_request / validate_generation_params message is about (its first word).
+_MESSAGE_PARAMS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "size", "height": "size",
+                   "num_frames": "frames", "steps": "steps", "guidance_scale": "guidance_scale", "fps": "fps",
+                   "unknown": "preset"}
+
+
+def _invalid(param: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", message, param=param)
+
+
+def _integer(body: dict, name: str, form: bool) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if form and isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _invalid(name, f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(name, f"{name} must be an integer, got {json.dumps(value)}")
+    return value
+
+
+def _number(body: dict, name: str, form: bool) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and (form or name == "seconds"):  # OpenAI sends seconds as a string
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _invalid(name, f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(name, f"{name} must be a finite number, got {json.dumps(value)}")
+    return float(value)
+
+
+def _string(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _invalid(name, f"{name} must be a string, got {json.dumps(value)}")
+    return value
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """seconds × fps rounded to the nearest 4k+1 frame count (Wan's temporal compression), at least 1."""
+    return 4 * max(0, round((seconds * fps - 1) / 4)) + 1
+
+
+@dataclass
+class CreateRequest:
+    """A validated POST /v1/videos: what the VideoRequested will carry (apart from job id and timestamp)."""
+    prompt: str
+    negative_prompt: str
+    tier: str
+    model: str
+    preset: str
+    params: dict  # only what the client gave (the preset's and DEFAULT_PARAMS fill the rest)
+    consent_ref: str | None
+
+    def event(self, job_id: str, tenant: Tenant) -> dict:
+        return video_request(self.prompt, job_id=job_id, tier=self.tier, tenant=tenant.id,
+                             negative_prompt=self.negative_prompt, consent_ref=self.consent_ref, model=self.model,
+                             preset=self.preset, **self.params)
+
+
+def parse_create(body: dict, tenant: Tenant, *, form: bool, model_ids: tuple[str, ...],
+                 default_model: str) -> CreateRequest:
+    """Check a create body field by field; raises ApiError (400, or 403 for a tier above the tenant's)."""
+    check_request, InvalidEvent, max_chars, _ = _pipeline_checks()
+    for name in body:
+        if name not in CREATE_FIELDS:
+            hint = " (image input is not supported)" if name == "input_reference" else ""
+            raise ApiError(400, "unknown_parameter", f"unknown field {name!r}{hint}; fields: {', '.join(CREATE_FIELDS)}",
+                           param=name)
+    prompt = _string(body, "prompt")
+    if prompt is None:
+        raise ApiError(400, "missing_parameter", "prompt is required", param="prompt")
+    negative_prompt = _string(body, "negative_prompt") or ""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > max_chars:  # before anything else touches a huge string
+            raise _invalid(name, f"{name} has {len(text)} characters; the limit is {max_chars}")
+    model = _string(body, "model") or default_model
+    if model not in model_ids:
+        raise ApiError(400, "unknown_model", f"unknown model {model!r}; models: {', '.join(model_ids)}", param="model")
+    tier = (_string(body, "tier") or tenant.tier).lower()
+    if tier not in topics.TIERS:
+        raise _invalid("tier", f"unknown tier {tier!r}; tiers: {', '.join(topics.TIERS)}")
+    if not tenant.allows_tier(tier):
+        raise ApiError(403, "tier_not_allowed", f"tier {tier} is above this tenant's tier ({tenant.tier})",
+                       param="tier")
+    preset = _string(body, "preset") or "quality"
+    if preset not in PRESETS:
+        raise _invalid("preset", f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    consent_ref = _string(body, "consent_ref")
+
+    params: dict = {}
+    size = _string(body, "size")
+    if size is not None:
+        try:
+            params["width"], params["height"] = parse_size(size)
+        except ValueError as exc:
+            raise _invalid("size", str(exc)) from None
+    fps = _integer(body, "fps", form)
+    if fps is not None:
+        params["fps"] = fps
+    frames, seconds = _integer(body, "frames", form), _number(body, "seconds", form)
+    if frames is not None:
+        params["num_frames"] = frames
+    elif seconds is not None:
+        if seconds <= 0:
+            raise _invalid("seconds", f"seconds must be positive, got {seconds:g}")
+        params["num_frames"] = frames_for_seconds(seconds, fps or DEFAULT_PARAMS["fps"])
+    for name in ("steps", "seed"):
+        value = _integer(body, name, form)
+        if value is not None:
+            params[name] = value
+    if "seed" in params and not 0 <= params["seed"] <= MAX_SEED:
+        raise _invalid("seed", f"seed must be within 0..{MAX_SEED}, got {params['seed']}")
+    guidance = _number(body, "guidance_scale", form)
+    if guidance is not None:
+        params["guidance_scale"] = guidance
+
+    request = CreateRequest(prompt, negative_prompt, tier, model, preset, params, consent_ref)
+    try:  # the prompt encoder's own check, on the event it will receive
+        check_request(request.event("validation", tenant), _CatalogueIds(model_ids))
+    except InvalidEvent as exc:
+        message = str(exc)
+        param = _MESSAGE_PARAMS.get(message.split(" ", 1)[0], None)
+        if param == "frames" and "num_frames" not in body and frames is None and seconds is not None:
+            param = "seconds"
+        raise _invalid(param, message.replace("num_frames", "frames")) from None
+    return request
+
+
+async def read_body(request: web.Request) -> tuple[dict, bool]:
+    """The body as a dict, and whether it came as a form (whose values are text to convert)."""
+    ctype = request.content_type
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.post()
+        body = {}
+        for name, value in form.items():
+            if not isinstance(value, str):
+                raise ApiError(400, "unknown_parameter" if name not in CREATE_FIELDS else "invalid_parameter",
+                               f"field {name!r}: file uploads are not supported", param=name)
+            body[name] = value
+        return body, True
+    if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"send application/json, multipart/form-data or application/x-www-form-urlencoded, not {ctype}")
+    text = await request.text()
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    return body, False
+
+
+# -- idempotency -------------------------------------------------------------------------------------------------------
+def idempotent_job_id(tenant_id: str, key: str) -> str:
+    return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id}\n{key}").hex
+
+
+def request_fingerprint(event: dict) -> str:
+    facts = {k: event[k] for k in ("prompt", "negative_prompt", "tier", "params", "consent_ref")}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _same_request(event: dict, state: dict) -> bool:
+    """Whether a job's state (from the platform) shows this request: what the state keeps of it must agree."""
+    return (state.get("prompt") == event["prompt"] and (state.get("tier") or "") == event["tier"].lower()
+            and (state.get("params") is None or state["params"] == event["params"]))
+
+
+class IdempotencyRecords:
+    """(tenant, key) → (fingerprint, job id, publication future); bounded, oldest dropped first, 24 h at most."""
+
+    def __init__(self, capacity: int = 100_000, ttl_s: float = 24 * 3600):
+        self.capacity, self.ttl_s = capacity, ttl_s
+        self._records: OrderedDict[tuple[str, str], tuple[str, str, asyncio.Future, float]] = OrderedDict()
+
+    def get(self, tenant_id: str, key: str):
+        record = self._records.get((tenant_id, key))
+        if record is not None and time.monotonic() - record[3] > self.ttl_s:
+            del self._records[(tenant_id, key)]
+            return None
+        return record
+
+    def put(self, tenant_id: str, key: str, fingerprint: str, job_id: str, future: asyncio.Future) -> None:
+        self._records[(tenant_id, key)] = (fingerprint, job_id, future, time.monotonic())
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+
+    def drop(self, tenant_id: str, key: str) -> None:
+        self._records.pop((tenant_id, key), None)
+
+
+# -- the video object --------------------------------------------------------------------------------------------------
+_OPENAI_STATUS = {"requested": "queued", "queued": "queued", "running": "in_progress", "decoding": "in_progress",
+                  "review": "in_progress", "published": "completed", "flagged": "failed", "failed": "failed",
+                  "cancelled": "failed"}
+
+
+def _name_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _gateway_url(uri: str | None, prefix: str) -> str | None:
+    if uri is None or uri.startswith("/"):
+        return uri  # already a gateway URL (a JobsView may rewrite them itself)
+    return f"{prefix}/{_name_of(uri)}"
+
+
+def _blob_url(ref: dict | None, url: str) -> dict | None:
+    if ref is None:
+        return None
+    return {**{k: v for k, v in ref.items() if k != "uri"}, "url": ref.get("url") or url}
+
+
+def public_state(state: dict) -> dict:
+    """The job state with every stored file as a gateway URL (blob store URIs are internal)."""
+    job_id = state["job_id"]
+    base = f"/v1/videos/{job_id}"
+    out = dict(state)
+    out["segments"] = [{**{k: v for k, v in s.items() if k != "uri"}, "url": s.get("url") or _gateway_url(
+        s.get("uri"), f"{base}/segments")} for s in state.get("segments") or ()]
+    out["init_segment"] = _gateway_url(state.get("init_segment"), f"{base}/segments")
+    out["playlist"] = _gateway_url(state.get("playlist"), f"{base}/segments")
+    outputs = state.get("outputs")
+    if outputs:
+        outputs = dict(outputs)
+        outputs["video"] = _blob_url(outputs.get("video"), f"{base}/content")
+        outputs["manifest"] = _blob_url(outputs.get("manifest"), f"{base}/content?variant=manifest")
+        if outputs.get("playlist"):
+            outputs["playlist"] = _blob_url(outputs["playlist"],
+                                            f"{base}/published/{_name_of(outputs['playlist'].get('uri', ''))}")
+        outputs["renditions"] = [_blob_url(r, f"{base}/content?variant={r['name']}")
+                                 for r in outputs.get("renditions") or ()]
+        out["outputs"] = outputs
+    return out
+
+
+def _job_error(state: dict) -> dict | None:
+    status = state["status"]
+    if status == "flagged":
+        reasons = [r for f in state.get("flags") or () if f.get("decision") == "BLOCK" for r in f.get("reasons", ())]
+        return {"code": "content_flagged",
+                "message": "blocked by content policy" + (f": {'; '.join(reasons)}" if reasons else "")}
+    if status == "failed":
+        error = state.get("error") or {}
+        return {"code": "generation_failed", "message": error.get("reason") or "generation failed"}
+    if status == "cancelled":
+        error = state.get("error") or {}
+        return {"code": "cancelled", "message": "cancelled" + (f": {error['reason']}" if error.get("reason") else "")}
+    return None
+
+
+def video_object(state: dict) -> dict:
+    """The OpenAI Videos API video object for a job's public state (consumers.job_state.to_public)."""
+    params = state.get("params") or {}
+    status = state["status"]
+    progress = state.get("progress")
+    percent = 100 if status == "published" else 0 if progress is None else min(99, int(progress * 100))
+    frames, fps = params.get("num_frames"), params.get("fps")
+    created_ms = state.get("requested_at") or state.get("updated_at") or 0
+    return {
+        "id": state["job_id"],
+        "object": "video",
+        "model": params.get("model"),
+        "status": _OPENAI_STATUS.get(status, "queued"),
+        "progress": percent,
+        "created_at": created_ms // 1000,
+        "completed_at": state["finished_at"] // 1000 if state.get("terminal") and state.get("finished_at") else None,
+        "expires_at": None,
+        "prompt": state.get("prompt"),
+        "size": f"{params['width']}x{params['height']}" if "width" in params else None,
+        "seconds": f"{frames / fps:g}" if frames and fps else None,
+        "remixed_from_video_id": None,
+        "error": _job_error(state),
+        "vidgen": public_state(state),
+    }
+
+
+# -- handlers ----------------------------------------------------------------------------------------------------------
+def _own_job(request: web.Request) -> dict:
+    video_id = request.match_info["video_id"]
+    state = request.app["jobs"].get(video_id)
+    if state is None or state.get("tenant") != request["tenant"].id:
+        raise not_found(video_id)  # the same answer for another tenant's job and for no job at all
+    return state
+
+
+def _publish_failed(exc: Exception) -> ApiError:
+    log.warning("publish failed: %s", exc)
+    return ApiError(503, "unavailable", "the request could not be queued; retry shortly",
+                    headers={"Retry-After": "1"})
+
+
+async def create_video(request: web.Request) -> web.Response:
+    app, tenant = request.app, request["tenant"]
+    body, form = await read_body(request)
+    create = parse_create(body, tenant, form=form, model_ids=app["model_ids"],
+                          default_model=app["settings"].default_model)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1-255 printable characters",
+                       param="Idempotency-Key")
+    job_id = idempotent_job_id(tenant.id, key) if key else new_job_id()
+    event = create.event(job_id, tenant)
+    jobs, records = app["jobs"], app["idempotency"]
+
+    if key:
+        fingerprint = request_fingerprint(event)
+        record = records.get(tenant.id, key)
+        if record is not None:
+            if record[0] != fingerprint:
+                raise ApiError(409, "idempotency_key_reused",
+                               "this Idempotency-Key was used with a different request", param="Idempotency-Key")
+            first = record[2]
+            if not first.done():
+                await asyncio.wait([first])  # the first request's publication; never raises here
+            if first.cancelled() or first.exception() is not None:
+                raise ApiError(503, "unavailable", "the first request with this Idempotency-Key could not be "
+                                                   "queued; retry", headers={"Retry-After": "1"})
+            return _replay(jobs, job_id)
+        state = jobs.get(job_id)  # published by another gateway process, or before a restart
+        if state is not None:
+            if state.get("tenant") != tenant.id or not _same_request(event, state):
+                raise ApiError(409, "idempotency_key_reused",
+                               "this Idempotency-Key was used with a different request", param="Idempotency-Key")
+            return _replay(jobs, job_id)
+
+    pending = app["pending"]
+    if jobs.in_flight(tenant.id) + pending.get(tenant.id, 0) >= tenant.max_in_flight:
+        raise ApiError(429, "in_flight_limit",
+                       f"this tenant has {tenant.max_in_flight} jobs in flight, its limit; retry when one has ended")
+    published = asyncio.get_running_loop().create_future()
+    if key:
+        records.put(tenant.id, key, fingerprint, job_id, published)
+    pending[tenant.id] = pending.get(tenant.id, 0) + 1
+
+    def fail(error: Exception | None) -> None:
+        if key:
+            records.drop(tenant.id, key)  # not accepted: the same key may be tried again
+        if error is None:
+            published.cancel()
+        else:
+            published.set_exception(error)
+            published.exception()  # marked retrieved: no warning when nobody else waited on it
+
+    try:
+        await app["publisher"].publish_request(event)
+    except PublishError as exc:
+        error = _publish_failed(exc)
+        fail(error)
+        raise error from None
+    except BaseException as exc:
+        fail(exc if isinstance(exc, Exception) and not isinstance(exc, asyncio.CancelledError) else None)
+        raise
+    finally:
+        pending[tenant.id] -= 1
+    jobs.note_submitted(job_id, tenant.id, event)
+    published.set_result(job_id)
+    state = jobs.get(job_id)
+    return web.json_response(video_object(state))
+
+
+def _replay(jobs, job_id: str) -> web.Response:
+    state = jobs.get(job_id)
+    if state is None:
+        raise ApiError(409, "idempotency_in_progress", "the first request with this key is still being processed")
+    return web.json_response(video_object(state), headers={"Idempotent-Replayed": "true"})
+
+
+async def get_video(request: web.Request) -> web.Response:
+    return web.json_response(video_object(_own_job(request)))
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise _invalid(name, f"{name} must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise _invalid(name, f"{name} must be within {low}..{high}, got {value}")
+    return value
+
+
+async def list_videos(request: web.Request) -> web.Response:
+    limit = _query_int(request, "limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
+    after = request.query.get("after") or None
+    tenant = request["tenant"]
+    if after is not None:  # a cursor must be one of the tenant's own jobs
+        state = request.app["jobs"].get(after)
+        if state is None or state.get("tenant") != tenant.id:
+            raise _invalid("after", f"after must be the id of one of your videos, got {after!r}")
+    states = request.app["jobs"].list_for_tenant(tenant.id, limit + 1, after)
+    data = [video_object(s) for s in states[:limit]]
+    return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None, "has_more": len(states) > limit})
+
+
+async def cancel_video(request: web.Request) -> web.Response:
+    state = _own_job(request)
+    if state.get("terminal"):
+        raise ApiError(409, "video_finished", f"video {state['job_id']} has already ended ({state['status']})")
+    tenant = request["tenant"]
+    reason = request.query.get("reason", "cancelled through the API")[:500]
+    try:
+        cancel = await request.app["publisher"].publish_cancel(state["job_id"], reason=reason,
+                                                               requested_by=f"tenant:{tenant.id}")
+    except PublishError as exc:
+        raise _publish_failed(exc) from None
+    state = dict(request.app["jobs"].get(state["job_id"]) or state)
+    if not state.get("cancel_requested"):  # until the request comes back from Kafka into the job's state
+        state["cancel_requested"] = {"at": cancel.get("timestamp") if cancel else None, "reason": reason,
+                                     "requested_by": f"tenant:{tenant.id}"}
+    return web.json_response(video_object(state))
+
+
+def _blob_store(app: web.Application) -> LocalBlobStore:
+    return app["blobs"]
+
+
+def _file_response(app: web.Application, uri: str, what: str) -> web.FileResponse:
+    try:
+        path = _blob_store(app).local_path({"uri": uri})
+    except BlobError:
+        log.warning("%s names %s, outside the blob store", what, uri)
+        raise ApiError(404, "file_not_found", f"{what} is not available") from None
+    if not path.is_file():
+        raise ApiError(404, "file_not_found", f"{what} is not available")
+    content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "private, max-age=3600"})
+
+
+async def video_content(request: web.Request) -> web.StreamResponse:
+    state = _own_job(request)
+    variant = request.query.get("variant", "video")
+    if state["status"] != "published" or not state.get("outputs"):
+        raise ApiError(409, "video_not_ready", f"video {state['job_id']} is {state['status']}, not completed; "
+                                               "follow its segments while it decodes", param="variant")
+    outputs = state["outputs"]
+    refs = {"video": outputs.get("video"), "manifest": outputs.get("manifest"), "playlist": outputs.get("playlist"),
+            **{r["name"]: r for r in outputs.get("renditions") or ()}}
+    ref = refs.get(variant)
+    if ref is None:
+        known = ", ".join(name for name, r in refs.items() if r)
+        raise _invalid("variant", f"unknown variant {variant!r}; this video has: {known}")
+    return _file_response(request.app, ref["uri"], f"{variant} of video {state['job_id']}")
+
+
+async def video_segment(request: web.Request) -> web.StreamResponse:
+    state = _own_job(request)
+    name = request.match_info["name"]
+    uris = [s["uri"] for s in state.get("segments") or () if s.get("uri")]
+    uris += [u for u in (state.get("init_segment"), state.get("playlist")) if u]
+    for uri in uris:
+        if _name_of(uri) == name:
+            return _file_response(request.app, uri, f"segment {name}")
+    raise ApiError(404, "file_not_found", f"video {state['job_id']} has no segment {name!r} (yet)", param="name")
+
+
+async def video_published_file(request: web.Request) -> web.StreamResponse:
+    """A file of the published set (the folder of the final video): rendition playlists and media segments,
+    which the master playlist names relatively."""
+    state = _own_job(request)
+    name = request.match_info["name"]
+    video = (state.get("outputs") or {}).get("video") if state["status"] == "published" else None
+    if video is None:
+        raise ApiError(409, "video_not_ready", f"video {state['job_id']} is {state['status']}, not completed")
+    if not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ApiError(404, "file_not_found", f"no file {name!r}", param="name")
+    folder = video["uri"].rsplit("/", 1)[0]
+    return _file_response(request.app, f"{folder}/{name}", f"file {name}")
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    from .events import job_events as handler  # helper WS's module; imported when first used
+
+    return await handler(request)
+
+
+async def tenant_events(request: web.Request) -> web.StreamResponse:
+    from .events import tenant_events as handler
+
+    return await handler(request)
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app["openapi"])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _static_path(app: web.Application, name: str) -> Path:
+    root = app["static_dir"].resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or not path.is_file():
+        raise ApiError(404, "not_found", f"no file {name!r}")
+    return path
+
+
+async def index_page(request: web.Request) -> web.StreamResponse:
+    try:
+        return web.FileResponse(_static_path(request.app, "index.html"))
+    except ApiError:
+        return web.Response(text="<!doctype html><title>vidgen</title><p>vidgen gateway: see "
+                                 "<a href='/openapi.json'>/openapi.json</a></p>", content_type="text/html")
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    path = _static_path(request.app, request.match_info["filename"])
+    return web.FileResponse(path, headers={"Content-Type": _CONTENT_TYPES.get(path.suffix,
+                                                                              "application/octet-stream")})
+
+
+# -- the route table: registered by build_app, described by /openapi.json ------------------------------------------
+_V = "#/components/schemas/"
+_ID = {"name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 255},
+       "description": "same key + same request → the same job, published once; another request → 409"}
+_FILE = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+_RANGE = {"name": "Range", "required": False, "schema": {"type": "string"}, "description": "bytes=START-END"}
+
+ROUTES: list[Route] = [
+    Route("POST", "/v1/videos", create_video, "createVideo", "Create a video job", request="CreateVideoRequest",
+          headers=(_ID,),
+          responses={200: ("the job (Idempotent-Replayed: true when an Idempotency-Key replayed it)", "Video"),
+                     400: ("invalid request; `param` names the field", "Error"),
+                     403: ("a tier above the tenant's", "Error"),
+                     409: ("Idempotency-Key reused with a different request", "Error"),
+                     415: ("unsupported content type", "Error"),
+                     429: ("rate limit (Retry-After) or in-flight quota (code in_flight_limit)", "Error"),
+                     503: ("the request could not be queued", "Error")}),
+    Route("GET", "/v1/videos", list_videos, "listVideos", "The tenant's videos, newest first",
+          query=({"name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
+                                              "default": DEFAULT_LIST_LIMIT}},
+                 {"name": "after", "schema": {"type": "string"}, "description": "a video id: the page after it"}),
+          responses={200: ("a page of videos", "VideoList"), 400: ("bad limit or cursor", "Error")}),
+    Route("GET", "/v1/videos/{video_id}", get_video, "getVideo", "A video job's state",
+          responses={200: ("the job", "Video"), 404: ("no such video for this tenant", "Error")}),
+    Route("DELETE", "/v1/videos/{video_id}", cancel_video, "cancelVideo", "Cancel a video job",
+          description=("Publishes a JobCancelled on vidgen.control: a queued job is skipped, a running one stops "
+                       "within a step; the job then ends with status failed, error.code cancelled."),
+          query=({"name": "reason", "schema": {"type": "string", "maxLength": 500}},),
+          responses={200: ("the job, with vidgen.cancel_requested set", "Video"),
+                     404: ("no such video for this tenant", "Error"), 409: ("the job has already ended", "Error"),
+                     503: ("the cancellation could not be queued", "Error")}),
+    Route("GET", "/v1/videos/{video_id}/content", video_content, "getVideoContent",
+          "The final video, a rendition, the C2PA manifest or the HLS master playlist",
+          description="Supports HTTP range requests (206 Partial Content).",
+          query=({"name": "variant", "schema": {"type": "string", "default": "video"},
+                  "description": "video (default), a rendition name, manifest or playlist"},),
+          headers=(_RANGE,),
+          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
+                     400: ("unknown variant", "Error"), 404: ("no such video for this tenant", "Error"),
+                     409: ("the video is not completed yet", "Error"), 416: ("range not satisfiable", None)}),
+    Route("GET", "/v1/videos/{video_id}/segments/{name}", video_segment, "getVideoSegment",
+          "A live segment (init.mp4, segment-NNNNN.m4s) or the live HLS playlist (playlist.m3u8)",
+          headers=(_RANGE,),
+          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
+                     404: ("no such video or segment", "Error")}),
+    Route("GET", "/v1/videos/{video_id}/published/{name}", video_published_file, "getPublishedFile",
+          "A file of the published set (master.m3u8, <rendition>.m3u8, <rendition>.m4s, ...)",
+          headers=(_RANGE,),
+          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
+                     404: ("no such video or file", "Error"), 409: ("the video is not completed yet", "Error")}),
+    Route("GET", "/v1/videos/{video_id}/events", job_events, "videoEvents", "Websocket: one job's progress",
+          description=("Upgrade to a websocket; the server sends a `state` envelope, then every change "
+                       "(queued, started, progress, checkpoint, segment, flagged, published, failed, cancelled) "
+                       "and heartbeats. 404 (before the upgrade) for another tenant's or an unknown job."),
+          websocket=True, tag="events",
+          responses={101: ("switching to the websocket protocol; messages are Envelope", {
+              "application/json": {"schema": {"$ref": _V + "Envelope"}}}),
+                     404: ("no such video for this tenant", "Error")}),
+    Route("GET", "/v1/events", tenant_events, "tenantEvents", "Websocket: progress of all of the tenant's jobs",
+          websocket=True, tag="events",
+          responses={101: ("switching to the websocket protocol; messages are Envelope", {
+              "application/json": {"schema": {"$ref": _V + "Envelope"}}})}),
+    Route("GET", "/openapi.json", openapi_json, "openapi", "This document", auth=False, tag="meta",
+          responses={200: ("the OpenAPI 3.1 document", {"application/json": {"schema": {"type": "object"}}})}),
+    Route("GET", "/healthz", healthz, "health", "Liveness", auth=False, tag="meta",
+          responses={200: ("the process serves requests", "Health")}),
+    Route("GET", "/", index_page, "indexPage", "The web page", auth=False, tag="page",
+          responses={200: ("HTML", {"text/html": {"schema": {"type": "string"}}})}),
+    Route("GET", "/static/{filename:.+}", static_file, "staticFile", "The web page's assets", auth=False, tag="page",
+          responses={200: ("a file", {"application/octet-stream": {"schema": {"type": "string"}}}),
+                     404: ("no such file", "Error")}),
+]
+
+
+# -- middleware and app ------------------------------------------------------------------------------------------------
+def _api_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    return request.query.get("api_key")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    route = request.app["route_specs"].get(request.match_info.route.name)
+    if route is None or not route.auth:  # public routes, and unknown paths (answered 404/405 as JSON)
+        return await handler(request)
+    key = _api_key(request)
+    challenge = {"WWW-Authenticate": 'Bearer realm="vidgen"'}
+    if not key:
+        raise ApiError(401, "missing_api_key", "send your API key: Authorization: Bearer <key>", headers=challenge)
+    tenant = request.app["tenants"].authenticate(key)
+    if tenant is None:
+        raise ApiError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
+    wait_s = request.app["limiter"].check(tenant.id, tenant.rate_per_s, tenant.burst)
+    if wait_s > 0:
+        raise ApiError(429, "rate_limit_exceeded",
+                       f"more than {tenant.rate_per_s:g} requests/s (burst {tenant.burst}); retry later",
+                       headers={"Retry-After": retry_after_header(wait_s)})
+    request["tenant"] = tenant
+    return await handler(request)
+
+
+def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, model_ids: tuple[str, ...] | None = None,
+              static_dir: Path | None = None, limiter: RateLimiter | None = None) -> web.Application:
+    """The gateway's aiohttp app over a JobsView (gateway/jobs.py), tenants and a publisher (gateway/publisher.py).
+
+    ``jobs.start/stop`` and ``publisher.start/stop`` (where they exist) run at the app's start-up and clean-up.
+    """
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024 * 1024)
+    _, _, _, builtin_ids = _pipeline_checks()
+    app["settings"], app["jobs"], app["tenants"], app["publisher"] = settings, jobs, tenants, publisher
+    app["model_ids"] = tuple(model_ids or (*builtin_ids, *sorted(settings.model_dirs)))
+    app["blobs"] = open_blob_store(settings.blob_url)
+    app["static_dir"] = Path(static_dir or STATIC_DIR)
+    app["limiter"] = limiter or RateLimiter()
+    app["idempotency"] = IdempotencyRecords()
+    app["pending"] = {}
+    app["route_specs"] = {route.name: route for route in ROUTES}
+    app["openapi"] = openapi_document(ROUTES)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+
+    async def start(app: web.Application) -> None:
+        for part in (publisher, jobs):
+            if hasattr(part, "start"):
+                await part.start()
+
+    async def stop(app: web.Application) -> None:
+        for part in (jobs, publisher):
+            if hasattr(part, "stop"):
+                try:
+                    await part.stop()
+                except Exception:  # noqa: BLE001 - stop the other part anyway
+                    log.exception("stopping %s failed", type(part).__name__)
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app
+
+
+def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,
+                tenants_file: str | Path | None = None) -> int:
+    """Serve the gateway until SIGINT/SIGTERM: JobsView, Kafka publisher, tenants (created with a dev key on the
+    first run, printed once)."""
+    from .jobs import JobsView  # helper WS's module
+    from .publisher import KafkaPublisher
+    from .tenants import load_or_create, tenants_path
+
+    path = Path(tenants_file) if tenants_file else tenants_path(settings)
+    tenants, new_key = load_or_create(path)
+    if new_key:
+        print(f"created {path} with tenant 'dev'; its API key (shown once, only its hash is stored):\n"
+              f"  {new_key}", flush=True)
+    app = build_app(settings, jobs=JobsView(settings), tenants=tenants, publisher=KafkaPublisher(settings))
+    print(f"vidgen gateway on http://{host}:{port} ({len(tenants)} tenants from {path})", flush=True)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, handle_signals=True,
+                shutdown_timeout=5.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -c 'from gateway.app import main; main()' --port N`` until `vidgen gateway` exists."""
+    import argparse
+    import sys
+
+    from streams.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="vidgen gateway")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--tenants", default=None, help="tenants file (default: VIDGEN_TENANTS or <var>/tenants.toml)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "aiohttp.access"):  # a line per registry request is noise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    return run_gateway(load_settings(), args.host, args.port, tenants_file=args.tenants)

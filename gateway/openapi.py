@@ -1,0 +1,244 @@
+"""The OpenAPI 3.1 document of the gateway, generated from the route table the app registers.
+
+``gateway.app.ROUTES`` is a list of ``Route``; ``build_app`` registers exactly those routes and ``openapi_document``
+describes exactly those routes, so the document and the server cannot drift apart (a test compares the app's
+router with the document in both directions). The websocket routes are described as GET operations answering
+``101 Switching Protocols``, with the envelope schema and ``x-websocket: true``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from streams.topics import TIERS
+
+API_VERSION = "1.0.0"
+MAX_PROMPT_CHARS = 10_000  # informative only: the limit enforced is consumers.prompt_encoder.MAX_PROMPT_CHARS
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # aiohttp syntax; a variable may carry a regex: /static/{filename:.+}
+    handler: Callable
+    name: str  # operationId and aiohttp route name
+    summary: str
+    description: str = ""
+    auth: bool = True
+    request: str | None = None  # component schema of a JSON body
+    responses: dict[int, tuple[str, Any]] = field(default_factory=dict)  # status → (description, schema name|content)
+    query: tuple[dict, ...] = ()
+    headers: tuple[dict, ...] = ()
+    websocket: bool = False
+    tag: str = "videos"
+
+    @property
+    def openapi_path(self) -> str:
+        return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", self.path)
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"\{(\w+)(?::[^}]+)?\}", self.path)
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+BLOB = {"type": "object", "description": "A stored output, served by the gateway.",
+        "properties": {"url": {"type": "string", "description": "gateway URL of the file"},
+                       "sha256": _nullable({"type": "string"}), "bytes": _nullable({"type": "integer"})}}
+
+SCHEMAS: dict[str, dict] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message", "type", "param"],
+            "properties": {
+                "code": {"type": "string", "description": "stable machine-readable code, e.g. invalid_parameter"},
+                "message": {"type": "string", "description": "for people"},
+                "type": {"type": "string", "description": "OpenAI-style error class, e.g. invalid_request_error"},
+                "param": _nullable({"type": "string", "description": "the request field at fault"}),
+            }}},
+    },
+    "CreateVideoRequest": {
+        "type": "object", "required": ["prompt"], "additionalProperties": False,
+        "description": ("The OpenAI Videos API body (model, prompt, size, seconds) plus vidgen's own fields. "
+                        "Also accepted as multipart/form-data or application/x-www-form-urlencoded (numbers as "
+                        "text). Unknown fields are rejected. frames = seconds × fps rounded to the nearest 4k+1; "
+                        "an explicit frames wins; neither: 9 frames."),
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS},
+            "model": {"type": "string", "description": "a model id of the platform's catalogue (default: the "
+                                                       "platform's default model); filesystem paths are refused"},
+            "size": {"type": "string", "pattern": r"^\d+x\d+$", "default": "64x64",
+                     "description": "WIDTHxHEIGHT, each a multiple of 16, at most 1920"},
+            "seconds": {"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?$"}, {"type": "number"}],
+                        "description": "clip length; frames = round to the nearest 4k+1 of seconds × fps"},
+            "frames": {"type": "integer", "minimum": 1, "maximum": 257, "description": "4k+1; wins over seconds"},
+            "fps": {"type": "integer", "minimum": 1, "maximum": 120, "default": 8},
+            "tier": {"type": "string", "enum": list(TIERS),
+                     "description": "default: the tenant's tier; a tier above the tenant's is refused (403)"},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "default: the preset's"},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "default": 0},
+            "negative_prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS, "default": ""},
+            "preset": {"type": "string", "enum": ["quality", "fast"], "default": "quality",
+                       "description": "quality: 50 steps, guidance 5; fast: 4 steps, guidance 1"},
+            "guidance_scale": {"type": "number", "minimum": 0, "description": "default: the preset's"},
+            "consent_ref": {"type": "string", "description": "consent record of a depicted person"},
+        },
+    },
+    "Video": {
+        "type": "object", "description": "The OpenAI Videos API video object, plus `vidgen`: the full job state.",
+        "required": ["id", "object", "model", "status", "progress", "created_at", "completed_at", "size", "seconds",
+                     "error", "vidgen"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "video"},
+            "model": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "in_progress", "completed", "failed"],
+                       "description": "requested/queued → queued; running/decoding/review → in_progress; "
+                                      "published → completed; flagged/failed/cancelled → failed (see error)"},
+            "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+            "created_at": {"type": "integer", "description": "unix seconds"},
+            "completed_at": _nullable({"type": "integer"}),
+            "expires_at": {"type": "null"},
+            "prompt": _nullable({"type": "string"}),
+            "size": {"type": "string"},
+            "seconds": {"type": "string", "description": "frames / fps"},
+            "remixed_from_video_id": {"type": "null"},
+            "error": _nullable({"type": "object", "required": ["code", "message"],
+                                "properties": {"code": {"type": "string",
+                                                        "enum": ["content_flagged", "generation_failed", "cancelled"]},
+                                               "message": {"type": "string"}}}),
+            "vidgen": _ref("JobState"),
+        },
+    },
+    "JobState": {
+        "type": "object", "description": "consumers.job_state.to_public, with every stored file as a gateway URL.",
+        "properties": {
+            "job_id": {"type": "string"}, "tenant": {"type": "string"},
+            "tier": _nullable({"type": "string", "enum": list(TIERS)}),
+            "status": {"type": "string", "enum": ["requested", "queued", "running", "decoding", "review", "published",
+                                                  "flagged", "failed", "cancelled"]},
+            "terminal": {"type": "boolean"}, "prompt": _nullable({"type": "string"}),
+            "params": _nullable({"type": "object"}),
+            "step": {"type": "integer"}, "total_steps": _nullable({"type": "integer"}),
+            "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+            "eta_ms": _nullable({"type": "integer"}), "attempt": {"type": "integer"},
+            "resumed_from_step": _nullable({"type": "integer"}),
+            "checkpoints": {"type": "object"},
+            "segments": {"type": "array", "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, "url": {"type": "string"}, "frame_start": {"type": "integer"},
+                "frames": {"type": "integer"}, "is_last": {"type": "boolean"}}}},
+            "segment_count": _nullable({"type": "integer"}),
+            "init_segment": _nullable({"type": "string", "description": "URL"}),
+            "playlist": _nullable({"type": "string", "description": "URL of the live HLS playlist"}),
+            "outputs": _nullable({"type": "object", "properties": {
+                "video": BLOB, "manifest": _nullable(BLOB), "playlist": _nullable(BLOB),
+                "renditions": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                    "url": {"type": "string"}}}}}}),
+            "flags": {"type": "array", "items": {"type": "object"}},
+            "error": _nullable({"type": "object"}),
+            "cancel_requested": _nullable({"type": "object"}),
+            "requested_at": _nullable({"type": "integer", "description": "epoch ms"}),
+            "started_at": _nullable({"type": "integer"}), "updated_at": _nullable({"type": "integer"}),
+            "finished_at": _nullable({"type": "integer"}),
+        },
+    },
+    "VideoList": {
+        "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Video")},
+                       "first_id": _nullable({"type": "string"}), "last_id": _nullable({"type": "string"}),
+                       "has_more": {"type": "boolean"}},
+    },
+    "Envelope": {
+        "type": "object", "required": ["type", "data"],
+        "description": "A websocket message. `state` (the full JobState) comes first, then every change.",
+        "properties": {"type": {"type": "string", "enum": ["state", "queued", "started", "progress", "checkpoint",
+                                                           "segment", "flagged", "published", "failed", "cancelled",
+                                                           "heartbeat"]},
+                       "data": {"type": "object"}},
+    },
+    "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
+}
+
+ERRORS = {
+    400: "invalid request (the error's `param` names the field)",
+    401: "missing or unknown API key",
+    404: "no such video for this tenant (another tenant's video answers the same)",
+    429: "rate limit (with Retry-After) or in-flight job quota reached",
+}
+
+
+def _json(schema: dict | str) -> dict:
+    return {"application/json": {"schema": _ref(schema) if isinstance(schema, str) else schema}}
+
+
+def _operation(route: Route) -> dict:
+    op: dict[str, Any] = {"operationId": route.name, "summary": route.summary, "tags": [route.tag]}
+    if route.description:
+        op["description"] = route.description
+    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+              for name in route.path_params]
+    params += [{"in": "query", **q} for q in route.query]
+    params += [{"in": "header", **h} for h in route.headers]
+    if params:
+        op["parameters"] = params
+    if route.request:
+        op["requestBody"] = {"required": True, "content": {
+            **_json(route.request),
+            "multipart/form-data": {"schema": _ref(route.request)},
+            "application/x-www-form-urlencoded": {"schema": _ref(route.request)}}}
+    responses: dict[str, Any] = {}
+    for status, (description, body) in sorted(route.responses.items()):
+        entry: dict[str, Any] = {"description": description}
+        if isinstance(body, str):
+            entry["content"] = _json(body)
+        elif isinstance(body, dict):
+            entry["content"] = body
+        if status == 429:
+            entry["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                "description": "seconds (rate limit only)"}}
+        responses[str(status)] = entry
+    if route.auth:
+        for status in (401, 429):
+            responses.setdefault(str(status), {"description": ERRORS[status], "content": _json("Error")})
+        op["security"] = [{"bearer": []}, {"api_key": []}]
+    else:
+        op["security"] = []
+    responses.setdefault("default", {"description": "error", "content": _json("Error")})
+    op["responses"] = responses
+    if route.websocket:
+        op["x-websocket"] = True
+    return op
+
+
+def openapi_document(routes: list[Route], server_url: str | None = None) -> dict:
+    paths: dict[str, dict] = {}
+    for route in routes:
+        paths.setdefault(route.openapi_path, {})[route.method.lower()] = _operation(route)
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "vidgen gateway", "version": API_VERSION,
+                 "description": ("Text-to-video jobs over HTTP, compatible in shape with the OpenAI Videos API. "
+                                 "Authenticate with `Authorization: Bearer <API key>` (or `?api_key=` where headers "
+                                 "cannot be set: websockets, the web page). Errors are "
+                                 "`{\"error\": {\"code\", \"message\", \"type\", \"param\"}}`. Rate limits are per "
+                                 "gateway process; in-flight job quotas are per tenant.")},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "api_key": {"type": "apiKey", "in": "query", "name": "api_key"}},
+        },
+    }
+    if server_url:
+        doc["servers"] = [{"url": server_url}]
+    return doc

@@ -1,0 +1,83 @@
+"""In-memory stand-ins for the gateway's JobsView and Kafka publisher, for HTTP tests without Kafka.
+
+``FakeJobsView`` has the JobsView methods the HTTP handlers use (gateway/jobs.py has the real one) and folds with
+the real ``consumers.job_state``, so the states it serves are exactly what the platform's would be.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from consumers.job_state import fold, to_public
+from gateway.publisher import PublishError
+from streams import topics
+from streams.events import new_event
+
+
+class FakeJobsView:
+    def __init__(self):
+        self.states = {}  # job_id → JobState
+        self.order: list[str] = []  # submission order (newest last)
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def fold(self, topic_name: str, event: dict) -> None:
+        job_id = event["job_id"]
+        if job_id not in self.states:
+            self.order.append(job_id)
+        self.states[job_id] = fold(self.states.get(job_id), topic_name, event)
+
+    def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
+        self.fold(topics.REQUESTED.name, dict(request_event, job_id=job_id, tenant=tenant))
+
+    def get(self, job_id: str) -> dict | None:
+        state = self.states.get(job_id)
+        return None if state is None else to_public(state)
+
+    def list_for_tenant(self, tenant: str, limit: int, after: str | None = None) -> list[dict]:
+        ids = [j for j in reversed(self.order) if self.states[j].tenant == tenant]
+        if after is not None:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        return [to_public(self.states[j]) for j in ids[:limit]]
+
+    def in_flight(self, tenant: str) -> int:
+        return sum(1 for s in self.states.values() if s.tenant == tenant and not s.terminal)
+
+    # What the platform would do next, for tests.
+    def publish(self, job_id: str, video_ref: dict, renditions: list[dict] = ()) -> None:
+        state = self.states[job_id]
+        params = state.params
+        self.fold(topics.PUBLISHED.name, new_event(
+            job_id, tenant=state.tenant, video=video_ref, frames=params["num_frames"], width=params["width"],
+            height=params["height"], fps=params["fps"], renditions=list(renditions), manifest=None, playlist=None))
+
+    def fail(self, job_id: str, reason: str = "boom") -> None:
+        self.fold(topics.FAILED.name, new_event(job_id, stage="gpu-agent", reason=reason))
+
+
+class FakePublisher:
+    """Records what the gateway publishes; ``fail_with`` makes the next publications fail; ``delay_s`` slows them."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.cancels: list[dict] = []
+        self.fail_with: str | None = None
+        self.delay_s = 0.0
+
+    async def publish_request(self, event: dict) -> None:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_with:
+            raise PublishError(self.fail_with)
+        self.requests.append(event)
+
+    async def publish_cancel(self, job_id: str, reason: str = "", requested_by: str = "") -> dict:
+        if self.fail_with:
+            raise PublishError(self.fail_with)
+        event = new_event(job_id, reason=reason, requested_by=requested_by)
+        self.cancels.append(event)
+        return event

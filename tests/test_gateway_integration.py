@@ -1,0 +1,120 @@
+"""The gateway for real: the embedded platform with every stage and the tracker, the gateway as its own process.
+
+A job goes in over POST /v1/videos, is followed over GET until completed, its video comes out of
+GET /v1/videos/{id}/content as an MP4 PyAV decodes (and in byte ranges), and another tenant gets 404 for it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import av
+import pytest
+
+from gateway.tenants import TenantStore
+from streams.embedded import free_port
+from streams.supervisor import STAGE_NAMES, PlatformProcesses
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_S = 120
+
+
+def call(method: str, url: str, key: str | None, body: dict | None = None, headers: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+        **({"Content-Type": "application/json"} if data else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    var_dir = tmp_path_factory.mktemp("var")
+    platform = PlatformProcesses(var_dir, stages=(*STAGE_NAMES, "tracker"), env={
+        "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
+        "VIDGEN_LATENT_CHUNK_FRAMES": "1",
+    })
+    process = None
+    try:
+        platform.start()
+        tenants = TenantStore()
+        _, alice = tenants.create_tenant("alice", "premium")
+        _, bob = tenants.create_tenant("bob", "standard")
+        tenants_file = tenants.save(var_dir / "tenants.toml")
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with open(platform.log_dir / "gateway.log", "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from gateway.app import main; sys.exit(main())",
+                 "--port", str(port), "--tenants", str(tenants_file)],
+                env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"the gateway exited; see {platform.log_dir}/gateway.log"
+            try:
+                if call("GET", f"{base}/healthz", None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"the gateway did not come up; see {platform.log_dir}"
+            time.sleep(0.1)
+        yield dict(base=base, alice=alice, bob=bob, platform=platform)
+        platform.check_alive()
+        assert process.poll() is None, "the gateway died"
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(20)
+        platform.stop()
+
+
+def test_a_job_over_http_from_request_to_playable_video(gateway):
+    base, alice, bob = gateway["base"], gateway["alice"], gateway["bob"]
+    status, _, body = call("POST", f"{base}/v1/videos", alice, {
+        "prompt": "a paper boat on a river", "size": "64x64", "frames": 5, "steps": 2, "preset": "fast", "seed": 3})
+    assert status == 200, body
+    video = json.loads(body)
+    job_id = video["id"]
+    assert video["status"] == "queued" and video["vidgen"]["tier"] == "premium"
+
+    deadline = time.monotonic() + TIMEOUT_S
+    seen = set()
+    while True:
+        status, _, body = call("GET", f"{base}/v1/videos/{job_id}", alice)
+        assert status == 200, body
+        video = json.loads(body)
+        seen.add(video["status"])
+        if video["status"] in ("completed", "failed"):
+            break
+        assert time.monotonic() < deadline, f"job still {video['status']}; logs in {gateway['platform'].log_dir}"
+        time.sleep(0.3)
+    assert video["status"] == "completed", video
+    assert video["progress"] == 100 and video["completed_at"] >= video["created_at"]
+    assert video["vidgen"]["step"] == video["vidgen"]["total_steps"] == 2
+    assert "file://" not in json.dumps(video)
+
+    status, headers, data = call("GET", f"{base}{video['vidgen']['outputs']['video']['url']}", alice)
+    assert status == 200 and headers["Content-Type"] == "video/mp4"
+    with av.open(io.BytesIO(data)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
+    status, headers, part = call("GET", f"{base}/v1/videos/{job_id}/content", alice, headers={"Range": "bytes=0-99"})
+    assert status == 206 and part == data[:100] and headers["Content-Range"] == f"bytes 0-99/{len(data)}"
+
+    for path in (f"/v1/videos/{job_id}", f"/v1/videos/{job_id}/content"):
+        status, _, body = call("GET", f"{base}{path}", bob)
+        assert status == 404 and json.loads(body)["error"]["code"] == "video_not_found"
+    status, _, body = call("GET", f"{base}/v1/videos", bob)
+    assert status == 200 and json.loads(body)["data"] == []
+    status, _, body = call("GET", f"{base}/v1/videos", alice)
+    assert [v["id"] for v in json.loads(body)["data"]] == [job_id]

@@ -1,0 +1,301 @@
+"""The gateway's job view without Kafka: tracker states and live events merged exactly, envelopes from state changes,
+subscriptions per tenant, slow subscribers dropped, late subscribers starting from the state; and the two websocket
+handlers on a small aiohttp app fed by hand."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient, TestServer
+
+from consumers.job_state import PUBLISHED, fold_all, to_public
+from gateway import events as ws_events
+from gateway.jobs import CLOSE_GOING_AWAY, CLOSE_SLOW, Envelope, JobsView, envelopes
+from tests.test_job_state import T0, cancelled, checkpoint, failed, flagged, job_lifecycle, requested, step
+
+
+def drain(sub) -> list[dict]:
+    out = []
+    while not sub.queue.empty():
+        out.append(sub.queue.get_nowait())
+    return out
+
+
+def types(envs) -> list[str]:
+    return [e["type"] if e is not None else None for e in envs]
+
+
+def feed(view: JobsView, events) -> None:
+    for topic_name, event in events:
+        view.ingest_event(topic_name, event)
+
+
+def with_tenant(events, tenant: str):
+    return [(t, dict(e, tenant=tenant)) if "tenant" in e else (t, e) for t, e in events]
+
+
+# -- envelopes -----------------------------------------------------------------------------------------------------
+def test_a_live_job_translates_into_the_documented_envelopes():
+    view = JobsView()
+    view.ingest_event(*requested("j1"))
+    sub = view.subscribe("acme", "j1")
+    feed(view, job_lifecycle("j1", total=4, segments=2)[1:])
+    envs = drain(sub)
+    assert types(envs) == ["state", "queued", "started", "progress", "progress", "checkpoint", "progress",
+                           "progress", "segment", "segment", "published"]
+    assert envs[0]["data"]["status"] == "requested" and envs[0]["data"]["links"]["self"] == "/v1/videos/j1"
+    assert envs[1]["data"] == {"job_id": "j1", "tier": "premium", "at": T0 + 100}
+    assert envs[2]["data"]["attempt"] == 1 and envs[2]["data"]["max"] == 4
+    progress = [e["data"] for e in envs if e["type"] == "progress"]
+    assert [(p["value"], p["max"]) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert progress[0]["eta_ms"] == 60 and progress[-1]["eta_ms"] == 0 and progress[0]["attempt"] == 1
+    assert envs[5]["data"] == {"job_id": "j1", "step": 2, "max": 4, "attempt": 1}
+    first_segment = envs[8]["data"]
+    assert first_segment == {"job_id": "j1", "index": 0, "url": "/v1/videos/j1/segments/segment-0.m4s",
+                             "init_url": "/v1/videos/j1/segments/init.mp4",
+                             "playlist_url": "/v1/videos/j1/segments/live-0.m3u8", "frame_start": 0, "frames": 5,
+                             "is_last": False}
+    done = envs[-1]["data"]
+    assert done["url"] == "/v1/videos/j1/content" and done["status"] == PUBLISHED
+    assert done["renditions"] == [{"name": "360p", "width": 64, "height": 64,
+                                   "url": "/v1/videos/j1/content?variant=360p"}]
+    for env in envs:  # one JSON text per envelope, the same for every socket
+        assert isinstance(env, Envelope) and json.loads(env.text) == json.loads(json.dumps(env))
+        assert env["data"]["job_id"] == "j1"
+
+
+def test_other_endings_flags_failures_cancellations_and_a_resume():
+    flagged_block = envelopes(None, fold_all(job_lifecycle("j1")[:-1] + [flagged("j1", at=T0 + 6900)]))
+    flag = [e for e in flagged_block if e["type"] == "flagged"]
+    assert len(flag) == 1 and flag[0]["data"]["terminal"] is True and flag[0]["data"]["decision"] == "BLOCK"
+    assert "published" not in types(flagged_block)
+
+    review = fold_all([requested("j2"), flagged("j2", decision="REVIEW", ends_job=True)])
+    (env,) = [e for e in envelopes(None, review) if e["type"] == "flagged"]
+    assert env["data"]["terminal"] is False and env["data"]["ends_job"] is True
+
+    failure = envelopes(None, fold_all([requested("j3"), step("j3", 1), failed("j3")]))
+    assert types(failure)[-1] == "failed" and failure[-1]["data"]["reason"] == "out of memory"
+    stopped = envelopes(None, fold_all([requested("j4"), step("j4", 1), cancelled("j4")]))
+    assert types(stopped)[-1] == "cancelled" and stopped[-1]["data"]["stopped_at_step"] == 2
+
+    before = fold_all([requested("j5"), step("j5", 1), step("j5", 2), step("j5", 3)])
+    resumed = fold_all([step("j5", 3, attempt=2, resumed_from=2)], before)
+    envs = envelopes(before, resumed)
+    assert types(envs) == ["started", "progress"]
+    assert envs[0]["data"]["attempt"] == 2 and envs[0]["data"]["resumed_from_step"] == 2
+    assert (envs[1]["data"]["value"], envs[1]["data"]["attempt"]) == (3, 2)
+
+
+# -- merging tracker states and live events ----------------------------------------------------------------------------
+def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():
+    events = job_lifecycle("j1", total=6, segments=3) + [flagged("j1", decision="REVIEW", ends_job=False)]
+    expected = fold_all(events)
+    rng = random.Random(7)
+    for trial in range(40):
+        view = JobsView()
+        tracker_order = events[:]
+        rng.shuffle(tracker_order)
+        cut = rng.randrange(len(events) + 1)
+        # The tracker folds in its own order; the live reader sees every event (some twice) in another one.
+        live = events[:] + rng.sample(events, 3)
+        rng.shuffle(live)
+        tracker_states = [fold_all(tracker_order[:n]).to_dict() for n in range(1, cut + 1)]
+        actions = [("live", e) for e in live] + [("tracker", s) for s in tracker_states]
+        # Tracker states keep their own order (the changelog is ordered per job), interleaved anywhere.
+        rng.shuffle(actions)
+        tracker_iter = iter(tracker_states)
+        for kind, item in actions:
+            if kind == "live":
+                view.ingest_event(*item)
+            else:
+                view.ingest_tracker_state("j1", next(tracker_iter))
+        assert view.state("j1") == expected, f"trial {trial}"
+        # Once the tracker has everything, no live event is kept.
+        view.ingest_tracker_state("j1", expected.to_dict())
+        assert view.state("j1") == expected and len(view._jobs["j1"].live) == 0
+
+
+def test_a_newer_tracker_state_keeps_the_live_events_it_does_not_have_yet():
+    view = JobsView()
+    feed(view, [requested("j1"), step("j1", 1), step("j1", 2), step("j1", 3)])
+    assert len(view._jobs["j1"].live) == 4
+    view.ingest_tracker_state("j1", fold_all([requested("j1"), step("j1", 1)]).to_dict())
+    assert view.state("j1").step == 3  # the tracker is behind: the live steps stay on top
+    assert len(view._jobs["j1"].live) == 2  # steps 2 and 3; the request and step 1 are the tracker's now
+    # The tracker brings something the live reader missed (a checkpoint): it shows, with the live steps kept.
+    view.ingest_tracker_state("j1", fold_all([requested("j1"), step("j1", 1), checkpoint("j1", 1)]).to_dict())
+    assert view.state("j1").checkpoints == [1] and view.state("j1").step == 3
+    assert view.state("j1") == fold_all([requested("j1"), step("j1", 1), step("j1", 2), step("j1", 3),
+                                         checkpoint("j1", 1)])
+
+
+def test_a_state_change_is_announced_once_whichever_reader_brings_it():
+    view = JobsView()
+    view.ingest_event(*requested("j1"))
+    sub = view.subscribe("acme", "j1")
+    drain(sub)
+    # The tracker is ahead of the live reader for once: its state announces step 2, the live events then nothing.
+    view.ingest_tracker_state("j1", fold_all([requested("j1"), step("j1", 1), step("j1", 2)]).to_dict())
+    feed(view, [step("j1", 1), step("j1", 2), step("j1", 2)])
+    envs = drain(sub)
+    assert types(envs) == ["started", "progress"] and envs[1]["data"]["value"] == 2
+    # Replaying everything (a gateway reader restart) sends nothing.
+    feed(view, [requested("j1"), step("j1", 1), step("j1", 2)])
+    view.ingest_tracker_state("j1", fold_all([requested("j1"), step("j1", 1)]).to_dict())
+    assert drain(sub) == []
+
+
+def test_a_tombstone_forgets_the_job():
+    view = JobsView()
+    feed(view, [requested("j1")])
+    view.ingest_tracker_state("j1", None)
+    assert view.get("j1") is None and view.in_flight("acme") == 0 and view.list_for_tenant("acme") == []
+
+
+# -- subscriptions -------------------------------------------------------------------------------------------------
+def test_subscribers_only_ever_get_their_own_tenants_jobs():
+    view = JobsView()
+    feed(view, with_tenant([requested("a1")], "acme") + with_tenant([requested("b1")], "globex"))
+    acme_all, globex_all = view.subscribe("acme"), view.subscribe("globex")
+    acme_job = view.subscribe("acme", "a1")
+    for other in (("globex", "a1"), ("acme", "b1"), ("acme", "nope")):
+        try:
+            view.subscribe(*other)
+        except KeyError:
+            pass
+        else:
+            raise AssertionError(f"{other} subscribed")
+    feed(view, with_tenant(job_lifecycle("a1")[1:], "acme") + with_tenant(job_lifecycle("b1")[1:], "globex"))
+    for sub, tenant, job in ((acme_all, "acme", "a1"), (globex_all, "globex", "b1"), (acme_job, "acme", "a1")):
+        envs = drain(sub)
+        assert envs and {e["data"]["job_id"] for e in envs} == {job}
+        assert envs[0]["type"] == "state" and envs[0]["data"]["tenant"] == tenant
+        assert envs[-1]["type"] == "published"
+
+
+def test_the_tenant_feed_learns_of_a_job_whose_request_comes_late():
+    view = JobsView()
+    sub = view.subscribe("acme")
+    feed(view, [step("j1", 1), step("j1", 2)])  # no tenant known yet: nobody is told
+    assert drain(sub) == []
+    view.ingest_event(*requested("j1"))
+    assert types(drain(sub)) == ["started", "progress"]
+
+
+def test_a_slow_subscriber_is_dropped_and_the_others_go_on():
+    view = JobsView(subscriber_queue=5)
+    feed(view, [requested("j1")])
+    slow, fast = view.subscribe("acme", "j1"), view.subscribe("acme", "j1")
+    for n in range(1, 11):
+        view.ingest_event(*step("j1", n, total=10))
+        drain(fast)
+    assert slow.closed and slow.close_code == CLOSE_SLOW and "too slow" in slow.close_reason
+    assert drain(slow) == [None]  # what it had not read is gone: it reconnects for the current state
+    assert not fast.closed and view.subscriber_count() == 1
+    assert view.counters["slow_subscribers"] == 1
+
+
+def test_a_late_subscriber_gets_the_current_state_first():
+    view = JobsView()
+    feed(view, job_lifecycle("j1", total=4, segments=2))
+    sub = view.subscribe("acme", "j1")
+    (env,) = drain(sub)
+    assert env["type"] == "state"
+    data = env["data"]
+    assert data["status"] == PUBLISHED and data["terminal"] and data["step"] == 4
+    assert data["links"]["content"] == "/v1/videos/j1/content"
+    assert data["links"]["renditions"] == {"360p": "/v1/videos/j1/content?variant=360p"}
+    assert [s["url"] for s in data["segments"]] == ["/v1/videos/j1/segments/segment-0.m4s",
+                                                    "/v1/videos/j1/segments/segment-1.m4s"]
+    assert data["outputs"]["video"]["url"] == "/v1/videos/j1/content"
+    assert data["outputs"]["renditions"][0]["url"] == "/v1/videos/j1/content?variant=360p"
+    assert data["init_segment"] == "/v1/videos/j1/segments/init.mp4"
+    assert "file://" not in json.dumps(data)  # blob store URIs are internal
+    public = to_public(view.state("j1"))
+    assert {k: v for k, v in data.items() if k not in ("segments", "outputs", "init_segment", "playlist", "links")} \
+        == {k: v for k, v in public.items() if k not in ("segments", "outputs", "init_segment", "playlist")}
+    # The tenant feed starts with the jobs in flight only.
+    feed(view, [requested("j2", at=T0 + 10)])
+    assert [(e["type"], e["data"]["job_id"]) for e in drain(view.subscribe("acme"))] == [("state", "j2")]
+
+
+def test_listing_in_flight_and_a_submitted_job():
+    view = JobsView()
+    for i in range(5):
+        feed(view, [requested(f"j{i}", at=T0 + i)])
+    feed(view, job_lifecycle("j0")[1:])
+    view.note_submitted("new", "acme", {"event_id": "e-new", "timestamp": T0 + 100, "prompt": "a cat",
+                                        "tier": "STANDARD", "params": None})
+    assert view.get("new")["status"] == "requested" and view.get("new")["tenant"] == "acme"
+    assert view.in_flight("acme") == 5 and view.in_flight("globex") == 0
+    page = view.list_for_tenant("acme", limit=2)
+    assert [j["job_id"] for j in page] == ["new", "j4"]
+    assert [j["job_id"] for j in view.list_for_tenant("acme", limit=10, after="j4")] == ["j3", "j2", "j1", "j0"]
+    assert view.list_for_tenant("globex") == [] and view.list_for_tenant("acme", after="unknown") == []
+
+
+# -- the websocket handlers on a hand-fed view ---------------------------------------------------------------------------
+def _app(view: JobsView) -> web.Application:
+    @web.middleware
+    async def auth(request, handler):
+        request["tenant"] = request.query.get("tenant")
+        return await handler(request)
+
+    app = web.Application(middlewares=[auth])
+    app["jobs"] = view
+    ws_events.add_routes(app)
+    return app
+
+
+@pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+def test_websocket_handlers_send_state_then_envelopes_and_404_other_tenants():
+    async def scenario():
+        view = JobsView(subscriber_queue=50)
+        feed(view, [requested("j1")])
+        async with TestClient(TestServer(_app(view))) as client:
+            response = await client.get("/v1/videos/j1/events", params={"tenant": "globex"})
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "video_not_found"
+            assert (await client.get("/v1/videos/j1/events")).status == 401
+
+            job_ws = await client.ws_connect("/v1/videos/j1/events", params={"tenant": "acme"})
+            acme_ws = await client.ws_connect("/v1/events", params={"tenant": "acme"})
+            globex_ws = await client.ws_connect("/v1/events", params={"tenant": "globex"})
+            assert (await job_ws.receive_json(timeout=5))["type"] == "state"
+            assert (await acme_ws.receive_json(timeout=5))["data"]["job_id"] == "j1"  # j1 is in flight
+            feed(view, job_lifecycle("j1", total=3, segments=1)[1:])
+            received = [await job_ws.receive_json(timeout=5) for _ in range(8)]
+            assert types(received) == ["queued", "started", "progress", "progress", "checkpoint", "progress",
+                                       "segment", "published"]
+            assert [m["type"] for m in [await acme_ws.receive_json(timeout=5) for _ in range(8)]] == types(received)
+            try:
+                msg = await globex_ws.receive(timeout=0.3)
+            except asyncio.TimeoutError:
+                msg = None
+            assert msg is None, f"globex got {msg}"
+
+            # A subscriber that does not read is dropped with a reason once 50 envelopes behind.
+            feed(view, [requested("j2")])
+            slow = await client.ws_connect("/v1/videos/j2/events", params={"tenant": "acme"})
+            for n in range(1, 200):
+                view.ingest_event(*step("j2", n, total=200))
+            messages = []
+            while True:
+                msg = await slow.receive(timeout=5)
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                    break
+                messages.append(msg)
+            assert slow.close_code == CLOSE_SLOW, slow.close_code
+            # Shutting down closes the others with "going away" at once.
+            await view.close_subscriptions()
+            msg = await globex_ws.receive(timeout=5)
+            assert msg.type == WSMsgType.CLOSE and globex_ws.close_code == CLOSE_GOING_AWAY
+            for ws in (job_ws, acme_ws, globex_ws):
+                await ws.close()
+            await view.stop()
+
+    asyncio.run(scenario())
