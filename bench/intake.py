@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = platform.log_dir / "gateway.log"
         with open(log_path, "ab") as log_file:
             gateway = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from gateway.app import main; sys.exit(main())",
+                [sys.executable, "-m", "vidgen", "gateway",
                  "--port", str(port), "--tenants", str(tenants_file)],
                 env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _wait_healthy(base, gateway, 90.0, log_path)

@@ -55,7 +55,7 @@ def gateway(tmp_path_factory):
         base = f"http://127.0.0.1:{port}"
         with open(platform.log_dir / "gateway.log", "ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from gateway.app import main; sys.exit(main())",
+                [sys.executable, "-m", "vidgen", "gateway",
                  "--port", str(port), "--tenants", str(tenants_file)],
                 env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60

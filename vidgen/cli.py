@@ -22,7 +22,7 @@ BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
     "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
     "compliance": "bench.compliance", "intake": "bench.intake", "progress": "bench.progress",
-    "fanout": "bench.fanout",
+    "fanout": "bench.fanout", "chaos": "bench.chaos",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
