@@ -258,7 +258,7 @@ def _apply_published(state: JobState, event: dict, at: int) -> None:
         "manifest": _blob(event["manifest"]) if event.get("manifest") else None,
         "playlist": _blob(event["playlist"]) if event.get("playlist") else None,
     }
-    for optional in ("manifest_label", "watermark_payload"):
+    for optional in ("manifest_label", "watermark_payload", "watermark_note", "scores", "policy_version"):
         if optional in event:
             outputs[optional] = event[optional]
     _terminal(state, PUBLISHED, at, event, outputs)

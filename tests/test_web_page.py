@@ -1,0 +1,237 @@
+"""The gateway's web page, end to end: headless Chromium (Debian's package, driven by Playwright) against the real
+platform on the embedded broker and a real gateway process.
+
+It types an API key and a prompt, submits, and checks what a person would see: the progress bar reaches 100 %, the
+video element plays while the video is still decoding (Media Source Extensions over the fMP4 segments) and then
+plays the final signed video without a media error, and the provenance summary names the C2PA manifest.
+
+Chromium is Debian's (`apt-get install -y chromium`), launched through Playwright's `executable_path` with the
+flags a closed network needs; Playwright never downloads a browser here (`playwright install` is not run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from streams.supervisor import STAGE_NAMES, PlatformProcesses
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "a lighthouse on a cliff at dawn"
+JOB_TIMEOUT_S = 75  # from submit to the published video
+PLATFORM_ENV = {
+    "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
+    "VIDGEN_LATENT_CHUNK_FRAMES": "1",  # 9 frames → 3 latent frames → 3 segments to stream
+}
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (the test command runs `apt-get install -y chromium`)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gateway_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "vidgen", "gateway", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _wait_healthy(base: str, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the gateway exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the gateway did not answer /healthz in {timeout_s} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """The platform (every stage and the job tracker) and one gateway process; yields (base URL, dev API key)."""
+    chromium = _chromium()
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'playwright~=1.65')")
+    from gateway.tenants import load_or_create
+
+    var_dir = tmp_path_factory.mktemp("var")
+    platform = PlatformProcesses(var_dir, stages=(*STAGE_NAMES, "tracker"), env=PLATFORM_ENV)
+    gateway_process = None
+    try:
+        platform.start()
+        tenants_file = var_dir / "tenants.toml"
+        _, key = load_or_create(tenants_file)  # the dev tenant, as the gateway would create it on its first run
+        assert key, "a fresh tenants file must come with the dev tenant's key"
+        port = _free_port()
+        log = platform.log_dir / "gateway.log"
+        with open(log, "ab") as log_file:
+            gateway_process = subprocess.Popen(
+                _gateway_command(port), env={**platform.env, "VIDGEN_TENANTS": str(tenants_file)},
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base, gateway_process, log)
+        yield dict(base=base, key=key, chromium=chromium, platform=platform, log=log)
+    finally:
+        if gateway_process is not None and gateway_process.poll() is None:
+            gateway_process.terminate()
+            try:
+                gateway_process.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway_process.kill()
+                gateway_process.wait()
+        platform.stop()
+
+
+def _page_facts(page) -> dict:
+    return page.evaluate("""() => {
+        const bar = document.querySelector('[data-testid=progress]');
+        const video = document.querySelector('[data-testid=player]');
+        return {
+            now: Number(bar.getAttribute('aria-valuenow')), max: Number(bar.getAttribute('aria-valuemax')),
+            value: bar.value, barMax: bar.max,
+            status: document.querySelector('[data-testid=status]').textContent,
+            outcome: document.querySelector('[data-testid=outcome]').hidden
+                ? null : document.querySelector('[data-testid=outcome]').textContent,
+            video: {currentTime: video.currentTime, readyState: video.readyState, paused: video.paused,
+                    error: video.error && `${video.error.code}: ${video.error.message}`, src: video.currentSrc},
+            diag: window.vidgen,
+        };
+    }""")
+
+
+def test_page_generates_streams_and_plays_the_signed_video(gateway):
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=gateway["chromium"], args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("response", lambda r: problems.append(f"HTTP {r.status} for {r.url}") if r.status >= 400 else None)
+            page.goto(gateway["base"] + "/")
+
+            page.get_by_label("API key").fill(gateway["key"])
+            page.get_by_label("Prompt").fill(PROMPT)
+            assert page.get_by_test_id("size").input_value() == "256x256"  # big enough to carry a watermark
+            assert page.get_by_test_id("frames").input_value() == "9"
+            page.get_by_test_id("steps").select_option("4")
+            page.get_by_test_id("submit").click()
+
+            page.wait_for_function("() => window.vidgen && window.vidgen.jobId", timeout=15_000)
+            job_id = page.evaluate("() => window.vidgen.jobId")
+            # The key is remembered in local storage.
+            assert page.evaluate("() => localStorage.getItem('vidgen.apiKey')") == gateway["key"]
+
+            # Follow the job until it ends, watching the bar move and the live video play.
+            seen_values: list[float] = []
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while True:
+                facts = _page_facts(page)
+                if facts["now"] not in seen_values:
+                    seen_values.append(facts["now"])
+                if facts["outcome"] or (facts["diag"]["final"]["src"] and facts["video"]["readyState"] >= 2):
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"job {job_id} not published in {JOB_TIMEOUT_S} s; the page shows {json.dumps(facts)}; "
+                                f"logs in {gateway['platform'].log_dir}")
+                time.sleep(0.1)
+            assert facts["outcome"] is None, f"the job ended badly: {facts['outcome']}"
+
+            # The bar reached 100 %.
+            page.wait_for_function("""() => {
+                const bar = document.querySelector('[data-testid=progress]');
+                return bar.getAttribute('aria-valuenow') === bar.getAttribute('aria-valuemax')
+                    && Number(bar.getAttribute('aria-valuemax')) === 4;
+            }""", timeout=5_000)
+            assert page.get_by_test_id("progress-text").inner_text() == "100%"
+            # ... driven by the progress envelopes (one per denoising step, unless the gateway folded several).
+            progress = page.evaluate("() => window.vidgen.progress")
+            assert progress and progress[-1] == [4, 4], progress
+            assert [v for v, _ in progress] == sorted(v for v, _ in progress), progress
+            print("bar values seen:", seen_values, "progress envelopes:", progress)
+
+            # While it was decoding, the segments played through Media Source Extensions.
+            live = facts["diag"]["live"]
+            assert live["error"] is None, live
+            assert live["codec"] and live["codec"].startswith("avc1."), live
+            assert live["appended"] >= 1 and live["played"] and live["maxTime"] > 0, live
+
+            # The final signed video plays: time advances, no media error.
+            page.wait_for_function("""() => {
+                const v = document.querySelector('[data-testid=player]');
+                return !v.paused && v.readyState >= 2 && !v.error && window.vidgen.final.played;
+            }""", timeout=15_000)
+            start = page.evaluate("() => document.querySelector('[data-testid=player]').currentTime")
+            page.wait_for_function(
+                f"""() => {{ const v = document.querySelector('[data-testid=player]');
+                           return v.currentTime !== {start} || window.vidgen.final.maxTime > 0; }}""", timeout=10_000)
+            facts = _page_facts(page)
+            assert facts["video"]["error"] is None and facts["diag"]["final"]["error"] is None, facts
+            assert facts["diag"]["final"]["src"] == f"/v1/videos/{job_id}/content"
+            assert f"/v1/videos/{job_id}/content" in facts["video"]["src"]
+
+            # The provenance summary: the C2PA manifest, the watermark, the renditions.
+            provenance = page.get_by_test_id("provenance")
+            provenance.wait_for(state="visible", timeout=10_000)
+            label = page.get_by_test_id("manifest-label").inner_text()
+            assert label.startswith("urn:"), f"no C2PA manifest label: {label!r}"
+            assert "Signed by vidgen (C2PA)" in page.get_by_test_id("signed-by").inner_text()
+            page.wait_for_function(
+                "() => /^payload [0-9a-f]+/.test(document.querySelector('[data-testid=watermark]').textContent)",
+                timeout=10_000)
+            assert page.get_by_test_id("rendition-native").count() == 1
+            href = page.get_by_test_id("rendition-native").get_attribute("href")
+            assert href.startswith(f"/v1/videos/{job_id}/content?variant=native")
+            assert not problems, problems
+            print("page timeline (ms):", json.dumps(page.evaluate("() => window.vidgen.marks")))
+        finally:
+            browser.close()
+    gateway["platform"].check_alive()
+
+
+def test_page_shows_why_a_blocked_prompt_is_not_generated(gateway):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=gateway["chromium"], args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(gateway["base"] + "/")
+            page.get_by_label("API key").fill(gateway["key"])
+            page.get_by_label("Prompt").fill("Abr4ham L1ncoln giving a speech")  # a protected person
+            page.get_by_test_id("submit").click()
+            outcome = page.get_by_test_id("outcome")
+            outcome.wait_for(state="visible", timeout=JOB_TIMEOUT_S * 1000)
+            text = outcome.inner_text()
+            print("outcome:", text)
+            assert text.startswith("Flagged") and "not published" in text, text
+            assert "no reason given" not in text, text
+            assert page.get_by_test_id("status").inner_text() == "Flagged."
+            assert page.get_by_test_id("provenance").is_hidden()
+            assert page.evaluate("() => window.vidgen.final.src") is None
+        finally:
+            browser.close()
