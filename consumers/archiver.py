@@ -564,7 +564,13 @@ class Archiver:
 
         from streams.kafka import consumer_config
 
-        self.consumer = Consumer(consumer_config(self.settings, GROUP_ID, "vidgen.archiver"))
+        from streams.metrics import LagMonitor, serve_metrics
+
+        conf = consumer_config(self.settings, GROUP_ID, "vidgen.archiver")
+        if serve_metrics(self.settings.metrics_port):  # how far behind the log the archive is, per partition
+            conf["statistics.interval.ms"] = 5000
+            conf["stats_cb"] = LagMonitor("archiver").on_stats
+        self.consumer = Consumer(conf)
         self.consumer.subscribe([t.name for t in topics.CATALOGUE], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("archiver: archiving %d topics into %s", len(topics.CATALOGUE), self.config.dir)

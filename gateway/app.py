@@ -780,6 +780,9 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080, *
     from .publisher import KafkaPublisher
     from .tenants import load_or_create, tenants_path
 
+    from streams.metrics import serve_metrics
+
+    serve_metrics(settings.metrics_port)
     path = Path(tenants_file) if tenants_file else tenants_path(settings)
     tenants, new_key = load_or_create(path)
     if new_key:

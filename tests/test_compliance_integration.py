@@ -95,3 +95,24 @@ def test_job_above_the_threshold_is_flagged_and_never_published(run):
     assert {"faces", "frequency", "temporal", "nsfw", "ensemble"} <= set(flagged["scores"])
     assert run["log"].of(job_id, topics.DECODED), "it was generated and decoded before compliance stopped it"
     assert not run["log"].of(job_id, topics.PUBLISHED)
+
+
+def test_vidgen_verify_names_the_state_the_watermark_and_the_job(run, tmp_path):
+    from consumers.verify import verify_file
+
+    [(_, published)] = run["log"].terminal(run["published_id"])
+    path = tmp_path / "downloaded.mp4"
+    path.write_bytes(run["blobs"].get(published["video"]))
+    report = verify_file(str(path), settings=run["settings"])
+    assert report.ok and report.provenance.validation_state == "Trusted"  # the dev root under var/c2pa by default
+    assert report.watermark.payload == payload_for_job(run["published_id"])
+    assert [job["job_id"] for job in report.jobs] == [run["published_id"]]
+    text = report.render()
+    assert "C2PA: Trusted" in text and run["published_id"] in text and "io.vidgen.generation" in text
+
+    tampered = bytearray(path.read_bytes())
+    offset, size = next((o, n) for box, o, n in top_level_boxes(bytes(tampered)) if box == b"mdat")
+    tampered[offset + size // 3] ^= 0x10
+    path.write_bytes(bytes(tampered))
+    report = verify_file(str(path), settings=run["settings"], look_up_job=False)
+    assert not report.ok and report.provenance.validation_state == "Invalid"
