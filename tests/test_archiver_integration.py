@@ -19,6 +19,7 @@ from streams import topics
 from streams.kafka import producer_config
 from streams.serde import encode_key, event_codec
 from streams.supervisor import PlatformProcesses
+from tests.platforms import running_platform
 from tests.test_job_state import job_lifecycle
 
 pytestmark = pytest.mark.integration
@@ -28,16 +29,9 @@ WAIT_S = 40
 
 @pytest.fixture
 def platform(tmp_path):
-    platform = PlatformProcesses(tmp_path / "var", stages=(), env={
-        "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
-        "VIDGEN_ARCHIVE_FLUSH_S": "0.2",
-        "VIDGEN_ARCHIVE_ROTATE_BYTES": "20000",
-    })
-    settings = platform.start()
-    try:
-        yield platform, settings
-    finally:
-        platform.stop()
+    with running_platform(tmp_path / "var", VIDGEN_ARCHIVE_FLUSH_S="0.2",
+                          VIDGEN_ARCHIVE_ROTATE_BYTES="20000") as running:
+        yield running
 
 
 def start_archiver(platform: PlatformProcesses, run: int, env: dict | None = None) -> subprocess.Popen:

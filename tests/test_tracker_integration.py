@@ -25,6 +25,7 @@ from streams import topics
 from streams.kafka import producer_config
 from streams.serde import encode_key, event_codec
 from streams.supervisor import PlatformProcesses
+from tests.platforms import running_platform
 from tests.test_job_state import flagged, job_lifecycle, step
 
 pytestmark = pytest.mark.integration
@@ -34,14 +35,8 @@ WAIT_S = 30
 
 @pytest.fixture
 def platform(tmp_path):
-    platform = PlatformProcesses(tmp_path / "var", stages=(), env={
-        "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
-    })
-    settings = platform.start()
-    try:
-        yield platform, settings
-    finally:
-        platform.stop()
+    with running_platform(tmp_path / "var") as running:
+        yield running
 
 
 def start_tracker(platform: PlatformProcesses, run: int) -> subprocess.Popen:
