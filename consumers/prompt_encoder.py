@@ -17,8 +17,8 @@ from collections import defaultdict
 
 from compliance.prompt_safety import PromptDecision, evaluate_prompt, load_consents, load_policy
 from gpu_agents.encoding import encode_prompts, token_counts
-from gpu_agents.models import (PRESETS, InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError,
-                               effective_guidance, validate_generation_params)
+from gpu_agents.models import (InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError, check_params,
+                               effective_guidance)
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import Settings
@@ -33,23 +33,15 @@ MAX_PROMPT_CHARS = 10_000
 
 def check_request(request: dict, models: ModelCatalogue) -> None:
     """Raise InvalidEvent with the reason when the request cannot be generated."""
-    params = request["params"]
     if not request["prompt"].strip():
         raise InvalidEvent("prompt is empty")
     for field in ("prompt", "negative_prompt"):
         if len(request[field]) > MAX_PROMPT_CHARS:
             raise InvalidEvent(f"{field} has {len(request[field])} characters; the limit is {MAX_PROMPT_CHARS}")
-    if not models.known(params["model"]):
-        raise InvalidEvent(str(UnknownModelError(params["model"])))
     try:
-        validate_generation_params(params["width"], params["height"], params["num_frames"], params["steps"],
-                                   params["guidance_scale"])
-    except InvalidParamsError as exc:
+        check_params(request["params"], models)
+    except (InvalidParamsError, UnknownModelError) as exc:
         raise InvalidEvent(str(exc)) from exc
-    if params["fps"] < 1 or params["fps"] > 120:
-        raise InvalidEvent(f"fps must be within 1..120, got {params['fps']}")
-    if params["preset"] not in PRESETS:
-        raise InvalidEvent(f"unknown preset {params['preset']!r}; presets: {', '.join(PRESETS)}")
 
 
 class PromptEncoder:

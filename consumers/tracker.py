@@ -143,7 +143,8 @@ def build_tracker_app(settings: Settings, loop: asyncio.AbstractEventLoop | None
             # Not source.forward(): that attaches the send to the next commit (seconds); at-least-once holds anyway
             # because faust flushes its producer before committing the source offset.
             await tracker_events.send(key=encode_key(event["job_id"]), headers=source.message.headers,
-                                      value={"topic": source.message.topic, "event": jsonable_event(event)})
+                                      value={"topic": source.message.topic,
+                                             "event": bounded_strings(jsonable_event(event))})
 
     @app.agent(tracker_events)
     async def fold_into_table(stream):
@@ -160,6 +161,22 @@ def build_tracker_app(settings: Settings, loop: asyncio.AbstractEventLoop | None
                 table[key] = new
 
     return app
+
+
+#: Longest text the tracker keeps of any field: a job state is for following a job, and a 1 MB prompt (refused by the
+#: prompt encoder anyway) would exceed the producer's message size on the way to the table and stall the tracker.
+MAX_FORWARDED_CHARS = 10_000
+
+
+def bounded_strings(value):
+    """The value with every string longer than MAX_FORWARDED_CHARS cut (and the cut said)."""
+    if isinstance(value, str) and len(value) > MAX_FORWARDED_CHARS:
+        return value[:MAX_FORWARDED_CHARS] + f"... [{len(value) - MAX_FORWARDED_CHARS} more characters]"
+    if isinstance(value, dict):
+        return {key: bounded_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [bounded_strings(item) for item in value]
+    return value
 
 
 def changelog_topic_name(app: faust.App) -> str:

@@ -245,7 +245,10 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
     """The body as a dict, and whether it came as a form (whose values are text to convert)."""
     ctype = request.content_type
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, LookupError, AssertionError) as exc:  # no boundary, an unknown charset, a torn body
+            raise ApiError(400, "invalid_body", f"the {ctype} body cannot be read: {exc}") from None
         body = {}
         for name, value in form.items():
             if not isinstance(value, str):
@@ -518,7 +521,9 @@ async def cancel_video(request: web.Request) -> web.Response:
     if state.get("terminal"):
         raise ApiError(409, "video_finished", f"video {state['job_id']} has already ended ({state['status']})")
     tenant = request["tenant"]
-    reason = request.query.get("reason", "cancelled through the API")[:500]
+    reason = request.query.get("reason", "cancelled through the API")
+    if len(reason) > 500:
+        raise _invalid("reason", f"reason has {len(reason)} characters; the limit is 500")
     try:
         cancel = await request.app["publisher"].publish_cancel(state["job_id"], reason=reason,
                                                                requested_by=f"tenant:{tenant.id}")
@@ -768,6 +773,8 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
                     log.exception("stopping %s failed", type(part).__name__)
 
     app.on_startup.append(start)
+    if hasattr(jobs, "close_subscriptions"):  # open websockets would otherwise hold the shutdown for its timeout
+        app.on_shutdown.append(jobs.close_subscriptions)
     app.on_cleanup.append(stop)
     return app
 

@@ -12,9 +12,8 @@ they take nothing from anyone, and a gateway scales out by simply running more p
 
 Merging them is exact because the fold is idempotent and order-insensitive (a join): a job's state is
 ``fold*(newest tracker state, the job's live events)``, in any order. Live events are kept in a small per-job
-buffer;
-when a newer tracker state arrives, the buffer is folded again on top of it, and every event that no longer changes
-anything (the tracker has it now) leaves the buffer, so a job the tracker has caught up with (a finished one
+buffer; when a newer tracker state arrives, the buffer is folded again on top of it, and every event that no longer
+changes anything (the tracker has it now) leaves the buffer, so a job the tracker has caught up with (a finished one
 above all) keeps no buffer. The buffer is bounded (``LIVE_BUFFER``) should the tracker stop.
 
 Websocket envelopes are derived from state changes, never from single events: ``envelopes(old, new)`` compares the
@@ -178,8 +177,11 @@ def envelopes(old: JobState | None, new: JobState) -> list[Envelope]:
 
     Derived from the difference only, so the same change never produces two envelopes whichever reader brings it,
     and a job that first appears already advanced (a tracker state) is told in one go: queued, started, its latest
-    progress, its checkpoints, segments, flags and end.
+    progress, its checkpoints, segments, flags and end. After the job's end nothing more is told (a straggler, such
+    as a duplicate agent's late step, still folds into the state a new subscriber gets).
     """
+    if old is not None and old.terminal:
+        return []
     job_id = new.job_id
     out: list[Envelope] = []
     if new.encoded_at is not None and (old is None or old.encoded_at is None):

@@ -169,6 +169,13 @@ SCHEMAS: dict[str, dict] = {
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}}},
 }
 
+
+# null is accepted for every optional field of a create request (OpenAI clients send it): it means "not given".
+for _name, _schema in list(SCHEMAS["CreateVideoRequest"]["properties"].items()):
+    if _name != "prompt":
+        SCHEMAS["CreateVideoRequest"]["properties"][_name] = _nullable(_schema)
+
+
 ERRORS = {
     400: "invalid request (the error's `param` names the field)",
     401: "missing or unknown API key",
@@ -242,3 +249,4 @@ def openapi_document(routes: list[Route], server_url: str | None = None) -> dict
     if server_url:
         doc["servers"] = [{"url": server_url}]
     return doc
+

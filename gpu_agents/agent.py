@@ -19,11 +19,11 @@ from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.metrics import QUEUE_WAIT_SECONDS, STEP_SECONDS, observe_since
 from streams.settings import Settings
-from streams.stage import CancelledByRequest, JobInterrupted, Stage, StageContext
+from streams.stage import CancelledByRequest, InvalidEvent, JobInterrupted, Stage, StageContext
 
 from .checkpoint import capture, restore_scheduler
 from .denoise import StepInfo, denoise, prepare_latents
-from .models import ModelCatalogue, effective_guidance
+from .models import InvalidParamsError, ModelCatalogue, UnknownModelError, check_params, effective_guidance
 from .resume import CheckpointStore, CheckpointWriter
 from .video import split_latent_chunks
 
@@ -40,6 +40,10 @@ class DenoisingAgent:
 
     def handle(self, job: dict, ctx: StageContext) -> None:
         job_id, params = job["job_id"], job["params"]
+        try:
+            check_params(params, self.models)
+        except (InvalidParamsError, UnknownModelError) as exc:
+            raise InvalidEvent(str(exc)) from exc
         attempt = self.checkpoints.next_attempt(job_id)
         denoiser = self.models.denoiser(params["model"])
         device = self.models.device

@@ -83,8 +83,14 @@ class VaeDecoder:
             raise InvalidEvent(f"chunk says {chunk['chunk_count']} chunks, the job's first said {job.chunk_count}")
         if chunk["chunk_index"] >= job.next_index:
             job.early.setdefault(chunk["chunk_index"], chunk)  # a duplicate of a decoded chunk just waits
-        while job.next_index in job.early:
-            self.decode_next(job, job.early.pop(job.next_index), ctx)
+        try:
+            while job.next_index in job.early:
+                self.decode_next(job, job.early.pop(job.next_index), ctx)
+        except Exception:
+            # The job's causal state may be half advanced: drop it, and a retry (or the redelivery) replays the job
+            # from chunk 0, as a replacement decoder would.
+            self.jobs.pop(job_id, None)
+            raise
         if job.next_index == job.chunk_count:
             ctx.release(job_id)
             del self.jobs[job_id]

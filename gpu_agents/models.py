@@ -493,3 +493,21 @@ def validate_generation_params(
         raise InvalidParamsError(f"guidance_scale must be a number, got {guidance_scale!r}")
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise InvalidParamsError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+
+
+def check_params(params: dict, catalogue: "ModelCatalogue") -> None:
+    """Raise InvalidParamsError (or UnknownModelError) naming what in a GenerationParams record cannot be generated.
+
+    The prompt encoder checks every request with it, and the GPU agent checks again what it is handed: a job on a
+    generation topic may come from anywhere, and one with 10^9 steps would hold a GPU for good.
+    """
+    if not catalogue.known(params["model"]):
+        known = ", ".join(catalogue.model_ids())
+        raise UnknownModelError(f"unknown model {params['model']!r}; known ids: {known}, or the absolute path of a "
+                                f"local model directory")
+    validate_generation_params(params["width"], params["height"], params["num_frames"], params["steps"],
+                               params["guidance_scale"])
+    if not 1 <= params["fps"] <= 120:
+        raise InvalidParamsError(f"fps must be within 1..120, got {params['fps']}")
+    if params["preset"] not in PRESETS:
+        raise InvalidParamsError(f"unknown preset {params['preset']!r}; presets: {', '.join(PRESETS)}")

@@ -175,7 +175,8 @@ class EventCodec:
                 raise DecodeError(f"schema id {schema_id} unknown to the registry: {exc}") from exc
             raise RegistryUnavailableError(f"schema registry failed while decoding {topic}: {exc}") from exc
         except (SerializationError, SchemaResolutionError, ValueError, TypeError, EOFError, IndexError, KeyError,
-                UnicodeDecodeError) as exc:
+                UnicodeDecodeError, OverflowError) as exc:
+            # OverflowError: a timestamp-millis outside years 1..9999 (datetime cannot hold it).
             # fastavro raises many kinds on corrupt bodies or writer/reader schemas that do not resolve.
             raise DecodeError(f"cannot read value as {self.schema_of(topic)}: {type(exc).__name__}: {exc}") from exc
         except httpx.TransportError as exc:

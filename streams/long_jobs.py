@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from schemas.codec import DecodeError
+from schemas.codec import DecodeError, RegistryUnavailableError
 
 from .kafka import consumer_config
 from .runtime import Outcome, StageRuntime
@@ -26,6 +26,7 @@ from .scheduling import WeightedTierScheduler
 
 log = logging.getLogger(__name__)
 
+CANCELLATIONS_REMEMBERED = 100_000  # newest cancellation requests kept (the control topic is read from its start)
 POLL_S = 0.02  # the consumer thread's beat: how fast a free worker gets its next job and a cancellation lands
 
 
@@ -166,4 +167,12 @@ class LongJobRuntime(StageRuntime):
                 log.warning("%s: unreadable control message at %s@%d: %s", self.stage.name, msg.topic(),
                             msg.offset(), exc)
                 continue
+            except RegistryUnavailableError as exc:  # read it again on the next round rather than lose it
+                log.warning("%s: %s; control message %s@%d kept for later", self.stage.name, exc, msg.topic(),
+                            msg.offset())
+                self.control.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                return
             self.cancellations[request["job_id"]] = request
+            self.cancellations.move_to_end(request["job_id"])
+            while len(self.cancellations) > CANCELLATIONS_REMEMBERED:
+                self.cancellations.popitem(last=False)  # the oldest: long finished or never seen here

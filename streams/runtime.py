@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -85,7 +86,7 @@ class StageRuntime:
         self.producer: Producer | None = None
         self._delivery_errors: list[str] = []
         #: job_id → JobCancelled request, for stages that follow the control topic
-        self.cancellations: dict[str, dict] = {}
+        self.cancellations: OrderedDict[str, dict] = OrderedDict()
         self.lag = LagMonitor(stage.name)
         self.busy = BusyMeter()
         self._handling_since: float | None = None  # perf_counter when the current handler call began

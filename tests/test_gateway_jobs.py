@@ -89,6 +89,9 @@ def test_other_endings_flags_failures_cancellations_and_a_resume():
     assert envs[0]["data"]["attempt"] == 2 and envs[0]["data"]["resumed_from_step"] == 2
     assert (envs[1]["data"]["value"], envs[1]["data"]["attempt"]) == (3, 2)
 
+    done = fold_all(job_lifecycle("j6"))
+    assert envelopes(done, fold_all([step("j6", 9, total=9, attempt=2)], done)) == []  # nothing after the end
+
 
 # -- merging tracker states and live events ----------------------------------------------------------------------------
 def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():

@@ -296,3 +296,13 @@ def test_a_review_from_before_ends_job_existed_is_an_annotation():
     topic_name, event = flagged("j1", "REVIEW")
     assert "ends_job" not in event
     assert fold_all([requested("j1"), step("j1", 1), (topic_name, event)]).status == RUNNING
+
+
+def test_the_tracker_forwards_long_texts_cut_to_a_bounded_size():
+    from consumers.tracker import MAX_FORWARDED_CHARS, bounded_strings
+
+    event = {"prompt": "x" * (1 << 20), "params": {"model": "tiny-wan"}, "reasons": ["y" * 20_000, "short"]}
+    bounded = bounded_strings(event)
+    assert len(bounded["prompt"]) < MAX_FORWARDED_CHARS + 50 and bounded["prompt"].endswith("more characters]")
+    assert bounded["params"] == {"model": "tiny-wan"} and bounded["reasons"][1] == "short"
+    assert len(bounded["reasons"][0]) < MAX_FORWARDED_CHARS + 50
