@@ -19,7 +19,7 @@ import argparse
 import os
 import uuid
 
-from .common import CpuAccount, format_table, percentile, print_result
+from .common import CpuAccount, format_table, percentile, print_result, process_tree
 from .progress import BenchPlatform, ClientProcesses, StepProducer, latencies_ms, raise_open_files_limit
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
                 connected = False
             if connected:
                 pids = {"gateway": [bench.gateway.pid], "clients": [p.pid for p in clients.processes],
-                        "broker": [bench.platform.broker.pid], "producer": [os.getpid()]}
+                        "broker": sorted(process_tree([bench.platform.broker.pid])), "producer": [os.getpid()]}
                 with CpuAccount(pids) as cpu:
                     producer.run_steps(jobs, args.steps, args.interval_ms / 1000)
                 results = clients.results(duration_s + 60)

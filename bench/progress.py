@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .common import CpuAccount, format_table, percentile, print_result
+from .common import CpuAccount, format_table, percentile, print_result, process_tree
 
 TENANT = "bench"
 
@@ -47,7 +47,7 @@ def raise_open_files_limit() -> int:
 class BenchPlatform:
     """`vidgen broker` (no stages: this process plays the agents) + one gateway process + a bench tenant."""
 
-    def __init__(self, prefix: str, with_tracker: bool = False):
+    def __init__(self, prefix: str, with_tracker: bool = False, gateway_env: dict[str, str] | None = None):
         from streams.embedded import free_port
         from streams.supervisor import PlatformProcesses
 
@@ -58,6 +58,7 @@ class BenchPlatform:
         self.gateway: subprocess.Popen | None = None
         self.api_key = ""
         self.settings = None
+        self.gateway_env = gateway_env or {}
 
     def start(self) -> "BenchPlatform":
         from gateway.tenants import TenantStore
@@ -71,7 +72,7 @@ class BenchPlatform:
         log = open(self.var_dir / "log" / "gateway.log", "ab")
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "bench.progress", "_gateway", "--port", str(self.port), "--tenants",
-             str(tenants_file)], env=self.platform.env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+             str(tenants_file)], env={**self.platform.env, **self.gateway_env}, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
             text=True)
         log.close()
         line = self.gateway.stdout.readline()
@@ -371,10 +372,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tenant-feeds", type=int, default=2, help="/v1/events sockets (all of the jobs)")
     parser.add_argument("--warmup", type=int, default=10, help="first steps of each job left out")
     parser.add_argument("--with-tracker", action="store_true", help="run the tracker too (more load, same path)")
+    parser.add_argument("--fetch-wait-ms", type=int, default=None,
+                        help="the gateway's fetch.wait.max.ms (default: the platform's client settings)")
     args = parser.parse_args(argv)
     raise_open_files_limit()
 
-    bench = BenchPlatform("vidgen-bench-progress-", with_tracker=args.with_tracker).start()
+    gateway_env = {} if args.fetch_wait_ms is None else {"VIDGEN_KAFKA_FETCH_WAIT_MAX_MS": str(args.fetch_wait_ms)}
+    bench = BenchPlatform("vidgen-bench-progress-", with_tracker=args.with_tracker, gateway_env=gateway_env).start()
     clients = None
     try:
         producer = StepProducer(bench.settings)
@@ -392,7 +396,7 @@ def main(argv: list[str]) -> int:
                                   bench.var_dir)
         clients.wait_ready(60)
         pids = {"gateway": [bench.gateway.pid], "clients": [p.pid for p in clients.processes],
-                "broker": [bench.platform.broker.pid] if bench.platform.broker else [], "producer": [os.getpid()]}
+                "broker": sorted(process_tree([bench.platform.broker.pid])), "producer": [os.getpid()]}
         with CpuAccount(pids) as cpu:  # while the steps run (the clients exit soon after the last one)
             took = producer.run_steps(jobs, args.steps, args.interval_ms / 1000)
         results = clients.results(duration_s + 60)
