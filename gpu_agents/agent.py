@@ -54,7 +54,8 @@ class DenoisingAgent:
         total = params["steps"]
 
         scheduler = denoiser.new_scheduler()
-        resumed = self.checkpoints.newest(job_id)
+        found = self.checkpoints.newest_with_ref(job_id)
+        resumed, resumed_ref = found if found is not None else (None, None)
         if resumed is not None and resumed.total_steps == total:
             restore_scheduler(scheduler, resumed)
             latents, start_step = resumed.latents.to(device), resumed.step
@@ -70,6 +71,12 @@ class DenoisingAgent:
                 step=ckpt.step, total_steps=ckpt.total_steps, attempt=ckpt.attempt, checkpoint=ref,
                 agent_id=self.agent_id,
             ))
+
+        if resumed is not None:
+            # The checkpoint is stored before it is announced: an agent killed in between leaves one the log never
+            # heard of. Announcing it again (same derived event id: a copy at worst) keeps "every resume starts at a
+            # checkpointed step" true in the log, not only on disk.
+            announce(resumed, resumed_ref)
 
         def checkpoint(step: StepInfo) -> None:
             self.writer.submit(capture(

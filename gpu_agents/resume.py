@@ -44,12 +44,17 @@ class CheckpointStore:
 
     def newest(self, job_id: str) -> DenoiseCheckpoint | None:
         """The newest complete checkpoint of the job, or None (none yet, or unreadable: then start over)."""
+        found = self.newest_with_ref(job_id)
+        return found[0] if found is not None else None
+
+    def newest_with_ref(self, job_id: str) -> tuple[DenoiseCheckpoint, dict] | None:
+        """newest(), with the BlobRef the pointer names (to announce the checkpoint again)."""
         raw = self.blobs.read(job_id, POINTER)
         if raw is None:
             return None
         try:
             pointer = json.loads(raw)
-            return from_bytes(self.blobs.get(pointer["checkpoint"]))
+            return from_bytes(self.blobs.get(pointer["checkpoint"])), pointer["checkpoint"]
         except (ValueError, KeyError, BlobError, CheckpointError) as exc:
             log.warning("job %s: newest checkpoint unusable (%s); starting from step 0", job_id, exc)
             return None
