@@ -121,12 +121,13 @@ def plan(forge: Forge, n_events: int, seed: int) -> list[BadEvent]:
             chosen = draw_many(meaningless(forge, topic), wanted_meaningless, seed + 1000 * i + 3)
         chosen += draw_many(wire_garbage(forge, topic, SKIP_KINDS), count - len(chosen), seed + 1000 * i + 4)
         events += chosen
-    # Bad events with the same stage dedupe key (only the empty job id repeats, on the stages that dedupe by job id):
-    # whichever the stage reads first is rejected, the rest are skipped by the dedupe ledger, by design. Which one
-    # is first depends on partitions and topics, so they are judged as a group (see judge_duplicates).
+    # Bad events with the same stage dedupe key (only the empty job id repeats: the prompt encoder and the agent
+    # dedupe by job id, compliance by job id and segment index): whichever the stage reads first is rejected, the
+    # rest are skipped by the dedupe ledger, by design. Which one is first depends on partitions and topics, so they
+    # are judged as a group (see judge_duplicates).
     for event in events:
         if (event.job_id == "" and event.expect == "reject"
-                and STAGE_OF[event.topic] in ("prompt-encoder", "gpu-agent")):
+                and STAGE_OF[event.topic] in ("prompt-encoder", "gpu-agent", "compliance")):
             event.expect = "duplicate"
     random.Random(seed).shuffle(events)
     return events
