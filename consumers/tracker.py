@@ -43,7 +43,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from schemas.codec import DecodeError, RegistryUnavailableError
 from streams import topics
-from streams.events import derive_event_id, new_event
+from streams.events import dead_letter_event as streams_dead_letter_event
 from streams.kafka import consumer_config
 from streams.serde import decode_key, encode_key, event_codec
 from streams.settings import Settings
@@ -186,13 +186,8 @@ def changelog_topic_name(app: faust.App) -> str:
 
 def dead_letter_event(message, error: str) -> dict:
     """A DeadLetter for a faust message the tracker cannot decode (fields as streams.runtime writes them)."""
-    where = f"{message.topic}/{message.partition}@{message.offset}"
-    return new_event(
-        "", derive_event_id("", STAGE_NAME, "dead-letter", where),
-        stage=STAGE_NAME, source_topic=message.topic, source_partition=message.partition,
-        source_offset=message.offset, error_type="DECODE", error=error, raw_key=message.key,
-        raw_value=message.value, headers=[{"key": k, "value": v} for k, v in (message.headers or [])],
-    )
+    return streams_dead_letter_event(STAGE_NAME, "", message.topic, message.partition, message.offset, message.key,
+                                     message.value, message.headers, "DECODE", error)
 
 
 def run_tracker(settings: Settings) -> int:

@@ -28,3 +28,17 @@ def new_job_id() -> str:
 def new_event(job_id: str, event_id: str | None = None, **fields) -> dict:
     """An event record: event_id (random unless given), job_id, timestamp (now), then the event's own fields."""
     return {"event_id": event_id or str(uuid.uuid4()), "job_id": job_id, "timestamp": now_ms(), **fields}
+
+
+def dead_letter_event(stage: str, job_id: str, topic: str, partition: int, offset: int, key: bytes | None,
+                      value: bytes | None, headers: list[tuple[str, bytes]] | None, error_type: str,
+                      error: str) -> dict:
+    """A DeadLetter: the raw message, where it came from and why it could not be taken. Its id is derived from the
+    stage and the source position, so a redelivered bad message yields the same letter."""
+    where = f"{topic}/{partition}@{offset}"
+    return new_event(
+        job_id, derive_event_id(job_id, stage, "dead-letter", where),
+        stage=stage, source_topic=topic, source_partition=partition, source_offset=offset,
+        error_type=error_type, error=error, raw_key=key, raw_value=value,
+        headers=[{"key": k, "value": v} for k, v in (headers or [])],
+    )

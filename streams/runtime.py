@@ -24,7 +24,7 @@ from schemas.codec import DecodeError, EventCodec, RegistryUnavailableError
 
 from . import topics
 from .blobs import LocalBlobStore, open_blob_store
-from .events import derive_event_id, new_event
+from .events import dead_letter_event, derive_event_id, new_event
 from .kafka import consumer_config, producer_config
 from .ledger import ProcessedLedger
 from .metrics import BusyMeter, LagMonitor, gpu_utilization, instance_id, register_stage_counters, serve_metrics
@@ -361,19 +361,8 @@ class StageRuntime:
             error += f" (raw value cut from {len(raw)} to {MAX_DEAD_LETTER_RAW} bytes)"
             raw = raw[:MAX_DEAD_LETTER_RAW]
         where = f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
-        letter = new_event(
-            job_id,
-            derive_event_id(job_id, self.stage.name, "dead-letter", where),
-            stage=self.stage.name,
-            source_topic=msg.topic(),
-            source_partition=msg.partition(),
-            source_offset=msg.offset(),
-            error_type=error_type,
-            error=error,
-            raw_key=msg.key(),
-            raw_value=raw,
-            headers=[{"key": k, "value": v} for k, v in (msg.headers() or [])],
-        )
+        letter = dead_letter_event(self.stage.name, job_id, msg.topic(), msg.partition(), msg.offset(), msg.key(),
+                                   raw, msg.headers(), error_type, error)
         log.warning("%s: dead letter %s from %s: %s", self.stage.name, error_type, where, error)
         self._emit(topics.DEAD_LETTER, letter, None if msg.key() is None else decode_key(msg.key()))
         self.counters.dead_lettered += 1
