@@ -87,14 +87,24 @@ def register_stage_counters(stage: str, counters) -> None:
 
 
 def partition_lags(stats_json: str) -> dict[tuple[str, int], int]:
-    """(topic, partition) → consumer_lag from a librdkafka statistics document; partitions whose lag librdkafka does
-    not know yet (-1) and the internal partition -1 are left out."""
+    """(topic, partition) → messages waiting, from a librdkafka statistics document.
+
+    librdkafka's ``consumer_lag`` is -1 on a partition this group has never consumed or committed (no stored or
+    committed offset), however many messages wait there: exactly the backlog an autoscaler must see when jobs land
+    on fresh partitions. The group reads such a partition from its log start (auto.offset.reset=earliest, see
+    streams/kafka.py), so its lag is high watermark − log start, both known from fetching. Partitions whose offsets
+    are not known yet and librdkafka's internal partition -1 are left out."""
     stats = json.loads(stats_json)
     lags = {}
     for topic, topic_stats in stats.get("topics", {}).items():
-        for partition, partition_stats in topic_stats.get("partitions", {}).items():
-            lag = partition_stats.get("consumer_lag", -1)
-            if int(partition) >= 0 and lag >= 0 and partition_stats.get("fetch_state") != "none":
+        for partition, p in topic_stats.get("partitions", {}).items():
+            if int(partition) < 0 or p.get("fetch_state") in (None, "none"):
+                continue
+            lag = p.get("consumer_lag", -1)
+            if lag < 0 and max(p.get("committed_offset", -1), p.get("stored_offset", -1)) < 0:
+                high, start = p.get("hi_offset", -1), p.get("lo_offset", -1)
+                lag = high - start if high >= 0 and start >= 0 else -1
+            if lag >= 0:
                 lags[(topic, int(partition))] = int(lag)
     return lags
 

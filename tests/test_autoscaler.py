@@ -60,12 +60,21 @@ def test_controller_scales_up_on_backlog_and_follows_the_fleet():
 
 
 def test_partition_lags_from_librdkafka_statistics():
+    # Field values as librdkafka 2.x reports them against the embedded broker (probed): a partition the group has
+    # never consumed has consumer_lag -1 whatever waits there; its backlog is high watermark − log start.
+    never_consumed = {"fetch_state": "active", "lo_offset": 0, "hi_offset": 3, "committed_offset": -1001,
+                      "stored_offset": -1001, "consumer_lag": -1}
     stats = {"topics": {"vidgen.encoded.free": {"partitions": {
-        "0": {"consumer_lag": 4, "fetch_state": "active"},
-        "1": {"consumer_lag": -1, "fetch_state": "active"},  # not known yet
+        "0": {"consumer_lag": 4, "fetch_state": "active", "committed_offset": 2, "hi_offset": 6, "lo_offset": 0},
+        "1": {"consumer_lag": -1, "fetch_state": "active", "hi_offset": -1, "lo_offset": -1},  # not known yet
+        "2": never_consumed,
+        "3": {**never_consumed, "lo_offset": 2, "hi_offset": 2},  # nothing waits past the log start
+        "4": {**never_consumed, "consumer_lag": -1, "committed_offset": 5},  # committed but lag not computed: unknown
+        "5": {**never_consumed, "fetch_state": "none"},  # not assigned to this consumer
         "-1": {"consumer_lag": -1, "fetch_state": "none"},  # librdkafka's internal UA partition
     }}}}
-    assert partition_lags(json.dumps(stats)) == {("vidgen.encoded.free", 0): 4}
+    assert partition_lags(json.dumps(stats)) == {("vidgen.encoded.free", 0): 4, ("vidgen.encoded.free", 2): 3,
+                                                 ("vidgen.encoded.free", 3): 0}
 
 
 @pytest.mark.integration
@@ -80,8 +89,8 @@ def test_agents_report_lag_and_metrics_and_the_controller_scales_up(tmp_path):
     try:
         platform.add_stage("gpu-agent", env={"VIDGEN_METRICS_PORT": str(metrics_port)})
         with VideoRequests(settings) as requests:
-            for seed in range(8):  # a backlog: one agent, jobs of a few seconds each
-                requests.submit("a queue of paper boats", tier="free", steps=40, num_frames=9, width=64, height=64,
+            for seed in range(12):  # a backlog on fresh partitions: one agent, jobs of a second or more each
+                requests.submit("a queue of paper boats", tier="free", steps=80, num_frames=9, width=64, height=64,
                                 seed=seed)
         out = io.StringIO()
         controller = AutoscaleController(["gpu-agent"], AutoscalePolicy(scale_up_waiting=3, cooldown_up_s=0),
