@@ -4,15 +4,17 @@ Consumes vidgen.latent-chunks. Emits vidgen.decoded: one event per segment as so
 the segment, the job's init segment and the live HLS playlist (EVENT, then ENDLIST); the last also names the
 complete video. Each job keeps its own causal cache, so jobs interleaved on one decoder never mix, and the frames
 equal a one-shot decode of the whole latent. Early chunks wait for their turn (even ahead of chunk 0);
-duplicates are ignored. A job's
-inputs stay uncommitted until its last segment is out, so a decoder that dies mid-job leaves the whole job to be
-replayed from chunk 0 by the next one, which writes the same segments under the same event ids.
+duplicates are ignored. A job's inputs stay uncommitted until its last segment is out, so a decoder that dies
+mid-job leaves the whole job to be replayed from chunk 0 by the next one, which writes the same segments under the
+same event ids. A chunk that fails leaves its job as it was, so the runtime's retry takes up the same chunk; one
+that keeps failing fails the job, whose held chunks are then committed and whose later chunks are ignored.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from streams import topics
 from streams.blobs import LocalBlobStore
@@ -59,7 +61,7 @@ class VaeDecoder:
         self.models = ModelCatalogue(settings.model_dirs)
         self.decoders: dict[str, CausalVaeDecoder] = {}  # model id → decoder over that model's VAE
         self.jobs: dict[str, JobStream] = {}
-        self.finished: dict[str, None] = {}  # recently completed jobs, oldest first
+        self.finished: dict[str, None] = {}  # recently completed or failed jobs, oldest first
         self.decoder_id = f"{socket.gethostname()}-{os.getpid()}"
 
     def decoder(self, model_id: str) -> CausalVaeDecoder:
@@ -73,7 +75,7 @@ class VaeDecoder:
         job = self.jobs.get(job_id)
         if job is None:
             if job_id in self.finished:
-                return  # a late duplicate of a job this decoder completed (after a restart, the ledger skips it)
+                return  # a late chunk of a job this decoder completed or gave up on (after a restart: the ledger)
             # HLS forbids a growing target duration: fix it from the longest segment a chunk can make (the
             # first latent frame yields 1 video frame, every later one 4).
             longest_s = 4 * chunk["latent_frames"] / chunk["params"]["fps"]
@@ -83,54 +85,65 @@ class VaeDecoder:
             raise InvalidEvent(f"chunk says {chunk['chunk_count']} chunks, the job's first said {job.chunk_count}")
         if chunk["chunk_index"] >= job.next_index:
             job.early.setdefault(chunk["chunk_index"], chunk)  # a duplicate of a decoded chunk just waits
-        try:
-            while job.next_index in job.early:
-                self.decode_next(job, job.early.pop(job.next_index), ctx)
-        except Exception:
-            # The job's causal state may be half advanced: drop it, and a retry (or the redelivery) replays the job
-            # from chunk 0, as a replacement decoder would.
-            self.jobs.pop(job_id, None)
-            raise
+        # decode_next changes the job only once its chunk has succeeded: if it raises, the chunk stays waiting and
+        # the runtime's retry of this input decodes it again from the same causal state.
+        while job.next_index in job.early:
+            self.decode_next(job, job.early[job.next_index], ctx)
+            del job.early[job.next_index]
+            job.next_index += 1
         if job.next_index == job.chunk_count:
             ctx.release(job_id)
             del self.jobs[job_id]
-            self.finished[job_id] = None
-            if len(self.finished) > FINISHED_REMEMBERED:
-                self.finished.pop(next(iter(self.finished)))
+            self._remember_finished(job_id)
         else:
             ctx.hold(job_id)
 
     def decode_next(self, job: JobStream, chunk: dict, ctx: StageContext) -> None:
-        """Decode the job's next chunk into a segment, store it with the playlist, and announce it."""
+        """Decode the job's next chunk into a segment, store it with the playlist, and announce it. ``job`` takes
+        the new state, segment and playlist only once all of that has succeeded."""
         job_id, params, index = chunk["job_id"], chunk["params"], chunk["chunk_index"]
-        first_frame = job.state.frames_decoded
+        state = replace(job.state)  # decode_chunk gives the copy a new cache list: job.state stays as it was
+        first_frame = state.frames_decoded
         with DECODE_CHUNK_SECONDS.labels(params["model"]).time():
-            frames = self.decoder(params["model"]).decode_chunk(job.state, ctx.blobs.get_tensor(chunk["latent"]))
+            frames = self.decoder(params["model"]).decode_chunk(state, ctx.blobs.get_tensor(chunk["latent"]))
             init, media = encode_init_and_segment(frames, params["fps"], first_frame)
         if job.init_ref is None:
-            job.init, job.init_ref = init, ctx.blobs.put(init, job_id, INIT_SEGMENT, dtype="video/mp4")
+            init_ref = ctx.blobs.put(init, job_id, INIT_SEGMENT, dtype="video/mp4")
+        else:
+            init, init_ref = job.init, job.init_ref
         segment_ref = ctx.blobs.put(media, job_id, segment_name(index), dtype="video/iso.segment")
-        job.segments.append(media)
-        job.playlist.add_segment(segment_name(index), len(frames) / params["fps"])
+        segments = [*job.segments, media]
+        playlist = copy.deepcopy(job.playlist)
+        playlist.add_segment(segment_name(index), len(frames) / params["fps"])
         is_last = index == job.chunk_count - 1
-        playlist_ref = ctx.blobs.put(job.playlist.render(complete=is_last).encode(), job_id, PLAYLIST,
+        playlist_ref = ctx.blobs.put(playlist.render(complete=is_last).encode(), job_id, PLAYLIST,
                                      dtype="application/vnd.apple.mpegurl")
         video_ref = None
         if is_last:
-            video_ref = ctx.blobs.put(join_segments(job.init, job.segments), job_id, "video.mp4", dtype="video/mp4")
-        job.next_index += 1
+            video_ref = ctx.blobs.put(join_segments(init, segments), job_id, "video.mp4", dtype="video/mp4")
         ctx.emit(topics.DECODED, ctx.event(
             job_id, "segment", index,
             tenant=chunk["tenant"], segment_index=index, is_last=is_last, segment=segment_ref,
             frame_start=first_frame, frames=len(frames), video=video_ref, params=params,
-            init_segment=job.init_ref, playlist=playlist_ref, decoder_id=self.decoder_id,
+            init_segment=init_ref, playlist=playlist_ref, decoder_id=self.decoder_id,
             prompt_sha256=chunk.get("prompt_sha256", ""), requested_at=chunk.get("requested_at"),
         ))
+        job.state, job.init, job.init_ref, job.segments, job.playlist = state, init, init_ref, segments, playlist
 
     def forget(self, job_ids: list[str]) -> None:
         """A rebalance moved these jobs' partitions away: their new owner replays them from chunk 0."""
         for job_id in job_ids:
             self.jobs.pop(job_id, None)
+
+    def abandon(self, job_id: str) -> None:
+        """The runtime failed this job (a chunk kept failing): drop it, and ignore its chunks still to come."""
+        self.jobs.pop(job_id, None)
+        self._remember_finished(job_id)
+
+    def _remember_finished(self, job_id: str) -> None:
+        self.finished[job_id] = None
+        if len(self.finished) > FINISHED_REMEMBERED:
+            self.finished.pop(next(iter(self.finished)))
 
 
 STAGE = Stage(

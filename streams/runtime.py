@@ -63,6 +63,7 @@ class Outcome:
     dedupe_key: str | None = None  # None: nothing to mark (undecodable input)
     ctx: StageContext | None = None
     interrupted: bool = False
+    failed_job: str | None = None  # the job this input's dead letter failed
 
 
 class DeliveryFailed(RuntimeError):
@@ -219,6 +220,8 @@ class StageRuntime:
         source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
         with consume_span(self.stage.name, msg.topic(), msg.headers()):
             outcome.ctx, outcome.interrupted = self._handle_with_retries(msg, event, source, stop_reason)
+        if outcome.ctx is None and not outcome.interrupted:  # dead-lettered, which fails the job it names
+            outcome.failed_job = event.get("job_id") or None
         return outcome
 
     def settle(self, outcome: "Outcome") -> None:
@@ -236,9 +239,18 @@ class StageRuntime:
                 self.ledger.mark(outcome.dedupe_key)
             self.offsets.done(tp, msg.offset())
         for key in ctx.released if ctx is not None else ():
-            for held_dedupe_key in self.offsets.release(key):  # their outputs were flushed with this input's
-                self.ledger.mark(held_dedupe_key)
+            self._release(key)  # their outputs were flushed with this input's
+        if outcome.failed_job:
+            # Nothing will complete the inputs held for a failed job: pinned, they would hold back the partition's
+            # committed position until a restart, and then be replayed only to fail again.
+            self._release(outcome.failed_job)
+            if hasattr(self.handler, "abandon"):
+                self.handler.abandon(outcome.failed_job)
         self._commit(asynchronous=True)
+
+    def _release(self, hold_key: str) -> None:
+        for held_dedupe_key in self.offsets.release(hold_key):
+            self.ledger.mark(held_dedupe_key)
 
     def _decode(self, msg: Message) -> dict | None:
         attempt = 0

@@ -10,9 +10,11 @@ A handler's contract:
   * Raise ``InvalidEvent`` for an input that is readable but not acceptable: it goes to the dead-letter topic and,
     when it names a job, the job fails with the reason. Any other exception is retried a few times, then treated
     the same way, so one bad job never blocks its partition.
-  * A handler that needs several inputs before it can emit (the decoder's chunks) calls ``ctx.hold(key)``: the
-    input's offset is not committed until ``ctx.release(key)``, so a crash replays every input of an unfinished
-    unit. ``forget(keys)`` is called when a rebalance takes the partitions of held units away.
+  * A handler that needs several inputs before it can emit (the decoder's chunks) calls ``ctx.hold(job_id)``: the
+    input's offset is not committed until ``ctx.release(job_id)``, so a crash replays every input of an unfinished
+    job. ``forget(job_ids)`` is called when a rebalance takes the partitions of held jobs away. When the runtime
+    fails a job (its input was dead-lettered), it commits the inputs held for it, which nothing will complete now,
+    and calls ``abandon(job_id)`` so the handler drops the job and ignores its later inputs.
   * A handler may batch: with ``prepare(events)`` and ``batch_size``, the runtime passes it up to batch_size
     waiting, not yet handled events before handling each one as usual. prepare() may only warm what handle()
     would compute anyway (the prompt encoder encodes the batch in one forward pass), so a failed or partial
@@ -112,7 +114,7 @@ class StageContext:
         return new_event(job_id, derive_event_id(job_id, self.stage, *id_parts), **fields)
 
     def hold(self, key: str) -> None:
-        """Keep this input uncommitted until ``release(key)``."""
+        """Keep this input uncommitted until ``release(key)``; ``key`` is the job id (a failed job releases it)."""
         self.held.append(key)
 
     def release(self, key: str) -> None:

@@ -65,3 +65,52 @@ def test_a_late_duplicate_after_the_job_is_done_is_ignored(tmp_path):
     count = len(emitted)
     ctx = _feed(decoder, blobs, chunks[1], emitted)
     assert len(emitted) == count and not ctx.held
+
+
+class FlakyBlobStore(LocalBlobStore):
+    """A blob store whose next put of a blob named ``fail_on`` raises once, after the VAE has decoded the chunk."""
+
+    def __init__(self, root, fail_on: str):
+        super().__init__(root)
+        self.fail_on = fail_on
+
+    def put(self, data, job_id, name, **kwargs):
+        if name == self.fail_on:
+            self.fail_on = None
+            raise OSError(f"disk full writing {name}")
+        return super().put(data, job_id, name, **kwargs)
+
+
+def test_a_chunk_that_fails_once_is_retried_from_the_same_causal_state(tmp_path):
+    blobs = FlakyBlobStore(tmp_path, fail_on="segment-00001.m4s")
+    decoder = VaeDecoder(load_settings({"VIDGEN_VAR_DIR": str(tmp_path)}), blobs)
+    latent, chunks = _chunks(blobs, "job-d", 4)
+    emitted = []
+    _feed(decoder, blobs, chunks[2], emitted)  # early: waits for chunk 1
+    _feed(decoder, blobs, chunks[0], emitted)
+    try:
+        _feed(decoder, blobs, chunks[1], emitted)
+        raise AssertionError("the segment write should have failed")
+    except OSError:
+        pass
+    job = decoder.jobs["job-d"]
+    assert (job.next_index, job.state.frames_decoded, len(job.segments)) == (1, 1, 1), "the job is as it was"
+    assert sorted(job.early) == [1, 2], "the failed chunk and the early one still wait"
+    ctx = _feed(decoder, blobs, chunks[1], emitted)  # the runtime's retry of the same input
+    assert ctx.released == ["job-d"]
+    assert [(e["segment_index"], e["frame_start"], e["frames"]) for e in emitted] == [(0, 0, 1), (1, 1, 4), (2, 5, 4)]
+    video = read_mp4(blobs.get(emitted[-1]["video"]))
+    reference = decode_latents(ModelCatalogue().vae("tiny-wan"), latent)
+    assert np.abs(video.astype(int) - reference.astype(int)).mean() < 8
+
+
+def test_an_abandoned_job_is_dropped_and_its_later_chunks_are_ignored(tmp_path):
+    blobs = LocalBlobStore(tmp_path)
+    decoder = VaeDecoder(load_settings({"VIDGEN_VAR_DIR": str(tmp_path)}), blobs)
+    _, chunks = _chunks(blobs, "job-e", 5)
+    emitted = []
+    assert _feed(decoder, blobs, chunks[0], emitted).held == ["job-e"]
+    decoder.abandon("job-e")  # the runtime failed the job (a chunk kept failing)
+    assert "job-e" not in decoder.jobs
+    ctx = _feed(decoder, blobs, chunks[2], emitted)
+    assert not ctx.held and len(emitted) == 1, "a chunk of a failed job is neither held nor decoded"

@@ -9,12 +9,17 @@ import time
 
 import av
 import pytest
+import torch
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.progress import EventLog
 from gpu_agents.video import read_mp4
 from producers.requests import VideoRequests
 from streams import topics
 from streams.blobs import open_blob_store
+from streams.events import new_event, new_job_id
+from streams.kafka import consumer_config, producer_config
+from streams.serde import encode_key, event_codec
 from streams.supervisor import PlatformProcesses
 
 pytestmark = pytest.mark.integration
@@ -96,3 +101,51 @@ def test_a_decoder_killed_mid_job_is_replaced_and_the_video_is_the_same(platform
     replacement = {d["decoder_id"] for d in log.of(job_id, topics.DECODED) if d["timestamp"].timestamp() > killed_at}
     assert replacement and first["decoder_id"] not in replacement, "the rest came from another decoder"
     platform["processes"].add_stage("vae-decoder")
+
+
+def _committed(settings, group_id: str, topic: str, partition: int) -> int:
+    consumer = Consumer(consumer_config(settings, group_id, "test-offsets"))  # reads the group's offsets, never joins
+    try:
+        return consumer.committed([TopicPartition(topic, partition)], timeout=10)[0].offset
+    finally:
+        consumer.close()
+
+
+def test_a_chunk_that_keeps_failing_fails_its_job_and_frees_the_partition(platform):
+    """Chunk 1 of a 3-chunk job names a latent whose bytes are not what its sha256 says: after the retries the job
+    fails with the reason, the inputs held for it are committed, its chunk 2 is not held, and a job behind it on
+    the same partition is decoded; the committed position moves past all of them."""
+    settings, log, blobs = platform["settings"], platform["log"], platform["blobs"]
+    params = dict(width=64, height=64, num_frames=9, fps=8, steps=2, guidance_scale=1.0, seed=0, model="tiny-wan",
+                  preset="fast")
+    broken, behind = new_job_id(), new_job_id()
+    chunks = []
+    for job_id, count in ((broken, 3), (behind, 1)):
+        latent = torch.randn(1, 16, count, 8, 8, generator=torch.Generator().manual_seed(7))
+        for index in range(count):
+            ref = blobs.put_tensor(latent[:, :, index:index + 1].contiguous(), job_id, f"latent-{index}.safetensors")
+            if job_id == broken and index == 1:
+                ref = dict(ref, sha256="0" * 64)
+            chunks.append(new_event(job_id, f"{job_id}-chunk-{index}", tenant="default", chunk_index=index,
+                                    chunk_count=count, latent_frame_start=index, latent_frames=1, latent=ref,
+                                    params=dict(params, num_frames=1 + 4 * (count - 1)), attempt=1,
+                                    prompt_sha256="", requested_at=None))
+    topic, codec = topics.LATENT_CHUNKS.name, event_codec(settings)
+    offsets = []
+    producer = Producer(producer_config(settings, "test-chunks"))
+    for chunk in chunks:  # one partition, in this order, so the broken job's inputs sit in front of the other's
+        producer.produce(topic, key=encode_key(chunk["job_id"]), value=codec.encode(topic, chunk), partition=0,
+                         on_delivery=lambda err, msg: offsets.append(msg.offset()))
+    producer.flush(10)
+    producer.close()
+    assert len(offsets) == 4
+
+    failed = log.wait_for(lambda l: l.of(broken, topics.FAILED), 60, "the broken job to fail")
+    assert failed[0]["stage"] == "vae-decoder" and "sha256" in failed[0]["reason"], failed[0]
+    log.wait_for(lambda l: [d for d in l.of(behind, topics.DECODED) if d["is_last"]], 60, "the job behind it")
+    assert [d["segment_index"] for d in log.of(broken, topics.DECODED)] == [0]
+    assert any(l["job_id"] == broken for l in log.on(topics.DEAD_LETTER))
+    deadline = time.monotonic() + 30
+    while _committed(settings, "vidgen.vae-decoder", topic, 0) <= max(offsets) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _committed(settings, "vidgen.vae-decoder", topic, 0) > max(offsets), "held inputs pin the partition"
