@@ -293,6 +293,15 @@ def _poisoned_params(draw, at_least_one: bool = True) -> tuple[dict, list[str]]:
 
 
 # -- vidgen.requested ---------------------------------------------------------------------------------------------------
+def _tier_event(draw, forge: Forge, topic: str, event: dict, kind: str) -> tuple[bytes, str]:
+    """The event's bytes and kind: now and then (hypothesis leans to the low end: 10 is the rare case) framed
+    with a forged schema whose tier enum has a symbol the real one lacks."""
+    if draw(st.integers(1, 10)) == 10:
+        schema_id, parsed, _ = forge.forged[(topic, "symbol")]
+        return forge.framed(schema_id, forge.body(topic, dict(event, tier="ULTRA"), parsed)), "forged-enum-symbol"
+    return forge.encode(topic, event), kind
+
+
 @st.composite
 def meaningless_request(draw, forge: Forge) -> BadEvent:
     """A VideoRequested the prompt encoder must refuse (check_request), framed with the real schema id — or, for
@@ -314,13 +323,7 @@ def meaningless_request(draw, forge: Forge) -> BadEvent:
                  negative_prompt=negative, tier=draw(st.sampled_from(["PREMIUM", "STANDARD", "FREE"])), params=params,
                  consent_ref=draw(st.one_of(st.none(), st.just(""), st.just("c" * 5000))))
     topic = topics.REQUESTED.name
-    if draw(st.integers(1, 10)) == 10:  # hypothesis leans to the low end: 10 is the rare case
-        schema_id, parsed, note = forge.forged[(topic, "symbol")]
-        value = forge.framed(schema_id, forge.body(topic, dict(event, tier="ULTRA"), parsed))
-        kind = "forged-enum-symbol"
-    else:
-        value = forge.encode(topic, event)
-        kind = "meaningless-request"
+    value, kind = _tier_event(draw, forge, topic, event, "meaningless-request")
     return BadEvent(topic, kind, "reject", job_id.encode("utf-8", "surrogatepass"), value, job_id=job_id,
                     note="bad: " + ",".join(what))
 
@@ -363,13 +366,7 @@ def meaningless_encoded(draw, forge: Forge, topic: str) -> BadEvent:
                  negative_prompt_embeds=draw(st.one_of(st.none(), st.just(embeds))),
                  requested_at=draw(st.one_of(st.none(), _timestamp())), prompt_truncated=draw(st.booleans()),
                  embeddings_cached=draw(st.booleans()))
-    if draw(st.integers(1, 10)) == 10:  # hypothesis leans to the low end: 10 is the rare case
-        schema_id, parsed, _ = forge.forged[(topic, "symbol")]
-        value = forge.framed(schema_id, forge.body(topic, dict(event, tier="ULTRA"), parsed))
-        kind = "forged-enum-symbol"
-    else:
-        value = forge.encode(topic, event)
-        kind = "meaningless-encoded"
+    value, kind = _tier_event(draw, forge, topic, event, "meaningless-encoded")
     return BadEvent(topic, kind, "reject", job_id.encode("utf-8", "surrogatepass"), value, job_id=job_id, slow=True,
                     note=note)
 
