@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consumers.progress import JobEvent, read_events
+from consumers.progress import JobEvent, is_terminal, read_events
 from gpu_agents.models import InvalidParamsError, ModelCatalogue, validate_generation_params
 from gpu_agents.video import encode_mp4
 from producers.requests import VideoRequests, parse_size
-from streams import topics
+from streams import supervisor, topics
 from streams.settings import Settings
 from streams.supervisor import PlatformProcesses
 from vidgen.cli import SAMPLE_PROMPT
@@ -174,40 +174,58 @@ def event_time(job_event: JobEvent) -> float:
     return stamp / 1000.0
 
 
+def published(job_event: JobEvent) -> bool:
+    """Whether the event ends its job with a publication; JobFailed if it ends the job otherwise; False if it does not
+    end the job. What ends a job is decided as everywhere else (``consumers.progress.is_terminal``): a VideoFlagged
+    with ``ends_job`` false (a REVIEW for reviewers, e.g. the tiny models' noise flagged as flicker) is an annotation,
+    and the job goes on to its VideoPublished; one with ``ends_job`` true (a BLOCK, or a REVIEW the platform holds)
+    ends it unpublished."""
+    if not is_terminal(job_event):
+        return False
+    if job_event.topic != topics.PUBLISHED.name:
+        raise JobFailed(f"job {job_event.event['job_id']} ended on {job_event.topic}: {job_event.event}")
+    return True
+
+
 class TerminalWatch:
     """Reads the terminal topics from before a submission, so the end of a job is seen as soon as it is produced.
 
     Only the terminal topics: following all 50 StepProgress events live would add a consumer's work to the
-    platform's; they are read back afterwards for the breakdown instead.
+    platform's; they are read back afterwards for the breakdown instead. vidgen.flagged is one of them, but not
+    every event on it ends a job (see ``published``).
     """
 
-    def __init__(self, settings: Settings, since_ms: int):
-        self.events = read_events(settings, since_ms=since_ms, lifecycle=topics.TERMINAL)
-        next(self.events)  # assigns the partitions now, outside any timed section
+    def __init__(self, events: Iterator[JobEvent | None]):
+        self.events = events  # read_events over the terminal topics (or any iterator of the same)
+
+    @classmethod
+    def reading(cls, settings: Settings, since_ms: int) -> "TerminalWatch":
+        events = read_events(settings, since_ms=since_ms, lifecycle=topics.TERMINAL)
+        next(events)  # assigns the partitions now, outside any timed section
+        return cls(events)
 
     def wait(self, job_ids: list[str], timeout_s: float) -> dict[str, float]:
-        """perf_counter time at which each job's terminal event was read; JobFailed if one did not publish."""
+        """perf_counter time at which each job's publication was read; JobFailed if one ended otherwise."""
         seen: dict[str, float] = {}
         deadline = time.monotonic() + timeout_s
         for job_event in self.events:
             if job_event is not None and job_event.event["job_id"] in job_ids:
                 seen_at = time.perf_counter()
-                if job_event.topic != topics.PUBLISHED.name:
-                    raise JobFailed(f"job {job_event.event['job_id']} ended on {job_event.topic}: {job_event.event}")
-                seen.setdefault(job_event.event["job_id"], seen_at)
-                if len(seen) == len(job_ids):
-                    return seen
+                if published(job_event):
+                    seen.setdefault(job_event.event["job_id"], seen_at)
+                    if len(seen) == len(job_ids):
+                        return seen
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(job_ids) - len(seen)} of {len(job_ids)} jobs not published in {timeout_s} s")
         raise RuntimeError("event stream ended")  # read_events never ends on its own
 
     def close(self) -> None:
-        self.events.close()  # closes the consumer
+        self.events.close()  # closes read_events' consumer
 
 
 @contextmanager
 def terminal_watch(settings: Settings) -> Iterator[TerminalWatch]:
-    watch = TerminalWatch(settings, since_ms=int(time.time() * 1000) - 1000)
+    watch = TerminalWatch.reading(settings, since_ms=int(time.time() * 1000) - 1000)
     try:
         yield watch
     finally:
@@ -299,7 +317,7 @@ def job_milestones(job: PlatformJob) -> dict[str, float]:
 # Consecutive milestones and what happens between them.
 PLATFORM_HOPS = (
     ("submitted", "encoded", "hop → prompt-encoder, T5 ×2, embedding blobs"),
-    ("encoded", "step 1", "hop → gpu-agent, read embeddings, step 1"),
+    ("encoded", "step 1", "hop → gpu-agent (via any stage between), read embeddings, step 1"),
     ("step 1", "step N", "denoising steps 2..N (+ StepProgress events)"),
     ("step N", "chunks", "latent chunk blobs + LatentChunk events"),
     ("chunks", "decoded", "hop → vae-decoder, VAE decode, segments + MP4, blobs"),
@@ -587,6 +605,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def platform_processes(var_dir: Path, env: dict[str, str]) -> PlatformProcesses:
+    """The platform as `vidgen up` runs its pipeline: every stage the supervisor lists (read when called, so a stage
+    added there is started here too), without the services (tracker, archiver) a job does not wait for."""
+    return PlatformProcesses(var_dir, stages=tuple(supervisor.STAGE_NAMES), env=env)
+
+
 def equalise_torch_threads(platform_env: dict[str, str]) -> str:
     """Give this process the torch thread count a stage process gets by default; says what was done."""
     stage_threads, bench_threads = default_torch_threads(platform_env), torch.get_num_threads()
@@ -629,7 +653,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     var_dir = Path(tempfile.mkdtemp(prefix="vidgen-bench-overhead-"))
     platform_env = dict(item.split("=", 1) for item in args.platform_env)
-    platform = PlatformProcesses(var_dir, env=platform_env)
+    platform = platform_processes(var_dir, platform_env)
     print(equalise_torch_threads(platform.env), flush=True)
 
     direct = DirectGenerator(workload)

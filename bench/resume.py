@@ -26,7 +26,7 @@ from .common import print_result
 
 
 def agent_pid(step_event: dict) -> int:
-    return int(step_event["agent_id"].rsplit("-", 1)[1])
+    return int(step_event["agent_id"].rsplit("-", 1)[1].split(".")[0])  # <host>-<pid>.<random>
 
 
 def main(argv: list[str]) -> int:

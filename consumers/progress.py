@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from consumers.audit import is_terminal as _ends_job
 from schemas.codec import DecodeError
 from streams import topics
 from streams.kafka import consumer_config
@@ -42,9 +43,10 @@ class JobEvent:
 
 
 def is_terminal(job_event: JobEvent) -> bool:
-    if job_event.topic == topics.FLAGGED.name:
-        return job_event.event.get("ends_job", job_event.event.get("decision") == "BLOCK")
-    return job_event.topic in (topics.PUBLISHED.name, topics.FAILED.name, topics.CANCELLED.name)
+    """Whether the event ends its job: a publication, a failure, a cancellation, or a VideoFlagged whose
+    ``ends_job`` is true (a BLOCK, or a REVIEW the platform holds); a REVIEW flag the job goes on from does not.
+    The one rule, shared with the audit (``consumers.audit.is_terminal``, on a topic name and an event)."""
+    return _ends_job(job_event.topic, job_event.event)
 
 
 def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,

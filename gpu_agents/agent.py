@@ -1,21 +1,24 @@
 """gpu-agent: PromptEncoded → the explicit denoising loop → StepProgress per step, checkpoints, then latent chunks.
 
-Consumes vidgen.encoded.{premium,standard,free}, picked by tier weight (VIDGEN_TIER_WEIGHTS, default 6:3:1), and
-follows vidgen.control for cancellations. Emits vidgen.step-progress (every step), vidgen.latent-checkpointed
-(every N steps and at least every S seconds, written off the denoising path) and, when the latent is final,
-vidgen.latent-chunks (k latent frames each, in order, keyed by job). A job that was interrupted — its agent
-killed, its partition moved, its process drained — resumes from its newest checkpoint on whichever agent gets it
-next, and ends bit-identical to an uninterrupted run.
+Takes its jobs (PromptEncoded events) from the scheduler on vidgen.assignments and reports its state on
+vidgen.agents (streams/agent_runtime.py); follows vidgen.control for cancellations. Emits vidgen.step-progress
+(every step), vidgen.latent-checkpointed (every N steps and at least every S seconds, written off the denoising
+path) and, when the latent is final, vidgen.latent-chunks (k latent frames each, in order, keyed by job). A job
+that was interrupted — its agent killed, preempted by a premium job, drained — resumes from its newest checkpoint
+on whichever agent gets it next, and ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
+from collections import deque
 
 import torch
 
 from streams import topics
+from streams.agent_runtime import AgentRuntime
 from streams.blobs import LocalBlobStore
 from streams.metrics import QUEUE_WAIT_SECONDS, STEP_SECONDS, observe_since
 from streams.settings import Settings
@@ -34,9 +37,22 @@ class DenoisingAgent:
         self.chunk_frames = settings.latent_chunk_frames
         self.every_steps = settings.checkpoint_every_steps
         self.every_s = settings.checkpoint_every_s
-        self.agent_id = f"{socket.gethostname()}-{os.getpid()}"
+        # Unique per process, also across restarts of a container (same host name, same pid 1).
+        self.agent_id = f"{socket.gethostname()}-{os.getpid()}.{secrets.token_hex(3)}"
         self.checkpoints = CheckpointStore(blobs)
         self.writer = CheckpointWriter(self.checkpoints)
+        self.recent_step_s: deque[float] = deque(maxlen=20)
+        self.progress = (0, 0)  # (step, total) of the running job
+
+    def status(self) -> dict:
+        """What the agent's state reports say of it (cheap: read every beat of the consumer thread)."""
+        free = None
+        if self.models.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.models.device)[0]
+        recent = list(self.recent_step_s)
+        return {"models": self.models.loaded(), "device": str(self.models.device), "free_memory_bytes": free,
+                "step_s": sum(recent) / len(recent) if recent else None, "step": self.progress[0],
+                "total_steps": self.progress[1]}
 
     def handle(self, job: dict, ctx: StageContext) -> None:
         job_id, params = job["job_id"], job["params"]
@@ -52,6 +68,7 @@ class DenoisingAgent:
         negative_ref = job["negative_prompt_embeds"] if guidance > 1.0 else None
         negative_embeds = ctx.blobs.get_tensor(negative_ref).to(device) if negative_ref else None
         total = params["steps"]
+        self.progress = (0, total)
 
         scheduler = denoiser.new_scheduler()
         found = self.checkpoints.newest_with_ref(job_id)
@@ -89,6 +106,8 @@ class DenoisingAgent:
         def after_step(step: StepInfo) -> None:
             nonlocal last_checkpoint
             STEP_SECONDS.labels(params["model"]).observe(step.elapsed_s)
+            self.recent_step_s.append(step.elapsed_s)
+            self.progress = (step.step, total)
             if step.step == 1:  # the first step of a fresh job: how long it waited for a GPU
                 observe_since(QUEUE_WAIT_SECONDS, (job["tier"].lower(),), job.get("requested_at"))
             ctx.emit(topics.STEP_PROGRESS, ctx.event(
@@ -97,12 +116,15 @@ class DenoisingAgent:
                 resumed_from_step=start_step if resumed is not None else None,
                 step_ms=step.elapsed_s * 1000.0, agent_id=self.agent_id,
             ))
-            stop = ctx.stop_reason()
+            # Before the result becomes final, make sure the scheduler has not given the job to another agent.
+            stop = ctx.confirm() if step.step == total else ctx.stop_reason()
             if stop == "cancelled":
                 raise CancelledByRequest(step.step)
+            if stop == "fenced":  # another agent runs it now, from a checkpoint of its own choosing: leave it be
+                raise JobInterrupted(f"fenced at step {step.step}")
             if step.step == total:
                 return  # the result itself follows; a checkpoint of it would never be used
-            if stop is not None:  # revoked or draining: leave a checkpoint at this very step, then stop
+            if stop is not None:  # preempted or draining: leave a checkpoint at this very step, then stop
                 checkpoint(step)
                 self.writer.drain()
                 raise JobInterrupted(f"{stop} at step {step.step}")
@@ -136,12 +158,11 @@ class DenoisingAgent:
 
 STAGE = Stage(
     name="gpu-agent",
-    consumes=tuple(topics.ENCODED.values()),
-    emits=(topics.STEP_PROGRESS, topics.LATENT_CHECKPOINTED, topics.LATENT_CHUNKS, topics.CANCELLED),
+    consumes=(topics.ASSIGNMENTS,),
+    emits=(topics.AGENTS, topics.STEP_PROGRESS, topics.LATENT_CHECKPOINTED, topics.LATENT_CHUNKS, topics.CANCELLED),
     build=DenoisingAgent,
     dedupe_key=lambda job: job["job_id"],
-    long_jobs=True,
-    lanes={topic.name: tier for tier, topic in topics.ENCODED.items()},
     control=topics.CONTROL,
+    runtime=AgentRuntime,
     doc=__doc__,
 )

@@ -328,6 +328,11 @@ class ModelCatalogue:
     def known(self, model_id: str) -> bool:
         return model_id in BUILTIN_MODELS or model_id in self._model_dirs or _is_model_path(model_id)
 
+    def loaded(self, part: str = "denoiser") -> list[str]:
+        """Ids of the models whose ``part`` is loaded in this process (what a GPU agent reports)."""
+        with self._lock:
+            return sorted(model_id for model_id, cached_part in self._cache if cached_part == part)
+
     def max_sequence_length(self, model_id: str) -> int:
         """Text length prompts are padded/truncated to; cheap (loads nothing)."""
         if model_id in BUILTIN_MODELS:

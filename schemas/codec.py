@@ -40,6 +40,10 @@ EVENT_NAMES = (
     "JobFailed",
     "DeadLetter",
     "StageStats",
+    "AgentStatus",
+    "Assignment",
+    "SchedulerDecision",
+    "QueuePosition",
 )
 
 #: Named types shared by several events, each in its own file.

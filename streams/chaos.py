@@ -122,9 +122,9 @@ def make_jobs(count: int, rng: random.Random, large_every: int = 0, streamed_eve
 
 # -- watching the log ---------------------------------------------------------------------------------------------
 def pid_of(process_id: str | None) -> int | None:
-    """The pid in an ``agent_id`` / ``decoder_id`` (``<host>-<pid>``)."""
+    """The pid in an ``agent_id`` (``<host>-<pid>.<random>``) or a ``decoder_id`` (``<host>-<pid>``)."""
     try:
-        return int(str(process_id).rsplit("-", 1)[1])
+        return int(str(process_id).rsplit("-", 1)[1].split(".")[0])
     except (IndexError, ValueError):
         return None
 

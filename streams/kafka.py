@@ -116,3 +116,106 @@ def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = CATALOGUE, tim
             if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another process won the race: fine
                 raise
     return created
+
+
+class TopicFollower:
+    """Reads every partition of one topic outside any consumer group (nothing is committed): what a process uses to
+    see all of a topic — the control topic's cancellations, the scheduler's orders, the agents' reports.
+
+    ``start="beginning"`` reads the whole topic; ``start="end"`` only what arrives from now on. The end is the
+    high watermark the broker reports (on the embedded broker it can fall a few records short of the true end,
+    which only means reading them too: followers filter what they read anyway). ``caught_up()`` polls until
+    everything that was on the topic when it was called has been read, for a reader that must know it missed
+    nothing (an agent before it finishes a job).
+    """
+
+    def __init__(self, settings: Settings, topic: Topic, client_id: str, start: str = "beginning",
+                 timeout_s: float = 10.0):
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        if start not in ("beginning", "end"):
+            raise ValueError(f"start must be 'beginning' or 'end', got {start!r}")
+        conf = consumer_config(settings, f"{client_id}.{topic.name}", client_id)
+        conf["enable.partition.eof"] = True
+        self.topic = topic.name
+        self.consumer = Consumer(conf)
+        metadata = self.consumer.list_topics(topic.name, timeout=timeout_s)
+        if metadata.topics[topic.name].error is not None:
+            raise KafkaException(metadata.topics[topic.name].error)
+        partitions = sorted(metadata.topics[topic.name].partitions)
+        self.next: dict[int, int] = {}
+        for p in partitions:
+            if start == "end":
+                self.next[p] = self.consumer.get_watermark_offsets(TopicPartition(topic.name, p), timeout=timeout_s,
+                                                                   cached=False)[1]
+            else:
+                self.next[p] = OFFSET_BEGINNING
+        self.consumer.assign([TopicPartition(topic.name, p, offset) for p, offset in self.next.items()])
+
+    def poll(self, timeout_s: float = 0.0):
+        """The next message, or None (nothing new, an end-of-partition notice, or an error, which is logged)."""
+        from confluent_kafka import KafkaError
+
+        msg = self.consumer.poll(timeout_s)
+        if msg is None:
+            return None
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("reading %s: %s", self.topic, msg.error())
+            return None
+        self.next[msg.partition()] = msg.offset() + 1
+        return msg
+
+    def seek(self, msg) -> None:
+        """Read ``msg`` again on the next poll."""
+        from confluent_kafka import TopicPartition
+
+        self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        self.next[msg.partition()] = msg.offset()
+
+    def caught_up(self, handle, timeout_s: float = 5.0) -> bool:
+        """Poll (passing each message to ``handle``) until every partition's high watermark, as it was when called,
+        has been read; False if that took longer than ``timeout_s``."""
+        from confluent_kafka import TopicPartition
+
+        deadline = time.monotonic() + timeout_s
+        try:
+            ends = {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s,
+                                                           cached=False)[1] for p in self.next}
+        except KafkaException as exc:
+            log.warning("reading %s: no high watermark: %s", self.topic, exc)
+            return False
+        while any(self.next[p] < end for p, end in ends.items() if end > 0):
+            if time.monotonic() > deadline:
+                return False
+            msg = self.poll(0.05)
+            if msg is not None:
+                handle(msg)
+        return True
+
+    def read_to_end(self, handle, timeout_s: float = 60.0) -> int:
+        """Read from the current position to the end (every partition's end-of-partition notice); returns how many
+        messages were read."""
+        from confluent_kafka import KafkaError
+
+        pending, count = set(self.next), 0
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {self.topic} to its end took more than {timeout_s} s")
+            msg = self.consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    pending.discard(msg.partition())
+                else:
+                    log.warning("reading %s: %s", self.topic, msg.error())
+                continue
+            self.next[msg.partition()] = msg.offset() + 1
+            handle(msg)
+            count += 1
+        return count
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -204,7 +204,8 @@ class StageRuntime:
             self.settle(self.execute(msg, decoded=(event,)))
 
     def execute(self, msg: Message, stop_reason: Callable[[], str | None] | None = None,
-                decoded: tuple[dict | None] | None = None) -> "Outcome":
+                decoded: tuple[dict | None] | None = None,
+                confirm: Callable[[], str | None] | None = None) -> "Outcome":
         """Decode, dedupe and handle one input, and flush what it emitted. Touches no offsets, so a long job can
         run it on a worker thread while the consumer thread keeps polling. ``decoded`` carries the event when the
         caller decoded it already (a batch)."""
@@ -219,7 +220,7 @@ class StageRuntime:
             return outcome
         source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
         with consume_span(self.stage.name, msg.topic(), msg.headers()):
-            outcome.ctx, outcome.interrupted = self._handle_with_retries(msg, event, source, stop_reason)
+            outcome.ctx, outcome.interrupted = self._handle_with_retries(msg, event, source, stop_reason, confirm)
         if outcome.ctx is None and not outcome.interrupted:  # dead-lettered, which fails the job it names
             outcome.failed_job = event.get("job_id") or None
         return outcome
@@ -268,12 +269,13 @@ class StageRuntime:
                     raise SystemExit(f"{self.stage.name}: stopping while the schema registry is unreachable")
 
     def _handle_with_retries(self, msg: Message, event: dict, source: SourceMessage,
-                             stop_reason: Callable[[], str | None] | None) -> tuple[StageContext | None, bool]:
+                             stop_reason: Callable[[], str | None] | None,
+                             confirm: Callable[[], str | None] | None = None) -> tuple[StageContext | None, bool]:
         """(context of the successful try or None, interrupted?)"""
         headers = current_trace_headers()
         for attempt in range(1, HANDLER_ATTEMPTS + 1):
             ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
-                               stop_reason=stop_reason or (lambda: None))
+                               stop_reason=stop_reason or (lambda: None), confirm=confirm or stop_reason or (lambda: None))
             started = self._handling_since = time.perf_counter()
             try:
                 if ctx.stop_reason() == "cancelled":
@@ -419,8 +421,6 @@ class StageRuntime:
 
 
 def run_stage(stage: Stage, settings: Settings) -> StageCounters:
-    from .long_jobs import LongJobRuntime  # it builds on this module
-
-    runtime = (LongJobRuntime if stage.long_jobs else StageRuntime)(stage, settings)
+    runtime = (stage.runtime or StageRuntime)(stage, settings)
     runtime.install_signal_handlers()
     return runtime.run()

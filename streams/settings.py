@@ -16,7 +16,12 @@ Environment variables:
   VIDGEN_MODELS                local diffusers model directories: "name=/path,other=/path2"
   VIDGEN_DEFAULT_MODEL         model used when a request names none (default tiny-wan)
   VIDGEN_LATENT_CHUNK_FRAMES   latent frames per LatentChunk (default 2)
-  VIDGEN_TIER_WEIGHTS          GPU agents' share of started jobs per tier: "premium=6,standard=3,free=1"
+  VIDGEN_TIER_WEIGHTS          the scheduler's share of started jobs per tier: "premium=6,standard=3,free=1"
+  VIDGEN_PREEMPT_AFTER_S       a job of a preempting tier waiting longer than this goes first and, with no agent
+                               idle, preempts the lowest-tier running job (default 30; "off" never preempts)
+  VIDGEN_PREEMPTING_TIERS      tiers whose overdue jobs preempt: "premium" (default)
+  VIDGEN_AGENT_TIMEOUT_S       an agent silent this long is dead and its job resumes elsewhere (default 10)
+  VIDGEN_SCHEDULER_GRACE_S     a new active scheduler hears from the agents this long before it starts jobs (2.5)
   VIDGEN_CHECKPOINT_EVERY_STEPS / VIDGEN_CHECKPOINT_EVERY_S   checkpoint cadence of running jobs (10 steps / 60 s)
 """
 from __future__ import annotations
@@ -46,8 +51,13 @@ class Settings:
     model_dirs: dict[str, str] = field(default_factory=dict)
     default_model: str = "tiny-wan"
     latent_chunk_frames: int = 2
-    #: Relative share of started jobs per tier when all are backlogged (the GPU agent's lanes).
+    #: Relative share of started jobs per tier when all are backlogged (the scheduler's tier weights).
     tier_weights: dict[str, float] = field(default_factory=lambda: {"premium": 6.0, "standard": 3.0, "free": 1.0})
+    #: The scheduler: preemption bound (None: never), tiers that preempt, dead-agent timeout, takeover grace.
+    preempt_after_s: float | None = 30.0
+    preempting_tiers: tuple[str, ...] = ("premium",)
+    agent_timeout_s: float = 10.0
+    scheduler_grace_s: float = 2.5
     #: Checkpoint a running job every N steps, and at least every S seconds (0 = never by time).
     checkpoint_every_steps: int = 10
     checkpoint_every_s: float = 60.0
@@ -147,6 +157,25 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
                 k: float(v) for k, v in weights.items()}
         except ValueError as exc:
             raise SettingsError(f"tier weights: {exc}") from exc
+    scheduler = file_settings.get("scheduler", {})
+    preempt = env.get("VIDGEN_PREEMPT_AFTER_S") or scheduler.get("preempt_after_s")
+    try:
+        if preempt is not None and str(preempt).strip().lower() in ("off", "none", "never"):
+            settings.preempt_after_s = None
+        elif preempt not in (None, ""):
+            settings.preempt_after_s = float(preempt)
+        tiers = env.get("VIDGEN_PREEMPTING_TIERS") or scheduler.get("preempting_tiers")
+        if tiers:
+            settings.preempting_tiers = tuple(t.strip() for t in (tiers.split(",") if isinstance(tiers, str) else tiers)
+                                              if t.strip())
+        settings.agent_timeout_s = float(env.get("VIDGEN_AGENT_TIMEOUT_S") or scheduler.get("agent_timeout_s") or 10.0)
+        settings.scheduler_grace_s = float(env.get("VIDGEN_SCHEDULER_GRACE_S") or scheduler.get("grace_s") or 2.5)
+    except ValueError as exc:
+        raise SettingsError(f"scheduler settings: {exc}") from exc
+    if settings.preempt_after_s is not None and settings.preempt_after_s < 0:
+        raise SettingsError("preempt_after_s must be at least 0 (or off)")
+    if settings.agent_timeout_s <= 0:
+        raise SettingsError("agent_timeout_s must be positive")
     checkpoints = file_settings.get("checkpoints", {})
     settings.checkpoint_every_steps = int(env.get("VIDGEN_CHECKPOINT_EVERY_STEPS") or checkpoints.get("every_steps") or 10)
     settings.checkpoint_every_s = float(env.get("VIDGEN_CHECKPOINT_EVERY_S") or checkpoints.get("every_s") or 60.0)

@@ -63,13 +63,12 @@ class Stage:
     build: Callable[["Settings", "LocalBlobStore"], Handler]
     #: What makes two inputs "the same work" for this stage; a redelivered duplicate is skipped.
     dedupe_key: Callable[[dict], str] = lambda event: f"{event['job_id']}/{event['event_id']}"
-    #: Long jobs (minutes): run on a worker thread while the consumer keeps polling, so a job longer than
-    #: max.poll.interval.ms costs no rebalance; waiting inputs are picked by lane weight (see streams/scheduling.py).
-    long_jobs: bool = False
-    #: topic name → lane (tier) for weighted picking of the next long job.
-    lanes: dict[str, str] = field(default_factory=dict)
     #: Follow cancellations on this topic: a queued job is skipped, a running one stops at the next step.
     control: Topic | None = None
+    #: The runtime class that runs this stage, when it is not the plain StageRuntime (the GPU agent's takes its
+    #: work from the scheduler; the scheduler's holds a lease). Given by the stage module, so the backbone never
+    #: imports a stage.
+    runtime: type | None = None
     doc: str = ""
 
     @property
@@ -99,8 +98,11 @@ class StageContext:
     _emit: Callable[[Topic, dict, str | None, list], None]
     #: Trace context of this input's span, put on everything emitted for it (from any thread).
     headers: list = field(default_factory=list)
-    #: Why the job should stop at the next step boundary: "cancelled", "revoked", "shutdown", or None.
+    #: Why the job should stop at the next step boundary: "cancelled", "preempted", "drained", "fenced", or None.
     stop_reason: Callable[[], str | None] = _never_stop
+    #: Like stop_reason, but first makes sure every order about this job sent so far has been read (it may block
+    #: briefly): asked once, before a job's result becomes final.
+    confirm: Callable[[], str | None] = _never_stop
     held: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
 

@@ -17,7 +17,7 @@ from .settings import Settings, load_settings, read_platform_file
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance")
+STAGE_NAMES = ("prompt-encoder", "scheduler", "gpu-agent", "vae-decoder", "compliance")
 #: What `vidgen up` runs besides the pipeline: the job-state tracker and the archiver (and a gateway).
 SERVICE_NAMES = ("tracker", "archiver")
 #: On one machine the denoiser should win the cores: everything else only needs CPU between denoising steps, and

@@ -39,6 +39,19 @@ DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY
 STATS = Topic("vidgen.stats", 3, "StageStats", key="stage", retention_ms=DAY_MS,
               doc="stage processes' lag and busy reports, for `vidgen autoscale`")
 
+# The fleet's one queue (consumers/scheduler.py): agents report on AGENTS and take work from ASSIGNMENTS; the active
+# scheduler writes every decision to SCHEDULER_LOG (one partition: one order to fold on failover) and holds the
+# single partition of SCHEDULER_LEASE through a consumer group, which is what makes it the active one.
+AGENTS = Topic("vidgen.agents", 3, "AgentStatus", key="agent_id", retention_ms=DAY_MS,
+               doc="GPU agents' state reports (about every second)")
+ASSIGNMENTS = Topic("vidgen.assignments", 6, "Assignment", key="agent_id", retention_ms=DAY_MS,
+                    doc="the scheduler's orders to agents; every agent reads all of it and takes its own")
+SCHEDULER_LOG = Topic("vidgen.scheduler", 1, "SchedulerDecision", retention_ms=7 * DAY_MS,
+                      doc="the active scheduler's decisions, folded by a new leader")
+SCHEDULER_LEASE = Topic("vidgen.scheduler-lease", 1, "SchedulerDecision",
+                        doc="holds no records: the scheduler that owns its one partition is the active one")
+QUEUE = Topic("vidgen.queue", 6, "QueuePosition", retention_ms=DAY_MS, doc="waiting jobs' positions and ETAs")
+
 CATALOGUE: tuple[Topic, ...] = (
     REQUESTED,
     *ENCODED.values(),
@@ -53,6 +66,11 @@ CATALOGUE: tuple[Topic, ...] = (
     CANCELLED,
     DEAD_LETTER,
     STATS,
+    AGENTS,
+    ASSIGNMENTS,
+    SCHEDULER_LOG,
+    SCHEDULER_LEASE,
+    QUEUE,
 )
 BY_NAME = {topic.name: topic for topic in CATALOGUE}
 

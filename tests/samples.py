@@ -11,12 +11,13 @@ PARAMS = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 20, "gu
 
 def sample_events() -> dict[str, dict]:
     job = "j1"
+    encoded = new_event(job, tenant="acme", tier="PREMIUM", params=PARAMS, prompt_sha256="ef" * 32, encoder="tiny-t5",
+                        prompt_embeds=BLOB, negative_prompt_embeds=BLOB, requested_at=1_700_000_000_000,
+                        prompt_truncated=True, embeddings_cached=True)
     return {
         "VideoRequested": new_event(job, tenant="acme", prompt="a fox", negative_prompt="blurry", tier="PREMIUM",
                                     params=PARAMS, consent_ref=None),
-        "PromptEncoded": new_event(job, tenant="acme", tier="PREMIUM", params=PARAMS, prompt_sha256="ef" * 32,
-                                   encoder="tiny-t5", prompt_embeds=BLOB, negative_prompt_embeds=BLOB,
-                                   requested_at=1_700_000_000_000, prompt_truncated=True, embeddings_cached=True),
+        "PromptEncoded": encoded,
         "StepProgress": new_event(job, step=3, total_steps=20, attempt=2, resumed_from_step=2, step_ms=15.5,
                                   agent_id="host-1"),
         "LatentCheckpointed": new_event(job, step=10, total_steps=20, attempt=1, checkpoint=BLOB, agent_id="host-1"),
@@ -43,6 +44,16 @@ def sample_events() -> dict[str, dict]:
         "StageStats": new_event("", stage="gpu-agent", instance="host-1-42", interval_s=10.0,
                                 lag=[{"topic": "vidgen.encoded.premium", "partition": 3, "lag": 17}],
                                 busy_fraction=0.75, gpu_utilization=None),
+        "AgentStatus": new_event("", agent_id="host-1-42-ab12", state="BUSY", epoch=2, step=7, total_steps=20,
+                                 tier="FREE", models=["tiny-wan"], device="cpu", free_memory_bytes=None, step_s=0.12,
+                                 last_assignment=5, leader_epoch=1, finished_job_id="j0", finished_epoch=1,
+                                 finished_outcome="COMPLETED", finished_reason=""),
+        "Assignment": new_event(job, agent_id="host-1-42-ab12", kind="ASSIGN", epoch=2, seq=5, leader_epoch=1,
+                                job=encoded),
+        "SchedulerDecision": new_event(job, kind="REQUEUED", leader_epoch=1, scheduler_id="host-3-7", seq=0,
+                                       agent_id="host-1-42-ab12", epoch=2, reason="preempted", job=None,
+                                       source_topic="", source_partition=-1, source_offset=-1),
+        "QueuePosition": new_event(job, tenant="acme", tier="PREMIUM", position=3, waiting=12, eta_s=41.5),
         "DeadLetter": new_event(job, stage="prompt-encoder", source_topic="vidgen.requested", source_partition=2,
                                 source_offset=41, error_type="DECODE", error="not Confluent wire format",
                                 raw_key=b"j1", raw_value=b"\xff\x00garbage",

@@ -50,7 +50,7 @@ def platform(tmp_path_factory):
 
 
 def _agent_pid(step_event: dict) -> int:
-    return int(step_event["agent_id"].rsplit("-", 1)[1])
+    return int(step_event["agent_id"].rsplit("-", 1)[1].split(".")[0])  # <host>-<pid>.<random>
 
 
 def _published_once(log: EventLog, job_id: str, timeout_s: float = 180) -> dict:

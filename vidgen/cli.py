@@ -12,6 +12,7 @@ import time
 
 STAGES = {
     "prompt-encoder": "consumers.prompt_encoder",
+    "scheduler": "consumers.scheduler",
     "gpu-agent": "gpu_agents.agent",
     "vae-decoder": "gpu_agents.decoder",
     "compliance": "consumers.compliance_stage",
@@ -22,7 +23,7 @@ BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
     "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
     "compliance": "bench.compliance", "intake": "bench.intake", "progress": "bench.progress",
-    "fanout": "bench.fanout", "chaos": "bench.chaos",
+    "fanout": "bench.fanout", "chaos": "bench.chaos", "dispatch": "bench.dispatch",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 

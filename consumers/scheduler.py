@@ -1,0 +1,204 @@
+"""scheduler: the fleet's one queue — PromptEncoded on the tier topics → assignments to idle GPU agents.
+
+Consumes vidgen.encoded.{premium,standard,free} (group vidgen.scheduler), vidgen.agents (the agents' state
+reports) and vidgen.control (cancellations). Emits every decision to vidgen.scheduler, orders to agents on
+vidgen.assignments, JobCancelled on vidgen.cancelled for a job cancelled while it waits, and QueuePosition on
+vidgen.queue. What to start, where, and what yields is consumers/queue_policy.py; the state and its decisions are
+consumers/dispatcher.py; this module is the Kafka around them.
+
+Exactly one scheduler is active: the one that owns the single partition of vidgen.scheduler-lease through the
+consumer group vidgen.scheduler-lease. Standbys sit in that group with nothing assigned; when the active process
+dies, Kafka moves the partition after the session timeout and a standby takes over:
+1. fold the decision log (vidgen.scheduler, one partition) from its start into a new state;
+2. log a LEADER decision with the next leader epoch (agents ignore orders from older leaders);
+3. join the tier topics' group, and follow the control topic (from its start) and the agents' reports (from now);
+4. wait ``grace_s`` to hear from every live agent, then start jobs; an agent named in the log that does not report
+   within the agent timeout is dead, and its job resumes elsewhere from its newest checkpoint.
+
+The commit protocol of a tier-topic record: (1) the QUEUED decision is produced and (2) flushed, (3) the record is
+marked done and (4) its offset committed — so a job is durably in the scheduler's log before its record is let go,
+and a redelivered record of a known job changes nothing. Decisions are flushed before the orders they cause are
+sent, so the log never misses an assignment an agent acted on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from confluent_kafka import Consumer, Producer
+
+from schemas.codec import DecodeError, RegistryUnavailableError
+from streams import topics
+from streams.kafka import TopicFollower, consumer_config, producer_config
+from streams.metrics import register_stage_counters, serve_metrics
+from streams.runtime import StageRuntime
+from streams.settings import Settings
+from streams.stage import Stage, StageContext
+
+from .dispatcher import Dispatcher, Orders
+from .queue_policy import QueuePolicy
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is assigned within a few beats
+
+
+class Scheduler:
+    """The handler: a tier-topic record becomes a QUEUED decision (emitted, so flushed before the commit)."""
+
+    def __init__(self, settings: Settings, blobs=None):
+        self.settings = settings
+        self.scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.dispatcher: Dispatcher | None = None  # while leading
+
+    def new_dispatcher(self) -> Dispatcher:
+        s = self.settings
+        policy = QueuePolicy(s.tier_weights, preempt_after_s=s.preempt_after_s, preempting_tiers=s.preempting_tiers)
+        return Dispatcher(policy, self.scheduler_id, agent_timeout_s=s.agent_timeout_s, grace_s=s.scheduler_grace_s)
+
+    def handle(self, job: dict, ctx: StageContext) -> None:
+        source = (ctx.source.topic, ctx.source.partition, ctx.source.offset)
+        emit_orders(ctx.emit, self.dispatcher.enqueue(job, source, time.time()))
+
+
+def emit_orders(emit, orders: Orders) -> None:
+    """Decisions first (the caller flushes them before anything that depends on them), then what they cause."""
+    for decision in orders.decisions:
+        emit(topics.SCHEDULER_LOG, decision, decision["job_id"])
+    for order in orders.assignments:
+        emit(topics.ASSIGNMENTS, order, order["agent_id"])
+    for cancelled in orders.cancelled:
+        emit(topics.CANCELLED, cancelled, cancelled["job_id"])
+    for position in orders.positions:
+        emit(topics.QUEUE, position, position["job_id"])
+
+
+class SchedulerRuntime(StageRuntime):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lease: Consumer | None = None
+        self.leading = False  # the lease partition is ours
+        self.active = False  # ... and the state is rebuilt: we serve
+        self.control: TopicFollower | None = None
+        self.agents: TopicFollower | None = None
+
+    def connect(self) -> None:
+        self.handler = self.stage.build(self.settings, self.blobs)
+        self.client_id = f"{self.stage.name}-{self.handler.scheduler_id}"
+        if serve_metrics(self.settings.metrics_port):
+            register_stage_counters(self.stage.name, self.counters)
+        self.producer = Producer(producer_config(self.settings, self.client_id))
+        self.lease = Consumer(consumer_config(self.settings, f"{self.stage.group_id}-lease", self.client_id))
+        self.lease.subscribe([topics.SCHEDULER_LEASE.name], on_assign=self._lease_assigned,
+                             on_revoke=self._lease_revoked, on_lost=self._lease_revoked)
+        log.info("scheduler %s: standing by for the lease", self.handler.scheduler_id)
+
+    def _lease_assigned(self, consumer, partitions) -> None:
+        if partitions:
+            self.leading = True
+
+    def _lease_revoked(self, consumer, partitions) -> None:
+        if partitions:
+            self.leading = False
+
+    def run(self):
+        self.connect()
+        try:
+            while not self.stopping.is_set():
+                self.lease.poll(0 if self.active else 0.1)
+                if self.leading and not self.active:
+                    self._take_over()
+                elif self.active and not self.leading:
+                    log.warning("scheduler %s: lease lost; standing by", self.handler.scheduler_id)
+                    self._step_down()
+                if self.active:
+                    self._serve()
+        finally:
+            if self.active:
+                self._step_down()
+            self.lease.close()
+            self.close()
+        return self.counters
+
+    # -- leading ---------------------------------------------------------------------------------------------
+    def _take_over(self) -> None:
+        started = time.monotonic()
+        dispatcher = self.handler.new_dispatcher()
+        log_reader = TopicFollower(self.settings, topics.SCHEDULER_LOG, self.client_id, start="beginning")
+        try:
+            count = log_reader.read_to_end(lambda msg: dispatcher.apply(self.codec.decode(msg.topic(), msg.value())))
+        finally:
+            log_reader.close()
+        self.handler.dispatcher = dispatcher
+        self._send(dispatcher.take_over(time.time()))
+        conf = consumer_config(self.settings, self.stage.group_id, self.client_id)
+        self.consumer = Consumer(conf)
+        self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.control = TopicFollower(self.settings, topics.CONTROL, self.client_id, start="beginning")
+        self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end")
+        self.active = True
+        log.info("scheduler %s leads (epoch %d): %d decisions folded in %.2f s, %d jobs waiting, %d running",
+                 self.handler.scheduler_id, dispatcher.leader_epoch, count, time.monotonic() - started,
+                 len(dispatcher.policy), sum(r.state == "assigned" for r in dispatcher.jobs.values()))
+
+    def _step_down(self) -> None:
+        self.active = False
+        self.handler.dispatcher = None
+        for follower in (self.control, self.agents):
+            if follower is not None:
+                follower.close()
+        self.control = self.agents = None
+        if self.consumer is not None:
+            self._commit(asynchronous=False)
+            self.consumer.close()
+            self.consumer = None
+        self.offsets = type(self.offsets)()
+
+    def _serve(self) -> None:
+        """One beat: new jobs, cancellations, agents' reports, then the dispatcher's tick."""
+        dispatcher = self.handler.dispatcher
+        msg = self.poll(POLL_S)
+        if msg is not None:
+            for each in (msg, *self.poll_waiting(99)):
+                self.process(each)
+        orders = Orders()
+        for follower, apply in ((self.control, dispatcher.cancel), (self.agents, dispatcher.report)):
+            while (msg := follower.poll(0)) is not None:
+                try:
+                    event = self.codec.decode(msg.topic(), msg.value())
+                except DecodeError as exc:
+                    self.dead_letter(msg, "DECODE", str(exc))
+                    continue
+                except RegistryUnavailableError as exc:
+                    log.warning("scheduler: %s; %s@%d read again later", exc, msg.topic(), msg.offset())
+                    follower.seek(msg)
+                    break
+                orders.extend(apply(event, time.time()))
+        orders.extend(dispatcher.tick(time.time()))
+        self._send(orders)
+
+    def _send(self, orders: Orders) -> None:
+        if not orders:
+            return
+        emit = lambda topic, event, key: self._emit(topic, event, key, [])  # noqa: E731
+        emit_orders(emit, Orders(decisions=orders.decisions))
+        if orders.decisions:
+            self._flush()
+        emit_orders(emit, Orders(assignments=orders.assignments, cancelled=orders.cancelled,
+                                 positions=orders.positions))
+        self.producer.poll(0)
+
+
+STAGE = Stage(
+    name="scheduler",
+    consumes=tuple(topics.ENCODED.values()),
+    emits=(topics.SCHEDULER_LOG, topics.ASSIGNMENTS, topics.CANCELLED, topics.QUEUE),
+    build=Scheduler,
+    dedupe_key=lambda job: job["job_id"],
+    control=topics.CONTROL,
+    runtime=SchedulerRuntime,
+    doc=__doc__,
+)
