@@ -1,12 +1,13 @@
 """`vidgen bench chaos`: many jobs across the tiers while processes of every stage are SIGKILLed and restarted at
 random moments (agents mid-denoise, decoders mid-stream, the compliance stage mid-check, the prompt encoder, the
-tracker, the archiver); then every job must be terminal, none lost, none published twice, every video equal to the
+active scheduler and a standby, the tracker, the archiver); then every job must be terminal, none lost, none published twice, every video equal to the
 fault-free result, and `vidgen audit replay` over Kafka must find no violation.
 
 The driver and the checks are streams/chaos.py (the integration test runs the same at a reduced size). The run
 is reproducible in what it plans (jobs, stage order, pauses, choices among candidates: ``--seed``); the moments
 depend on timing, so the kill log is printed. Ends with
-``RESULT terminal=<n> lost=<n> duplicated=<n> mismatched=<n> kills=<n> jobs=<n> audit_violations=<n> seconds=<s> ...``.
+``RESULT terminal=<n> lost=<n> duplicated=<n> mismatched=<n> kills=<n> jobs=<n> audit_violations=<n> seconds=<s> ...
+kills_scheduler=<n> ...``.
 """
 from __future__ import annotations
 

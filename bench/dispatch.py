@@ -402,8 +402,10 @@ def phase_mixed(fleet: Fleet, per_tier: int, counted: int, timeout_s: float) -> 
     fleet.cancel(j for j, v in fleet.views(fillers + backlog).items() if not v.ended)
     views = fleet.wait_ended(fillers + backlog, timeout_s, "the mixed-tier jobs to end after cancelling")
     shares = {tier: sum(v.tier == tier for v in first) / len(first) for tier in TIERS}
+    finished = [views[j].job_s for j in backlog if views[j].finished]
     return Phase("mixed", views, {
         **{f"share_{tier}": share for tier, share in shares.items()},
+        "job_s (every agent busy)": median(finished) if finished else float("nan"),
         "first_starts": "".join(v.tier[0].upper() for v in first), "started_before_in_place": early,
         "fillers": len(fillers),
     })
@@ -432,7 +434,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vidgen bench dispatch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=4, help="gpu-agent processes (at least 4)")
     parser.add_argument("--model", default="tiny-wan-5m")
-    parser.add_argument("--steps", type=int, default=60, help="steps of a job (fillers take --long-factor times)")
+    parser.add_argument("--steps", type=int, default=50, help="steps of a job (fillers take --long-factor times)")
     parser.add_argument("--long-factor", type=int, default=4)
     parser.add_argument("--size", type=parse_size, default=parse_size("64x64"), help="WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=17, help="4k+1 frames")

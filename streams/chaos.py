@@ -11,7 +11,8 @@ What `vidgen bench chaos` runs at full size and `tests/test_chaos_integration.py
   ``agent_id``), a decoder that announced a segment of a job whose last segment has not come (mid-stream: the
   suffix of ``decoder_id``), the compliance stage while a job's last segment waits for its verdict, the prompt
   encoder right after a request was submitted and before it was answered, the tracker and the archiver at any
-  moment. An armed kill that sees no opportunity for ``opportunity_s`` kills a random live process ("idle").
+  moment; the scheduler twice a round, first the active one (the newest LEADER decision on vidgen.scheduler names
+  it) while jobs are in flight, then a standby. An armed kill that sees no opportunity for ``opportunity_s`` kills a random live process ("idle").
   After each kill a pause (``gap_s``). The victim gets SIGKILL and a replacement starts at once
   (``platform.add_stage``), so a stage never has fewer processes than it started with for longer than a start-up.
   Every kill is recorded (time, stage, pid, what it was doing, the replacement's pid, what became of the job).
@@ -62,12 +63,13 @@ from .supervisor import PlatformProcesses
 log = logging.getLogger(__name__)
 
 #: Every process kind the driver may kill, in the order it lists them.
-CHAOS_STAGES = ("prompt-encoder", "gpu-agent", "vae-decoder", "compliance", "tracker", "archiver")
+CHAOS_STAGES = ("prompt-encoder", "scheduler", "gpu-agent", "vae-decoder", "compliance", "tracker", "archiver")
 #: Stages that are busy whenever events flow: any moment is a moment of work for them.
 ALWAYS_BUSY = ("tracker", "archiver")
 #: Processes started per stage: two where a survivor takes over at once (the pipeline's hot path).
-DEFAULT_PROCESSES = {"prompt-encoder": 1, "gpu-agent": 2, "vae-decoder": 2, "compliance": 1, "tracker": 1,
-                     "archiver": 1}
+#: The scheduler runs as an active one and a standby, as deployed.
+DEFAULT_PROCESSES = {"prompt-encoder": 1, "scheduler": 2, "gpu-agent": 2, "vae-decoder": 2, "compliance": 1,
+                     "tracker": 1, "archiver": 1}
 #: Settings of the chaos platform: partitions move ~5.5 s after a SIGKILL (1.5 × session + 1 s on Tansu),
 #: a decoder streams a segment per latent frame, an agent checkpoints often enough that a resume saves work.
 CHAOS_ENV = {
@@ -151,6 +153,7 @@ class LogWatcher:
         self.cursor = 0
         self.jobs: dict[str, JobView] = defaultdict(JobView)
         self.lag_s: dict[str, float] = defaultdict(float)  # per topic: the longest an event took to reach the log
+        self.leader: dict | None = None  # the newest LEADER decision: which scheduler is active
 
     def update(self) -> None:
         from consumers.progress import is_terminal
@@ -160,6 +163,9 @@ class LogWatcher:
         now, wall = time.monotonic(), time.time()
         for job_event in new:
             job_id = job_event.event.get("job_id")
+            if job_event.topic == topics.SCHEDULER_LOG.name and job_event.event.get("kind") == "LEADER":
+                if self.leader is None or job_event.event["leader_epoch"] >= self.leader["leader_epoch"]:
+                    self.leader = job_event.event
             if not job_id:
                 continue
             stamp = job_event.event.get("timestamp")
@@ -232,7 +238,7 @@ class ChaosDriver:
         armed from a random time within the storm (sorted)."""
         order: list[str] = []
         while len(order) < kills:
-            rnd = list(self.stages)
+            rnd = list(self.stages) + [stage for stage in self.stages if stage == "scheduler"]  # active + standby
             self.rng.shuffle(rnd)
             order += rnd
         planned = []
@@ -297,6 +303,15 @@ class ChaosDriver:
             elif stage == "prompt-encoder" and view.requested and not view.encoded:
                 found += [Opportunity(pid, f"encoding: job {job_id[:8]} requested, not encoded yet", job_id)
                           for pid in sorted(live)]
+        if stage == "scheduler" and self.watch.leader is not None:
+            active = pid_of(self.watch.leader.get("scheduler_id"))
+            running = sum(1 for v in self.watch.jobs.values() if v.requested and not v.terminal)
+            if sum(k.stage == "scheduler" for k in self.kills) % 2 == 0:  # the active one first, then a standby
+                if active in live and running:
+                    found.append(Opportunity(active, f"active scheduler (epoch {self.watch.leader['leader_epoch']}) "
+                                                     f"with {running} jobs in flight", None))
+            else:
+                found += [Opportunity(pid, "standby scheduler", None) for pid in sorted(live - {active})]
         if stage in ALWAYS_BUSY and live:
             running = sum(1 for v in self.watch.jobs.values() if v.requested and not v.terminal)
             found += [Opportunity(pid, f"folding/archiving with {running} jobs in flight", None)
@@ -416,7 +431,8 @@ class ChaosResult:
         return dict(terminal=self.terminal, lost=self.lost, duplicated=self.duplicated, mismatched=self.mismatched,
                     kills=len(self.kills), jobs=len(self.jobs), audit_violations=len(self.audit_violations),
                     seconds=round(self.seconds, 1), unpublished=self.unpublished, republished=self.republished,
-                    resumed=self.resumed, crashed=len(self.crashed), tracker_wrong=len(self.tracker_wrong),
+                    resumed=self.resumed, crashed=len(self.crashed),
+                    kills_scheduler=sum(1 for k in self.kills if k.stage == "scheduler"), tracker_wrong=len(self.tracker_wrong),
                     archive_problems=len(self.archive_problems), idle_kills=self.idle_kills,
                     master_exact=sum(j.master_exact for j in self.jobs), seed=self.config.seed)
 
@@ -439,7 +455,7 @@ class ChaosResult:
 
 def run_chaos(config: ChaosConfig, var_dir: Path | str, progress: Callable[[str], None] | None = None) -> ChaosResult:
     """Start the platform, run the storm, check everything, stop the platform (see the module docstring)."""
-    from consumers.progress import EventLog
+    from consumers.progress import LIFECYCLE, EventLog
     from producers.requests import VideoRequests, video_request
 
     say = progress or (lambda text: log.info("%s", text))
@@ -449,7 +465,8 @@ def run_chaos(config: ChaosConfig, var_dir: Path | str, progress: Callable[[str]
     platform = PlatformProcesses(Path(var_dir), stages=stage_list, env={**CHAOS_ENV, **config.env})
     started = time.monotonic()
     settings = platform.start()
-    event_log = EventLog(settings)
+    event_log = EventLog(settings, (*LIFECYCLE, topics.LATENT_CHECKPOINTED, topics.CONTROL, topics.DEAD_LETTER,
+                                    topics.SCHEDULER_LOG))
     requests = VideoRequests(settings)
     driver = ChaosDriver(platform, event_log, rng, stages=config.stages, opportunity_s=config.opportunity_s)
     not_terminal = 0

@@ -1,5 +1,6 @@
 """Chaos on the real platform (issue 8, R1), reduced for CI: 8 jobs over the three tiers while the driver SIGKILLs and
-restarts a process of every stage at a random moment — the prompt encoder with a request in flight, an agent
+restarts a process of every stage at a random moment — the prompt encoder with a request in flight, the active
+scheduler and a standby, an agent
 mid-denoise, a decoder mid-stream, the compliance stage with a verdict pending, the tracker, the archiver.
 
 Afterwards (streams/chaos.py does the work; `vidgen bench chaos` runs the same at full size): the audit replay over
@@ -24,7 +25,8 @@ from streams.chaos import CHAOS_STAGES, ChaosConfig, run_chaos
 # ~60 s on an idle 2-core machine; a busy one (other suites running) has taken up to ~4 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 
-CONFIG = ChaosConfig(jobs=8, kills=len(CHAOS_STAGES), seed=20261124, submit_over_s=16.0, storm_s=20.0,
+# One round: every stage once, the scheduler twice (the active one, then a standby).
+CONFIG = ChaosConfig(jobs=8, kills=len(CHAOS_STAGES) + 1, seed=20261124, submit_over_s=16.0, storm_s=20.0,
                      gap_s=(0.5, 2.0), opportunity_s=10.0, finish_timeout_s=150.0, streamed_every=4, large_every=8)
 
 
@@ -42,6 +44,9 @@ def test_every_stage_was_killed_and_restarted(chaos):
     assert set(chaos.kills_by_stage()) == set(CHAOS_STAGES), chaos.describe()
     assert all(k.replacement_pid for k in chaos.kills)
     assert not chaos.crashed, chaos.describe()
+    scheduler_kills = [k.doing for k in chaos.kills if k.stage == "scheduler"]
+    assert len(scheduler_kills) == 2, chaos.describe()
+    assert any(doing.startswith("active scheduler") for doing in scheduler_kills), chaos.describe()
 
 
 def test_every_job_is_terminal_once_and_published_once(chaos):
