@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     if args.session_timeout_ms:
         env["VIDGEN_KAFKA_SESSION_TIMEOUT_MS"] = str(args.session_timeout_ms)
     platform = PlatformProcesses(tempfile.mkdtemp(prefix="vidgen-bench-resume-"), env=env,
-                                 stages=("prompt-encoder", "gpu-agent", "gpu-agent", "vae-decoder", "compliance"))
+                                 stages=("prompt-encoder", "scheduler", "gpu-agent", "gpu-agent", "vae-decoder", "compliance"))
     settings = platform.start()
     log = EventLog(settings)
     try:

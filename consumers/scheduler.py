@@ -35,7 +35,7 @@ from streams.kafka import TopicFollower, consumer_config, producer_config
 from streams.metrics import register_stage_counters, serve_metrics
 from streams.runtime import StageRuntime
 from streams.settings import Settings
-from streams.stage import Stage, StageContext
+from streams.stage import InvalidEvent, Stage, StageContext
 
 from .dispatcher import Dispatcher, Orders
 from .queue_policy import QueuePolicy
@@ -46,10 +46,15 @@ POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is 
 
 
 class Scheduler:
-    """The handler: a tier-topic record becomes a QUEUED decision (emitted, so flushed before the commit)."""
+    """The handler: a tier-topic record becomes a QUEUED decision (emitted, so flushed before the commit).
+    A job a GPU could not run (unknown model, parameters out of range) is refused here, before it waits in line:
+    dead-lettered with its tier-topic position, its job failed with the reason."""
 
     def __init__(self, settings: Settings, blobs=None):
+        from gpu_agents.models import ModelCatalogue  # the parameter rules; it loads no model
+
         self.settings = settings
+        self.models = ModelCatalogue(settings.model_dirs)
         self.scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
         self.dispatcher: Dispatcher | None = None  # while leading
 
@@ -59,6 +64,12 @@ class Scheduler:
         return Dispatcher(policy, self.scheduler_id, agent_timeout_s=s.agent_timeout_s, grace_s=s.scheduler_grace_s)
 
     def handle(self, job: dict, ctx: StageContext) -> None:
+        from gpu_agents.models import InvalidParamsError, UnknownModelError, check_params
+
+        try:
+            check_params(job["params"], self.models)
+        except (InvalidParamsError, UnknownModelError) as exc:
+            raise InvalidEvent(str(exc)) from exc
         source = (ctx.source.topic, ctx.source.partition, ctx.source.offset)
         emit_orders(ctx.emit, self.dispatcher.enqueue(job, source, time.time()))
 

@@ -89,10 +89,11 @@ INPUT_TOPICS: tuple[str, ...] = (
 #: Which stage's consumer group reads a topic as its input (and so must dead-letter what it cannot take).
 STAGE_OF = {
     topics.REQUESTED.name: "prompt-encoder",
-    **{t.name: "gpu-agent" for t in topics.ENCODED.values()},
+    **{t.name: "scheduler" for t in topics.ENCODED.values()},
     topics.LATENT_CHUNKS.name: "vae-decoder",
     topics.DECODED.name: "compliance",
-    topics.CONTROL.name: None,  # read without a group by every gpu-agent: undecodable requests are only logged
+    topics.CONTROL.name: None,  # read without a group by every gpu-agent and the scheduler: undecodable requests
+    # are only logged
 }
 MIB = 1024 * 1024
 INT32_MAX = 2**31 - 1

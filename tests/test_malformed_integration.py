@@ -122,12 +122,12 @@ def plan(forge: Forge, n_events: int, seed: int) -> list[BadEvent]:
         chosen += draw_many(wire_garbage(forge, topic, SKIP_KINDS), count - len(chosen), seed + 1000 * i + 4)
         events += chosen
     # Bad events with the same stage dedupe key (only the empty job id repeats: the prompt encoder and the agent
-    # dedupe by job id, compliance by job id and segment index): whichever the stage reads first is rejected, the
+    # dedupe by job id (so do the scheduler and the agent), compliance by job id and segment index): whichever the stage reads first is rejected, the
     # rest are skipped by the dedupe ledger, by design. Which one is first depends on partitions and topics, so they
     # are judged as a group (see judge_duplicates).
     for event in events:
         if (event.job_id == "" and event.expect == "reject"
-                and STAGE_OF[event.topic] in ("prompt-encoder", "gpu-agent", "compliance")):
+                and STAGE_OF[event.topic] in ("prompt-encoder", "scheduler", "compliance")):
             event.expect = "duplicate"
     random.Random(seed).shuffle(events)
     return events
@@ -179,7 +179,11 @@ def judge_duplicates(events: list[BadEvent], outcomes: dict, collector: Collecto
     for stage, members in groups.items():
         rejected = [i for i in members if outcomes[i][0].startswith("ok:reject")]
         cancelled = "" in cancelled_ids and any(t == topics.CANCELLED.name for t, _ in collector.terminal.get("", []))
-        if not rejected and not cancelled:
+        # The scheduler queues a job whose parameters are fine; what only running it shows (its embeddings are
+        # missing) fails it at the agent the scheduler gave it to.
+        failers = {stage, "gpu-agent"} if stage == "scheduler" else {stage}
+        failed = any(t == topics.FAILED.name and e.get("stage") in failers for t, e in collector.terminal.get("", []))
+        if not rejected and not cancelled and not failed:
             problems.append(f"{stage}: none of the {len(members)} events with an empty job id was rejected")
     return problems
 

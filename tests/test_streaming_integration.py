@@ -31,7 +31,7 @@ STREAMED = dict(width=256, height=256, num_frames=33, steps=2, guidance_scale=1.
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     processes = PlatformProcesses(tmp_path_factory.mktemp("streaming"),
-                                  stages=("prompt-encoder", "gpu-agent", "vae-decoder", "vae-decoder", "compliance"),
+                                  stages=("prompt-encoder", "scheduler", "gpu-agent", "vae-decoder", "vae-decoder", "compliance"),
                                   env={"VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000", "VIDGEN_LATENT_CHUNK_FRAMES": "1"})
     settings = processes.start()
     log = EventLog(settings)
