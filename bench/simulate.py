@@ -21,7 +21,7 @@ What is modelled
              failed GPU loses the work done since its last checkpoint (--checkpoint-s of progress between
              checkpoints, each stalling the GPU --checkpoint-cost-s), is redelivered after --redelivery-s
              (rebalance), and pays --resume-s to load its checkpoint before it goes on.
-  autoscaler every --autoscale-every-s: waiting jobs (the queue: consumer lag) and the GPU utilisation over the
+  autoscaler every --autoscale-every-s: waiting jobs (the scheduler's queue) and the GPU utilisation over the
              interval go to ``decide``; the fleet follows the desired pod count.
 
 Where the default job length comes from (change it with --classes or --service-scale): the seed gives 10M

@@ -47,7 +47,7 @@ from streams import topics
 
 from .archiver import (HEAD_FILE, SCHEMAS_DIR, chain_next, genesis, parse_file_name, read_file, read_head,
                        record_digest, series_dirs, series_files)
-from .job_state import FOLDED_TOPICS, epoch_ms
+from .job_state import LIFECYCLE_TOPICS, epoch_ms
 
 # -- verify -----------------------------------------------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ def archive_events(directory: Path | str, decoder: ArchiveDecoder | None = None,
     from schemas.codec import DecodeError
 
     decoder = decoder or ArchiveDecoder(directory)
-    names = [t.name for t in FOLDED_TOPICS] if topic_names is None else list(topic_names)
+    names = [t.name for t in LIFECYCLE_TOPICS] if topic_names is None else list(topic_names)
     for record in iter_archive(directory, names):
         try:
             event = decoder.decode(record["topic"], record["value"])
@@ -300,7 +300,7 @@ def kafka_events(settings, topic_names: Iterable[str] | None = None, timeout_s: 
     conf = consumer_config(settings, group_id="vidgen.audit", client_id="vidgen.audit")  # never joined
     conf["enable.partition.eof"] = True
     consumer = Consumer(conf)
-    names = [t.name for t in FOLDED_TOPICS] if topic_names is None else list(topic_names)
+    names = [t.name for t in LIFECYCLE_TOPICS] if topic_names is None else list(topic_names)
     try:
         metadata = consumer.list_topics(timeout=10).topics
         assignment = [TopicPartition(name, p, OFFSET_BEGINNING) for name in names if name in metadata

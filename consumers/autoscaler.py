@@ -1,14 +1,20 @@
 """`vidgen autoscale`: desired replicas per stage from the fleet's own reports, with the seed's policy.
 
 Consumes vidgen.stats (StageStats: every stage process reports its consumer lag, taken from librdkafka's
-statistics, and how busy it was, every VIDGEN_STATS_INTERVAL_S). Emits nothing to Kafka: each decision is one JSON
-line (the decision log) and the Prometheus gauges vidgen_autoscale_* (on VIDGEN_METRICS_PORT), for an operator, a
-KEDA metrics adapter or a script to act on. The policy itself is streams/autoscale.py, the same code the fleet
-simulator runs.
+statistics, and how busy it was, every VIDGEN_STATS_INTERVAL_S; the active scheduler adds the fleet's queue).
+Emits nothing to Kafka: each decision is one JSON line (the decision log) and the Prometheus gauges
+vidgen_autoscale_* (on VIDGEN_METRICS_PORT), for an operator, a KEDA metrics adapter or a script to act on. The
+policy itself is streams/autoscale.py, the same code the fleet simulator runs.
 
-Per stage and round: waiting = the newest lag of every partition (whoever reported it last), utilisation = each
-live instance's GPU utilisation, or its busy share when it has no GPU; replicas = instances heard from within
-three report intervals.
+Per stage and round, for a stage that consumes its input (encoder, decoder, compliance): waiting = the newest lag
+of every partition (whoever reported it last), utilisation = each live instance's GPU utilisation, or its busy
+share when it has no GPU; replicas = instances heard from within three report intervals.
+
+The GPU agents consume no topic: their work waits in the scheduler's queue (the scheduler commits the tier topics'
+records as soon as it has logged them, so their lag stays near zero whatever waits). For them everything comes from
+the newest queue the active scheduler reported: waiting = jobs waiting for an agent, summed over the tiers (jobs
+already running are not waiting: counting them would grow a busy fleet without end); replicas = live agents;
+utilisation = the share of them not idle.
 """
 from __future__ import annotations
 
@@ -34,8 +40,12 @@ log = logging.getLogger(__name__)
 
 DESIRED = Gauge("vidgen_autoscale_desired_replicas", "Replicas the policy wants", ["stage"])
 CURRENT = Gauge("vidgen_autoscale_current_replicas", "Instances heard from recently", ["stage"])
-WAITING = Gauge("vidgen_autoscale_waiting", "Messages waiting (summed consumer lag)", ["stage"])
+WAITING = Gauge("vidgen_autoscale_waiting", "Jobs waiting in the scheduler's queue (GPU agents) or messages "
+                "waiting (summed consumer lag)", ["stage"])
 UTILISATION = Gauge("vidgen_autoscale_utilization", "Mean utilisation of the stage's instances", ["stage"])
+
+#: Stages whose work waits in a scheduler's queue, not in their own consumer group: stage → the scheduler's stage.
+SCHEDULED = {"gpu-agent": "scheduler"}
 
 
 @dataclass
@@ -53,7 +63,24 @@ class FleetView:
     def live(self, stage: str, now_s: float) -> list[dict]:
         return [r for r in self.reports.get(stage, {}).values() if now_s - _seconds(r["timestamp"]) <= self.stale_after_s]
 
+    def queue(self, stage: str, now_s: float) -> dict | None:
+        """The newest queue a live scheduler of a scheduled stage reported (after a failover, the new leader's)."""
+        reports = [r for r in self.live(SCHEDULED[stage], now_s) if r.get("queue") is not None]
+        return max(reports, key=lambda r: _seconds(r["timestamp"]))["queue"] if reports else None
+
+    def instances(self, stage: str, now_s: float) -> int:
+        if stage in SCHEDULED:
+            queue = self.queue(stage, now_s)
+            return sum(queue["agents"].values()) if queue else 0
+        return len(self.live(stage, now_s))
+
     def observation(self, stage: str, now_s: float) -> Observation:
+        if stage in SCHEDULED:
+            queue = self.queue(stage, now_s) or {"waiting": {}, "agents": {}}  # no scheduler heard: nothing known
+            agents = sum(queue["agents"].values())
+            busy = agents - queue["agents"].get("IDLE", 0)
+            return Observation(at_s=now_s, waiting=dict(queue["waiting"]),
+                               gpu_util=(busy / agents,) if agents else ())
         newest_lag: dict[tuple[str, int], tuple[float, int]] = {}  # a partition moves: its newest reporter counts
         for report in self.live(stage, now_s):
             for entry in report["lag"]:
@@ -84,7 +111,7 @@ class AutoscaleController:
     def round(self, now_s: float) -> list[tuple[str, Observation, Decision]]:
         decisions = []
         for stage in self.stages:
-            instances = len(self.fleet.live(stage, now_s))
+            instances = self.fleet.instances(stage, now_s)
             scaler = self.scalers.get(stage)
             if scaler is None:
                 scaler = self.scalers[stage] = Autoscaler(self.policy, max(instances, 1))

@@ -129,7 +129,7 @@ class Dispatcher:
                 record = self.jobs[job_id] = JobRecord(job, job["tier"].lower(), _ms(d["timestamp"]))
                 self.policy.add(self._waiting(record))
         elif kind == "ASSIGNED" and record is not None:
-            self.policy.remove(job_id)
+            self.policy.take(job_id, _ms(d["timestamp"]))  # live: taken already; folding: the pick it was
             record.state, record.agent_id, record.epoch, record.preempt_asked = "assigned", d["agent_id"], d["epoch"], False
             agent = self.agents.setdefault(d["agent_id"], AgentRecord(d["agent_id"], now or _ms(d["timestamp"])))
             agent.sent_seq = max(agent.sent_seq, d["seq"])
@@ -160,6 +160,8 @@ class Dispatcher:
             table.popitem(last=False)
 
     def _decide(self, orders: Orders, decision: dict, now: float) -> dict:
+        # On the caller's clock: apply() takes a job's queued_at (and a fold its times) from this timestamp.
+        decision["timestamp"] = round(now * 1000)
         orders.decisions.append(decision)
         self.apply(decision, now)
         return decision
@@ -236,6 +238,14 @@ class Dispatcher:
             elif status["finished_outcome"] == "INTERRUPTED":
                 self._requeue(finished, status.get("finished_reason") or "interrupted", now, orders)
         running = status.get("job_id") or ""
+        if status.get("last_assignment", 0) >= agent.sent_seq:
+            # It has read every order sent to it, yet runs none of its assigned jobs and has not finished them: it
+            # refused them (an ASSIGN that found it busy, after a failover). Nobody else will run them.
+            for record in [r for r in self.jobs.values() if r.state == "assigned" and r.agent_id == agent_id]:
+                job_id = record.job["job_id"]
+                if job_id != running and (status.get("finished_job_id"), status.get("finished_epoch")) != (
+                        job_id, record.epoch):
+                    self._requeue(record, "not taken by its agent", now, orders)
         if running:
             record = self.jobs.get(running)
             epoch = status.get("epoch", 0)
@@ -313,9 +323,9 @@ class Dispatcher:
     def _send(self, orders: Orders, agent: AgentRecord, kind: str, job_id: str, epoch: int, now: float,
               job: dict | None = None, seq: int | None = None) -> None:
         """An Assignment message. ASSIGN and PREEMPT carry the seq of their decision (logged); a REVOKE, which
-        changes no state, takes the next one."""
+        changes no state and is not logged, carries the newest seq without taking a new one: a new leader folding
+        the log then goes on above every seq an agent has read."""
         if seq is None:
-            self.seq += 1
             seq = self.seq
         else:
             agent.sent_seq, agent.sent_at = max(agent.sent_seq, seq), now

@@ -17,12 +17,18 @@ in any interleaving all end in the same state. Every field is therefore a join, 
 * timestamps are minima (requested_at, started_at, ...) or maxima (updated_at);
 * a job has exactly one terminal event (published, flagged/BLOCK, failed, cancelled). Should two ever meet, the
   earliest by event time wins, so in any sane order the first terminal sticks: a late StepProgress or a late
-  duplicate never changes a finished job.
+  duplicate never changes a finished job;
+* the queue (QueuePosition on vidgen.queue, from the scheduler): only the newest position event by (timestamp,
+  event_id) counts, and the job shows as waiting (``queue_position`` ≥ 1, ``queue_waiting``, ``queue_eta_s``) only
+  while that event says so (position 0: it left the queue), the job has not ended, and the event is newer than the
+  job's newest denoising activity (step or checkpoint): a position from before the job started never brings the
+  queue back, while a job that was requeued after it ran (preempted, its agent died) waits again.
 
 ``status`` is derived from those facts after each event (``_derive_status``), never set by one event on its own.
 The bookkeeping in ``seen`` stays bounded: per-kind keys (the adopted request, the earliest terminal event of
 each kind, the held-review time, the attempt of the latent chunks, the segment index the init segment and the
-playlist came from), never a list of every event id; flags, the only events kept by id, are few per job.
+playlist came from, the newest queue position, the time of the newest denoising activity), never a list of every
+event id; flags, the only events kept by id, are few per job.
 """
 from __future__ import annotations
 
@@ -73,6 +79,11 @@ class JobState:
     attempt: int = 0  # 0 until a step has run; 1 for the first run, +1 per resume
     resumed_from_step: int | None = None
     agent_id: str | None = None
+    # While the job waits in the fleet's queue (the scheduler's QueuePosition): None once it runs or has ended.
+    queue_position: int | None = None  # 1 = starts next
+    queue_waiting: int | None = None  # jobs waiting in the whole queue
+    queue_eta_s: float | None = None  # seconds until the job is expected to start, as of queue_at; None: unknown
+    queue_at: int | None = None  # time of the position event shown
     # Resumable checkpoints: the steps that have one (any attempt), and the newest by (attempt, step).
     checkpoints: list[int] = field(default_factory=list)
     last_checkpoint: dict | None = None  # {"attempt", "step", "uri"}
@@ -133,6 +144,7 @@ def fold(state: JobState | None, topic_name: str, event: dict) -> JobState:
     new.updated_at = _max(new.updated_at, at)
     new.status = _derive_status(new)
     new.eta_ms = _eta_ms(new)
+    _derive_queue(new)
     return new
 
 
@@ -182,6 +194,7 @@ def _apply_encoded(state: JobState, event: dict, at: int) -> None:
 
 def _apply_step(state: JobState, event: dict, at: int) -> None:
     state.started_at = _min(state.started_at, at)
+    state.seen["ran_at"] = _max(state.seen.get("ran_at"), at)
     position = (event.get("attempt", 1), event["step"])
     if position <= (state.attempt, state.step):
         return  # a duplicate, or an older step overtaken by a newer one
@@ -194,6 +207,7 @@ def _apply_step(state: JobState, event: dict, at: int) -> None:
 
 def _apply_checkpoint(state: JobState, event: dict, at: int) -> None:
     state.started_at = _min(state.started_at, at)
+    state.seen["ran_at"] = _max(state.seen.get("ran_at"), at)
     state.checkpoints = sorted({*state.checkpoints, event["step"]})
     candidate = {"attempt": event.get("attempt", 1), "step": event["step"], "uri": event["checkpoint"]["uri"]}
     last = state.last_checkpoint
@@ -286,6 +300,18 @@ def _apply_cancel_request(state: JobState, event: dict, at: int) -> None:
         state.cancel_requested = request
 
 
+def _apply_queue_position(state: JobState, event: dict, at: int) -> None:
+    """A QueuePosition: kept only if it is the newest by (timestamp, event_id); ``_derive_queue`` decides whether it
+    still shows. Its tenant and tier are not adopted (the scheduler writes defaults for a job it no longer holds)."""
+    key = _event_key(at, event)
+    current = state.seen.get("queue")
+    if current is not None and current["key"] >= key:
+        return
+    eta = event.get("eta_s")
+    state.seen["queue"] = {"key": key, "position": event["position"], "waiting": event.get("waiting"),
+                           "eta_s": None if eta is None else round(float(eta), 1)}
+
+
 def _terminal(state: JobState, kind: str, at: int, event: dict, detail: dict) -> None:
     """Keep the earliest terminal event of each kind, then let the earliest of all decide the job's end."""
     terminals = state.seen.setdefault("terminals", {})
@@ -316,9 +342,22 @@ def _derive_status(state: JobState) -> str:
         return DECODING
     if state.attempt or state.checkpoints:
         return RUNNING
-    if state.encoded_at is not None:
+    if state.encoded_at is not None or state.seen.get("queue") is not None:  # the scheduler has it: encoded
         return QUEUED
     return REQUESTED
+
+
+def _derive_queue(state: JobState) -> None:
+    """The queue fields from the newest position event, shown only while the job waits (module docstring)."""
+    queue = state.seen.get("queue")
+    ran_at = _max(state.seen.get("ran_at"), state.started_at)
+    waiting = (queue is not None and queue["position"] >= 1 and not state.terminal
+               and (ran_at is None or queue["key"][0] > ran_at))
+    if waiting:
+        state.queue_position, state.queue_waiting = queue["position"], queue["waiting"]
+        state.queue_eta_s, state.queue_at = queue["eta_s"], queue["key"][0]
+    else:
+        state.queue_position = state.queue_waiting = state.queue_eta_s = state.queue_at = None
 
 
 def _eta_ms(state: JobState) -> int | None:
@@ -340,10 +379,15 @@ _APPLY = {
     topics.FAILED.name: _apply_failed,
     topics.CANCELLED.name: _apply_cancelled,
     topics.CONTROL.name: _apply_cancel_request,
+    topics.QUEUE.name: _apply_queue_position,
 }
 
-#: Every topic the job state folds, in pipeline order: what the tracker consumes.
+#: Every topic the job state folds, in pipeline order, then the scheduler's queue positions: what the tracker and
+#: the gateway's live reader consume.
 FOLDED_TOPICS: tuple[topics.Topic, ...] = tuple(topics.BY_NAME[name] for name in _APPLY)
+#: The job's lifecycle proper: FOLDED_TOPICS without the queue positions, which are advisory (a waiting job gets
+#: one about every second its position or ETA moves) and take no part in the audit's invariants.
+LIFECYCLE_TOPICS: tuple[topics.Topic, ...] = tuple(t for t in FOLDED_TOPICS if t is not topics.QUEUE)
 
 
 # -- what the gateway serves ---------------------------------------------------------------------------------------
@@ -366,6 +410,10 @@ def to_public(state: JobState | dict) -> dict:
         "total_steps": state.total_steps,
         "progress": progress,
         "eta_ms": state.eta_ms,
+        "queue_position": state.queue_position,
+        "queue_waiting": state.queue_waiting,
+        "queue_eta_s": state.queue_eta_s,
+        "queue_at": state.queue_at,
         "attempt": state.attempt,
         "resumed_from_step": state.resumed_from_step,
         "checkpoints": {"count": len(state.checkpoints),

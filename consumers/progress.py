@@ -1,8 +1,9 @@
 """Following jobs from the event log: the progress subscriber behind `vidgen submit --follow`.
 
-Reads the lifecycle topics without a consumer group (a follower must not take partitions from anyone) from a
-point shortly before the job was submitted, and hands each of the job's events to a callback until one of them
-ends the job. Positions come from timestamps, never from "latest" offsets (unreliable on the embedded broker).
+Reads the lifecycle topics (and the scheduler's queue positions) without a consumer group (a follower must not take
+partitions from anyone) from a point shortly before the job was submitted, and hands each of the job's events to a
+callback until one of them ends the job. Positions come from timestamps, never from "latest" offsets (unreliable
+on the embedded broker).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ LIFECYCLE = (
     topics.FAILED,
     topics.CANCELLED,
 )
+#: What `vidgen submit --follow` reads: the lifecycle and the scheduler's queue positions of waiting jobs.
+FOLLOWED = (*LIFECYCLE, topics.QUEUE)
 
 
 @dataclass
@@ -92,10 +95,11 @@ def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iter
 
 
 def follow_job(settings: Settings, job_id: str, on_event: Callable[[JobEvent], None], submitted_ms: int,
-               timeout_s: float = 600.0) -> JobEvent:
-    """Call ``on_event`` for each of the job's events until its terminal event, which is returned."""
+               timeout_s: float = 600.0, lifecycle: Iterable[topics.Topic] = FOLLOWED) -> JobEvent:
+    """Call ``on_event`` for each of the job's events (on ``lifecycle``: by default the lifecycle and the queue
+    positions) until its terminal event, which is returned."""
     deadline = time.monotonic() + timeout_s
-    for job_event in read_events(settings, since_ms=submitted_ms - 5000):
+    for job_event in read_events(settings, since_ms=submitted_ms - 5000, lifecycle=lifecycle):
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s")
         if job_event is None or job_event.event.get("job_id") != job_id:

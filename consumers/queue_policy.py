@@ -186,6 +186,20 @@ class QueuePolicy:
         del self.by_id[job.job_id]
         return job
 
+    def take(self, job_id: str, now: float) -> WaitingJob | None:
+        """Take a job that started elsewhere (a new leader folding the log) as next_job(now) took it: with the
+        same tier pick and tenant turn, so the credits and turns go on where the old leader left them."""
+        job = self.by_id.get(job_id)
+        if job is None or self.overdue(now):
+            return self.remove(job_id)  # an overdue job (or none): next_job() makes no pick for it either
+        self.picker.pick(tier for tier, queue in self.tiers.items() if len(queue))
+        queue = self.tiers[job.tier]
+        if next(queue.in_order()) is not job:
+            return self.remove(job_id)  # not the job that pick would have taken (a log from other settings)
+        queue.pop()
+        del self.by_id[job_id]
+        return job
+
     @staticmethod
     def place(job: WaitingJob, idle: list[AgentView]) -> AgentView:
         """Model affinity: an idle agent with the job's model, else one with none loaded, else the longest idle."""

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer
 from schemas.codec import DecodeError, RegistryUnavailableError
 from streams import topics
 from streams.kafka import TopicFollower, consumer_config, producer_config
-from streams.metrics import register_stage_counters, serve_metrics
+from streams.metrics import register_scheduler_queue, register_stage_counters, serve_metrics
 from streams.runtime import StageRuntime
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
@@ -43,6 +43,7 @@ from .queue_policy import QueuePolicy
 log = logging.getLogger(__name__)
 
 POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is assigned within a few beats
+QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
 
 class Scheduler:
@@ -201,6 +202,38 @@ class SchedulerRuntime(StageRuntime):
         emit_orders(emit, Orders(assignments=orders.assignments, cancelled=orders.cancelled,
                                  positions=orders.positions))
         self.producer.poll(0)
+
+    # -- the queue, for autoscaling (KEDA reads the gauges, `vidgen autoscale` the StageStats report) ----------
+    _queue: dict | None = None  # the newest snapshot: a new dict each time, read by the metrics thread too
+    _queue_due = 0.0
+    _queue_exported = False
+
+    def report_stats(self) -> None:
+        """Called by ``poll`` on every beat while leading: about once a second a snapshot of the queue, which the
+        gauges vidgen_scheduler_* export while this process is active; then the StageStats report, carrying it."""
+        now = time.monotonic()
+        if now >= self._queue_due:
+            self._queue_due = now + QUEUE_SNAPSHOT_S
+            self._queue = self.queue_snapshot()
+            if not self._queue_exported and serve_metrics(self.settings.metrics_port):
+                register_scheduler_queue(lambda: self._queue if self.active else None)
+                self._queue_exported = True
+        super().report_stats()
+
+    def stats_fields(self) -> dict:
+        return {"queue": self._queue if self.active else None}
+
+    def queue_snapshot(self) -> dict | None:
+        """Jobs waiting per tier, jobs running, live agents per state (a SchedulerQueue record)."""
+        dispatcher = self.handler.dispatcher
+        if dispatcher is None:
+            return None
+        agents: dict[str, int] = {}
+        for agent in dispatcher.agents.values():
+            agents[agent.state] = agents.get(agent.state, 0) + 1
+        return {"waiting": dispatcher.policy.waiting_by_tier(),
+                "running": sum(record.state == "assigned" for record in dispatcher.jobs.values()),
+                "agents": agents}
 
 
 STAGE = Stage(

@@ -1,7 +1,8 @@
 """job-tracker: a faust app that folds every lifecycle topic into a job-state table the gateway reads.
 
 Consumes the topics in ``consumers.job_state.FOLDED_TOPICS`` (requests, the three tier queues, step progress,
-checkpoints, latent chunks, decoded segments, flags, publications, failures, cancellations and cancel requests).
+checkpoints, latent chunks, decoded segments, flags, publications, failures, cancellations, cancel requests and
+the scheduler's queue positions on vidgen.queue).
 Keeps table ``job_state``: job_id → ``JobState.to_dict()`` (JSON), whose changelog topic ``CHANGELOG_TOPIC`` holds
 every state change keyed by job_id. Emits vidgen.dead-letter for bytes it cannot decode.
 

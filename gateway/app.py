@@ -390,6 +390,9 @@ def video_object(state: dict) -> dict:
         "seconds": f"{frames / fps:g}" if frames and fps else None,
         "remixed_from_video_id": None,
         "error": _job_error(state),
+        # Where the job stands in the fleet's queue while it waits (the scheduler's QueuePosition); null otherwise.
+        "queue_position": state.get("queue_position"),
+        "queue_eta_seconds": state.get("queue_eta_s") if state.get("queue_position") is not None else None,
         "vidgen": public_state(state),
     }
 

@@ -16,13 +16,17 @@ URLs are gateway paths (relative to the gateway's origin, authenticated like eve
 
 ``state``
     The job's whole public state (as ``GET /v1/videos/{id}`` shows it: ``status``, ``step``, ``total_steps``,
-    ``progress``, ``eta_ms``, ``segments`` (each with a ``url``), ``outputs``, ``flags``, ``error``, ...) plus
-    ``links`` (``self``, ``events``, and when they exist ``init``, ``playlist``, ``segments``, ``content``,
-    ``renditions``). Always the first message of ``/v1/videos/{id}/events``, so a late subscriber starts from
-    the current state; on ``/v1/events`` the first messages are one ``state`` per job of the tenant not yet
-    finished (newest first). Later envelopes continue from that state, with no gap and no repeat.
+    ``progress``, ``eta_ms``, ``queue_position``, ``queue_eta_s``, ``segments`` (each with a ``url``), ``outputs``,
+    ``flags``, ``error``, ...) plus ``links`` (``self``, ``events``, and when they exist ``init``, ``playlist``,
+    ``segments``, ``content``, ``renditions``). Always the first message of ``/v1/videos/{id}/events``, so a late
+    subscriber starts from the current state; on ``/v1/events`` the first messages are one ``state`` per job of the
+    tenant not yet finished (newest first). Later envelopes continue from that state, with no gap and no repeat.
 ``queued``
-    ``{job_id, tier, at}``: the prompt is encoded and the job waits for a GPU agent.
+    ``{job_id, tier, at, position, waiting, eta_s}``: the job waits for a GPU agent. Sent when the prompt is encoded
+    (``at``) and again whenever the scheduler moves the job's ``position`` in the fleet's queue (1 = starts next) or
+    its ``eta_s`` (seconds until it is expected to start, from recent step times; null when unknown); ``waiting``
+    is the length of the whole queue. ``position``, ``waiting`` and ``eta_s`` are null until the scheduler has
+    placed the job. A job requeued after it ran (preempted, its agent died) is ``queued`` again.
 ``started``
     ``{job_id, attempt, resumed_from_step, max, agent_id, at}``: the first denoising step of an attempt finished
     (attempt 1 is the first run; a higher one resumed from a checkpoint at ``resumed_from_step``).

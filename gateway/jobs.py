@@ -6,9 +6,10 @@ they take nothing from anyone, and a gateway scales out by simply running more p
 * the tracker's changelog (``consumers.tracker.JobStateReader``): read to its end at start (the history, which
   survives gateway restarts), then followed. It lags the events by the tracker's hop (tens of milliseconds);
 * the lifecycle topics themselves (``consumers.job_state.FOLDED_TOPICS``: ``consumers.progress.LIFECYCLE`` plus
-  ``vidgen.latent-checkpointed`` and the cancellation requests on ``vidgen.control``), read by ONE confluent-kafka
-  consumer thread per process from the gateway's start time minus ``LIVE_MARGIN_MS`` (``read_events``: positions
-  from timestamps, a short fetch wait), for the low latency of progress bars.
+  ``vidgen.latent-checkpointed``, the cancellation requests on ``vidgen.control`` and the scheduler's queue
+  positions on ``vidgen.queue``), read by ONE confluent-kafka consumer thread per process from the gateway's start
+  time minus ``LIVE_MARGIN_MS`` (``read_events``: positions from timestamps, a short fetch wait), for the low
+  latency of progress bars.
 
 Merging them is exact because the fold is idempotent and order-insensitive (a join): a job's state is
 ``fold*(newest tracker state, the job's live events)``, in any order. Live events are kept in a small per-job
@@ -172,20 +173,32 @@ def _terminal_data(state: JobState) -> dict:
     return data
 
 
+def queued_data(state: JobState) -> dict:
+    """The ``queued`` envelope's data: when the job entered the queue, and where it stands in it (the scheduler's
+    newest QueuePosition; all three None until the scheduler has placed it, and once it runs)."""
+    return {"job_id": state.job_id, "tier": state.tier, "at": state.encoded_at, "position": state.queue_position,
+            "waiting": state.queue_waiting, "eta_s": state.queue_eta_s}
+
+
 def envelopes(old: JobState | None, new: JobState) -> list[Envelope]:
     """What a subscriber is told when the job's state goes from ``old`` (None: not seen yet) to ``new``.
 
     Derived from the difference only, so the same change never produces two envelopes whichever reader brings it,
     and a job that first appears already advanced (a tracker state) is told in one go: queued, started, its latest
-    progress, its checkpoints, segments, flags and end. After the job's end nothing more is told (a straggler, such
-    as a duplicate agent's late step, still folds into the state a new subscriber gets).
+    progress, its checkpoints, segments, flags and end. ``queued`` is told when the prompt is encoded and again
+    whenever the job's queue position or ETA changes while it waits (``queued_data``). After the job's end nothing
+    more is told (a straggler, such as a duplicate agent's late step, still folds into the state a new subscriber
+    gets).
     """
     if old is not None and old.terminal:
         return []
     job_id = new.job_id
     out: list[Envelope] = []
-    if new.encoded_at is not None and (old is None or old.encoded_at is None):
-        out.append(Envelope("queued", {"job_id": job_id, "tier": new.tier, "at": new.encoded_at}))
+    entered_queue = new.encoded_at is not None and (old is None or old.encoded_at is None)
+    queue = (new.queue_position, new.queue_eta_s)
+    queue_moved = new.queue_position is not None and (old is None or (old.queue_position, old.queue_eta_s) != queue)
+    if entered_queue or queue_moved:
+        out.append(Envelope("queued", queued_data(new)))
     old_position = (0, 0) if old is None else (old.attempt, old.step)
     if new.attempt > old_position[0]:
         out.append(Envelope("started", {"job_id": job_id, "attempt": new.attempt,

@@ -96,7 +96,7 @@ SCHEMAS: dict[str, dict] = {
     "Video": {
         "type": "object", "description": "The OpenAI Videos API video object, plus `vidgen`: the full job state.",
         "required": ["id", "object", "model", "status", "progress", "created_at", "completed_at", "size", "seconds",
-                     "error", "vidgen"],
+                     "error", "queue_position", "queue_eta_seconds", "vidgen"],
         "properties": {
             "id": {"type": "string"},
             "object": {"const": "video"},
@@ -116,6 +116,13 @@ SCHEMAS: dict[str, dict] = {
                                 "properties": {"code": {"type": "string",
                                                         "enum": ["content_flagged", "generation_failed", "cancelled"]},
                                                "message": {"type": "string"}}}),
+            "queue_position": _nullable({"type": "integer", "minimum": 1,
+                                         "description": "while the job waits in the fleet's queue: 1 = starts next; "
+                                                        "null once it runs or has ended"}),
+            "queue_eta_seconds": _nullable({"type": "number", "minimum": 0,
+                                            "description": "while the job waits: seconds until it is expected to "
+                                                           "start (from recent step times, as of the scheduler's "
+                                                           "last estimate); null when unknown or not waiting"}),
             "vidgen": _ref("JobState"),
         },
     },
@@ -130,7 +137,14 @@ SCHEMAS: dict[str, dict] = {
             "params": _nullable({"type": "object"}),
             "step": {"type": "integer"}, "total_steps": _nullable({"type": "integer"}),
             "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "eta_ms": _nullable({"type": "integer"}), "attempt": {"type": "integer"},
+            "eta_ms": _nullable({"type": "integer"}),
+            "queue_position": _nullable({"type": "integer", "minimum": 1,
+                                         "description": "position in the fleet's queue while waiting (1 = next)"}),
+            "queue_waiting": _nullable({"type": "integer", "description": "jobs waiting in the whole queue"}),
+            "queue_eta_s": _nullable({"type": "number", "description": "seconds until the job should start, as of "
+                                                                       "queue_at; null when unknown"}),
+            "queue_at": _nullable({"type": "integer", "description": "epoch ms of the scheduler's estimate"}),
+            "attempt": {"type": "integer"},
             "resumed_from_step": _nullable({"type": "integer"}),
             "checkpoints": {"type": "object"},
             "segments": {"type": "array", "items": {"type": "object", "properties": {
@@ -160,7 +174,9 @@ SCHEMAS: dict[str, dict] = {
     },
     "Envelope": {
         "type": "object", "required": ["type", "data"],
-        "description": "A websocket message. `state` (the full JobState) comes first, then every change.",
+        "description": ("A websocket message. `state` (the full JobState) comes first, then every change. "
+                        "`queued` ({job_id, tier, at, position, waiting, eta_s}) comes when the prompt is encoded "
+                        "and again whenever the job's queue position or ETA changes while it waits."),
         "properties": {"type": {"type": "string", "enum": ["state", "queued", "started", "progress", "checkpoint",
                                                            "segment", "flagged", "published", "failed", "cancelled",
                                                            "heartbeat"]},

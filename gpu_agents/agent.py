@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import statistics
 import time
 from collections import deque
 
@@ -51,7 +52,7 @@ class DenoisingAgent:
             free = torch.cuda.mem_get_info(self.models.device)[0]
         recent = list(self.recent_step_s)
         return {"models": self.models.loaded(), "device": str(self.models.device), "free_memory_bytes": free,
-                "step_s": sum(recent) / len(recent) if recent else None, "step": self.progress[0],
+                "step_s": statistics.median(recent) if recent else None, "step": self.progress[0],
                 "total_steps": self.progress[1]}
 
     def handle(self, job: dict, ctx: StageContext) -> None:
@@ -106,7 +107,8 @@ class DenoisingAgent:
         def after_step(step: StepInfo) -> None:
             nonlocal last_checkpoint
             STEP_SECONDS.labels(params["model"]).observe(step.elapsed_s)
-            self.recent_step_s.append(step.elapsed_s)
+            if step.step > start_step + 1:  # a job's first step also pays for warming up: not a step time
+                self.recent_step_s.append(step.elapsed_s)
             self.progress = (step.step, total)
             if step.step == 1:  # the first step of a fresh job: how long it waited for a GPU
                 observe_since(QUEUE_WAIT_SECONDS, (job["tier"].lower(),), job.get("requested_at"))

@@ -103,14 +103,18 @@ class AgentRuntime(StageRuntime):
             self._on_assignment(msg)
             msg = self.assignments.poll(0)
         self._read_control()
+        self._serve_confirm()
         job = self.current
-        if job is not None and job.confirm_asked.is_set() and not job.confirmed.is_set():
-            self.assignments.caught_up(self._on_assignment, CONFIRM_TIMEOUT_S)
-            job.confirmed.set()
         if job is not None and job.done.is_set():
             self._finish(job)
         self._report()
         self.producer.poll(0)
+
+    def _serve_confirm(self) -> None:
+        job = self.current
+        if job is not None and job.confirm_asked.is_set() and not job.confirmed.is_set():
+            self.assignments.caught_up(self._on_assignment, CONFIRM_TIMEOUT_S)
+            job.confirmed.set()
 
     def _stop(self) -> None:
         """SIGTERM (drain): the running job checkpoints at its next step and is handed back; then leave."""
@@ -119,7 +123,8 @@ class AgentRuntime(StageRuntime):
                 log.info("%s: draining: job %s stops at its next step", self.stage.name, self.current.job_id)
                 self.current.stop = "drained"
                 while not self.current.done.wait(0.05):
-                    self._report(state="DRAINING")
+                    self._serve_confirm()
+                    self._report()
                 self._finish(self.current)
             self._report(state="STOPPED", force=True)
             self.producer.flush(10)
@@ -232,8 +237,8 @@ class AgentRuntime(StageRuntime):
     # -- reports ---------------------------------------------------------------------------------------------
     def _report(self, state: str | None = None, force: bool = False) -> None:
         job = self.current
-        if state is None:
-            state = "BUSY" if job is not None else "IDLE"
+        if state is None:  # a stopping agent takes nothing new, even once its job has handed back
+            state = "DRAINING" if self.stopping.is_set() else "BUSY" if job is not None else "IDLE"
         status = self.handler.status()
         finished_job, finished_epoch, outcome, reason = self.finished
         fields = dict(

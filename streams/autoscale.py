@@ -3,7 +3,8 @@
 The seed's rule, with the two things any real controller needs added (bounds and cooldowns):
 
 * **scale up** by ``step_up`` (10%) of the current replicas when more than ``scale_up_waiting`` (100) jobs are
-  waiting (the consumer lag of the scaled stages, summed), at most once per ``cooldown_up_s``;
+  waiting (for the GPU agents, the jobs in the scheduler's queue that no agent runs yet; for a stage that consumes
+  its input, its consumer lag; summed over the entries given), at most once per ``cooldown_up_s``;
 * **scale down** by ``step_down`` (10%) when the mean GPU utilisation has stayed under ``scale_down_util`` (40%)
   for ``scale_down_after_s`` (30 minutes) and nothing is backed up, at most once per ``cooldown_down_s`` and never
   within ``cooldown_down_s`` of a scale-up (a fleet that just grew is not shrunk by the next quiet sample);
@@ -63,7 +64,7 @@ class Observation:
     """What the controller saw at ``at_s`` (seconds on any monotonic clock)."""
 
     at_s: float
-    #: jobs waiting per stage (or per tier topic): consumer lag of the scaled consumer group(s)
+    #: jobs waiting, per tier (the scheduler's queue) or per partition (a consumer group's lag); summed
     waiting: Mapping[str, float] = field(default_factory=dict)
     #: GPU utilisation samples in [0, 1] since the previous observation (per GPU, per scrape; averaged)
     gpu_util: Sequence[float] = ()

@@ -13,6 +13,12 @@ manifests set 9400; locally it is off). What is measured, where it matters as hi
 
 The same lag, with how busy the process was, goes out as a StageStats event on vidgen.stats every
 ``stats_interval_s``: a whole-fleet view `vidgen autoscale` reads without scraping every pod.
+
+The GPU agents' backlog is no consumer lag: the scheduler commits the tier topics' records as soon as it has logged
+them and keeps the fleet's queue itself. The active scheduler exports that queue (``SchedulerQueueCollector``:
+vidgen_scheduler_waiting_jobs per tier, vidgen_scheduler_running_jobs, vidgen_scheduler_agents per state; a
+standby exports none of them, so a sum over the scheduler pods is the queue, what KEDA scales the agents on) and
+puts it in its StageStats report (field ``queue``, for `vidgen autoscale`).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import time
 from dataclasses import asdict
 
 from prometheus_client import REGISTRY, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,49 @@ class StageCountersCollector:
 
 def register_stage_counters(stage: str, counters) -> None:
     REGISTRY.register(StageCountersCollector(stage, counters))
+
+
+#: The states of a live agent (AgentStatus.state; a STOPPED agent has left the fleet).
+AGENT_STATES = ("IDLE", "BUSY", "DRAINING")
+
+
+class SchedulerQueueCollector:
+    """The active scheduler's queue as gauges, read when scraped from ``snapshot()``: a SchedulerQueue record
+    (``{"waiting": {tier: n}, "running": n, "agents": {state: n}}``, a fresh dict each time the scheduler's loop
+    takes one, so the scrape thread never reads a half-made one), or None while the process is not the active
+    scheduler, which then exports none of these metrics."""
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    @staticmethod
+    def _families():
+        return (GaugeMetricFamily("vidgen_scheduler_waiting_jobs", "Jobs waiting for an agent in the active "
+                                  "scheduler's queue", labels=["tier"]),
+                GaugeMetricFamily("vidgen_scheduler_running_jobs", "Jobs assigned to an agent and not finished yet",
+                                  labels=[]),
+                GaugeMetricFamily("vidgen_scheduler_agents", "Live GPU agents by reported state", labels=["state"]))
+
+    def describe(self):
+        return self._families()
+
+    def collect(self):
+        queue = self.snapshot()
+        if queue is None:
+            return
+        waiting, running, agents = self._families()
+        for tier, count in sorted(queue["waiting"].items()):
+            waiting.add_metric([tier], count)
+        running.add_metric([], queue["running"])
+        for state in sorted(set(AGENT_STATES) | set(queue["agents"])):
+            agents.add_metric([state], queue["agents"].get(state, 0))
+        yield from (waiting, running, agents)
+
+
+def register_scheduler_queue(snapshot, registry=REGISTRY) -> SchedulerQueueCollector:
+    collector = SchedulerQueueCollector(snapshot)
+    registry.register(collector)
+    return collector
 
 
 def partition_lags(stats_json: str) -> dict[tuple[str, int], int]:

@@ -330,11 +330,15 @@ class StageRuntime:
         busy, interval = self.busy.fraction(busy_total)
         report = new_event("", f"{instance_id()}-{time.time_ns()}", stage=self.stage.name, instance=instance_id(),
                            interval_s=interval, lag=self.lag.snapshot(), busy_fraction=busy,
-                           gpu_utilization=gpu_utilization())
+                           gpu_utilization=gpu_utilization(), **self.stats_fields())
         try:
             self._emit(topics.STATS, report, self.stage.name, [])
         except Exception as exc:  # noqa: BLE001 - a report is never worth a stage
             log.warning("%s: stats report not sent: %s", self.stage.name, exc)
+
+    def stats_fields(self) -> dict:
+        """More StageStats fields a runtime reports (the scheduler: its queue); none here."""
+        return {}
 
     # -- producing -------------------------------------------------------------------------------------------
     def _emit(self, topic: topics.Topic, event: dict, key: str | None, headers: list | None = None) -> None:

@@ -1,62 +1,132 @@
-"""`vidgen autoscale`: the fleet view over StageStats reports, and the whole loop on the real broker — stage
-processes report their lag from librdkafka's statistics, the controller reads vidgen.stats and scales up."""
+"""`vidgen autoscale`: the fleet view over StageStats reports, and the whole loop on the real broker — the GPU
+agents scale on the active scheduler's queue (its StageStats report; its vidgen_scheduler_* gauges for KEDA), the
+stages that consume their input on their consumer lag from librdkafka's statistics."""
 from __future__ import annotations
 
 import io
 import json
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from consumers.autoscaler import AutoscaleController, FleetView, run_autoscale
+from consumers.dispatcher import Dispatcher
+from consumers.queue_policy import QueuePolicy
+from consumers.scheduler import SchedulerRuntime
 from streams.autoscale import AutoscalePolicy
 from streams.embedded import free_port
 from streams.events import new_event
-from streams.metrics import partition_lags
+from streams.metrics import partition_lags, register_scheduler_queue
+from tests.samples import sample_events
 
 NOW = 1_800_000_000.0
 
 
-def report(instance: str, at_s: float, lags: dict[tuple[str, int], int], busy=0.5, gpu=None, stage="gpu-agent"):
+def report(instance: str, at_s: float, lags: dict[tuple[str, int], int], busy=0.5, gpu=None, stage="vae-decoder",
+           queue=None):
     event = new_event("", stage=stage, instance=instance, interval_s=10.0, busy_fraction=busy, gpu_utilization=gpu,
-                      lag=[{"topic": t, "partition": p, "lag": lag} for (t, p), lag in lags.items()])
+                      lag=[{"topic": t, "partition": p, "lag": lag} for (t, p), lag in lags.items()], queue=queue)
     event["timestamp"] = int(at_s * 1000)
     return event
 
 
+def queue(waiting: dict[str, int], running: int, **agents: int) -> dict:
+    return {"waiting": waiting, "running": running, "agents": agents}
+
+
 def test_waiting_counts_each_partition_once_by_its_newest_reporter():
     fleet = FleetView(stale_after_s=30)
-    fleet.add(report("a", NOW - 20, {("vidgen.encoded.free", 0): 50, ("vidgen.encoded.free", 1): 10}))
-    fleet.add(report("b", NOW - 5, {("vidgen.encoded.free", 1): 70}))  # partition 1 moved to b
-    observation = fleet.observation("gpu-agent", NOW)
+    fleet.add(report("a", NOW - 20, {("vidgen.latent-chunks", 0): 50, ("vidgen.latent-chunks", 1): 10}))
+    fleet.add(report("b", NOW - 5, {("vidgen.latent-chunks", 1): 70}))  # partition 1 moved to b
+    observation = fleet.observation("vae-decoder", NOW)
     assert observation.total_waiting == 120
     assert sorted(observation.gpu_util) == [0.5, 0.5]
+    assert fleet.instances("vae-decoder", NOW) == 2
 
 
 def test_silent_instances_drop_out_and_gpu_utilisation_beats_busy_share():
     fleet = FleetView(stale_after_s=30)
-    fleet.add(report("gone", NOW - 31, {("vidgen.encoded.free", 0): 500}))
+    fleet.add(report("gone", NOW - 31, {("vidgen.latent-chunks", 0): 500}))
     fleet.add(report("gpu", NOW - 1, {}, busy=0.9, gpu=0.2))
     fleet.add(report("gpu", NOW - 10, {}, busy=0.0, gpu=1.0))  # an older report arriving late changes nothing
-    assert [r["instance"] for r in fleet.live("gpu-agent", NOW)] == ["gpu"]
-    observation = fleet.observation("gpu-agent", NOW)
+    assert [r["instance"] for r in fleet.live("vae-decoder", NOW)] == ["gpu"]
+    observation = fleet.observation("vae-decoder", NOW)
     assert observation.total_waiting == 0 and observation.gpu_util == (0.2,)
 
 
-def test_controller_scales_up_on_backlog_and_follows_the_fleet():
+def test_gpu_agents_are_observed_through_the_active_schedulers_queue():
+    fleet = FleetView(stale_after_s=30)
+    # The tier topics' lag says nothing (the scheduler commits at once), whatever a report carries of it.
+    fleet.add(report("old-leader", NOW - 8, {("vidgen.encoded.free", 0): 0}, stage="scheduler",
+                     queue=queue({"premium": 500, "standard": 0, "free": 0}, 9, BUSY=9)))
+    fleet.add(report("new-leader", NOW - 2, {}, stage="scheduler",
+                     queue=queue({"premium": 70, "standard": 30, "free": 12}, 8, BUSY=8, IDLE=1, DRAINING=1)))
+    fleet.add(report("standby", NOW - 1, {}, stage="scheduler"))  # a report without a queue: not the leader's
+    observation = fleet.observation("gpu-agent", NOW)
+    assert observation.waiting == {"premium": 70, "standard": 30, "free": 12}  # waiting only: running jobs are not
+    assert observation.total_waiting == 112
+    assert observation.gpu_util == (0.9,)  # 9 of the 10 live agents are not idle
+    assert fleet.instances("gpu-agent", NOW) == 10
+    assert fleet.observation("gpu-agent", NOW + 40) == type(observation)(at_s=NOW + 40)  # no scheduler heard
+    assert fleet.instances("gpu-agent", NOW + 40) == 0
+
+
+def test_controller_scales_the_agents_up_on_the_queue_and_follows_the_fleet():
     controller = AutoscaleController(["gpu-agent"], AutoscalePolicy(scale_up_waiting=100, cooldown_up_s=60),
                                      stale_after_s=30)
-    for i in range(10):
-        controller.fleet.add(report(f"agent-{i}", NOW, {("vidgen.encoded.premium", i): 20}))
+    controller.fleet.add(report("s", NOW, {}, stage="scheduler",
+                                queue=queue({"premium": 150, "standard": 50, "free": 0}, 10, BUSY=10)))
     [(stage, observation, decision)] = controller.round(NOW)
     assert (decision.previous, decision.desired) == (10, 11) and "200 waiting" in decision.reason
     [(_, _, decision)] = controller.round(NOW + 10)  # the fleet has not grown yet: the decision stands
     assert decision.desired == 11 and "cooldown" in decision.reason
-    controller.fleet.add(report("agent-9", NOW + 20, {}))
-    controller.fleet.reports["gpu-agent"].pop("agent-0")  # a pod died: 9 instances now
+    controller.fleet.add(report("s", NOW + 20, {}, stage="scheduler",
+                                queue=queue({"premium": 150, "standard": 50, "free": 0}, 9, BUSY=9)))  # one died
     [(_, _, decision)] = controller.round(NOW + 20)
     assert decision.previous == 9
+    # A busy fleet with an empty queue holds, however many jobs run.
+    controller.fleet.add(report("s", NOW + 30, {}, stage="scheduler", queue=queue({"premium": 0}, 1500, BUSY=1500)))
+    [(_, observation, decision)] = controller.round(NOW + 30)
+    assert observation.total_waiting == 0 and not decision.changed and decision.desired == 1500
+
+
+def test_the_schedulers_queue_snapshot_from_its_dispatcher():
+    dispatcher = Dispatcher(QueuePolicy(), "scheduler-1", grace_s=0.0)
+    dispatcher.take_over(NOW)
+    runtime = SimpleNamespace(handler=SimpleNamespace(dispatcher=dispatcher))
+    job = sample_events()["PromptEncoded"]
+    for i, tier in enumerate(("PREMIUM", "FREE", "FREE")):
+        dispatcher.enqueue({**job, "job_id": f"j{i}", "tier": tier}, ("vidgen.encoded." + tier.lower(), 0, i), NOW)
+    status = {"agent_id": "a1", "state": "IDLE", "leader_epoch": dispatcher.leader_epoch, "last_assignment": 0,
+              "models": ["tiny-wan"], "job_id": ""}
+    dispatcher.report(status, NOW)
+    dispatcher.report({**status, "agent_id": "a2", "state": "DRAINING"}, NOW)
+    assert SchedulerRuntime.queue_snapshot(runtime) == queue({"premium": 1, "standard": 0, "free": 2}, 0,
+                                                             IDLE=1, DRAINING=1)
+    [assignment] = dispatcher.tick(NOW + 0.1).assignments
+    assert assignment["agent_id"] == "a1" and assignment["job_id"] == "j0"
+    dispatcher.report({**status, "state": "BUSY", "job_id": "j0", "epoch": 1, "last_assignment": assignment["seq"]},
+                      NOW + 0.2)
+    assert SchedulerRuntime.queue_snapshot(runtime) == queue({"premium": 0, "standard": 0, "free": 2}, 1,
+                                                             BUSY=1, DRAINING=1)
+    assert SchedulerRuntime.queue_snapshot(SimpleNamespace(handler=SimpleNamespace(dispatcher=None))) is None
+
+
+def test_the_queue_gauges_are_exported_only_while_there_is_a_queue():
+    registry, current = CollectorRegistry(), {"queue": None}
+    register_scheduler_queue(lambda: current["queue"], registry)
+    assert registry.get_sample_value("vidgen_scheduler_running_jobs") is None  # a standby exports nothing
+    current["queue"] = queue({"premium": 3, "standard": 0, "free": 120}, 40, BUSY=40, DRAINING=1)
+    assert registry.get_sample_value("vidgen_scheduler_waiting_jobs", {"tier": "free"}) == 120
+    assert registry.get_sample_value("vidgen_scheduler_waiting_jobs", {"tier": "premium"}) == 3
+    assert registry.get_sample_value("vidgen_scheduler_running_jobs") == 40
+    assert registry.get_sample_value("vidgen_scheduler_agents", {"state": "BUSY"}) == 40
+    assert registry.get_sample_value("vidgen_scheduler_agents", {"state": "IDLE"}) == 0
+    current["queue"] = None  # stood down
+    assert registry.get_sample_value("vidgen_scheduler_waiting_jobs", {"tier": "free"}) is None
 
 
 def test_partition_lags_from_librdkafka_statistics():
@@ -77,25 +147,31 @@ def test_partition_lags_from_librdkafka_statistics():
                                                  ("vidgen.encoded.free", 3): 0}
 
 
+def _sample(metrics: str, name: str) -> float | None:
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")
+                 or line.startswith(name + "{")), None)
+
+
 @pytest.mark.integration
-def test_agents_report_lag_and_metrics_and_the_controller_scales_up(tmp_path):
+def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales_the_agents_up(tmp_path):
     from producers.requests import VideoRequests
     from streams.supervisor import PlatformProcesses
 
-    metrics_port = free_port()
+    scheduler_port, agent_port = free_port(), free_port()
     platform = PlatformProcesses(tmp_path, stages=("prompt-encoder",), env={
         "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000", "VIDGEN_STATS_INTERVAL_S": "1"})
     settings = platform.start()
     try:
-        platform.add_stage("gpu-agent", env={"VIDGEN_METRICS_PORT": str(metrics_port)})
+        platform.add_stage("scheduler", env={"VIDGEN_METRICS_PORT": str(scheduler_port)})
+        platform.add_stage("gpu-agent", env={"VIDGEN_METRICS_PORT": str(agent_port)})
         with VideoRequests(settings) as requests:
-            for seed in range(12):  # a backlog on fresh partitions: one agent, jobs of a second or more each
+            for seed in range(12):  # one agent, jobs of a second or more each: a queue builds at the scheduler
                 requests.submit("a queue of paper boats", tier="free", steps=80, num_frames=9, width=64, height=64,
                                 seed=seed)
         out = io.StringIO()
         controller = AutoscaleController(["gpu-agent"], AutoscalePolicy(scale_up_waiting=3, cooldown_up_s=0),
                                          stale_after_s=5)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         decisions = []
         while time.monotonic() < deadline and not any(d["desired"] > d["current"] for d in decisions):
             run_autoscale(settings, controller, interval_s=1.0, rounds=3, out=out)
@@ -104,13 +180,19 @@ def test_agents_report_lag_and_metrics_and_the_controller_scales_up(tmp_path):
         assert grown, f"no scale-up decision: {decisions}"
         assert grown[0]["current"] == 1 and grown[0]["desired"] == 2 and grown[0]["waiting"] > 3
         assert "waiting" in grown[0]["reason"]
+        queue_seen = controller.fleet.queue("gpu-agent", time.time())
+        assert queue_seen is not None and queue_seen["waiting"]["free"] > 0 and sum(queue_seen["agents"].values()) == 1
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert 'vidgen_consumer_lag{partition=' in metrics
-        step_count = next(float(line.split()[-1]) for line in metrics.splitlines()
-                          if line.startswith('vidgen_step_seconds_count{model="tiny-wan"}'))
-        assert step_count > 0
-        assert 'vidgen_stage_consumed_total{stage="gpu-agent"}' in metrics
+        # KEDA's view: the active scheduler's gauges (and the agent's own metrics).
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}/metrics", timeout=5).read().decode()
+        waiting = _sample(metrics, 'vidgen_scheduler_waiting_jobs{tier="free"}')
+        running = _sample(metrics, "vidgen_scheduler_running_jobs")
+        assert waiting is not None and running is not None and waiting + running >= 1
+        assert sum(_sample(metrics, f'vidgen_scheduler_agents{{state="{state}"}}') or 0
+                   for state in ("IDLE", "BUSY", "DRAINING")) == 1
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent_port}/metrics", timeout=5).read().decode()
+        assert _sample(metrics, 'vidgen_step_seconds_count{model="tiny-wan"}') > 0
+        assert "vidgen_scheduler_waiting_jobs" not in metrics
         platform.check_alive()
     finally:
         platform.stop()

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.topics import CATALOGUE
+from streams.topics import CATALOGUE, ENCODED
 from vidgen.cli import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,13 +276,22 @@ def test_keda_scaled_objects(overlay):
             if trigger["type"] == "prometheus":
                 assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
     agent = scaled["gpu-agent"]["spec"]
-    kafka_trigger = next(t for t in agent["triggers"] if t["type"] == "kafka")
-    assert kafka_trigger["metadata"]["lagThreshold"] == "100"  # the seed: more than 100 waiting → +10%
+    # The agents' backlog is the scheduler's queue (streams/metrics.py SchedulerQueueCollector), not a consumer
+    # group's lag: agents are in no group, and the scheduler commits the tier topics' records at once.
+    assert not [t for t in agent["triggers"] if t["type"] == "kafka"]
+    queue_trigger = next(t for t in agent["triggers"] if "vidgen_scheduler_waiting_jobs" in t["metadata"].get("query", ""))
+    assert queue_trigger["type"] == "prometheus" and queue_trigger["metricType"] == "Value"
+    assert queue_trigger["metadata"]["query"].startswith("sum(")  # the standby exports nothing: the sum is the queue
+    assert queue_trigger["metadata"]["threshold"] == "100"  # the seed: more than 100 waiting → +10%
+    tier_partitions = sum(t.partitions for t in ENCODED.values())  # the old bound, when agents consumed them
+    assert agent["maxReplicaCount"] > tier_partitions and (name != "prod" or agent["maxReplicaCount"] >= 10_000)
+    assert "scheduler" not in {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()}
     behavior = agent["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert {"type": "Percent", "value": 10, "periodSeconds": 120} in behavior["scaleUp"]["policies"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 1800  # under 40% for 30 minutes
     for hpa in by_kind(docs, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+        assert hpa["spec"]["scaleTargetRef"]["name"] != "scheduler"
         assert hpa["spec"]["scaleTargetRef"]["name"] not in {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()}
 
 
@@ -362,6 +371,12 @@ def test_settings_references_and_the_gpu_agent(overlay):
     assert len(agent["containers"]) == (8 if name == "prod" else 1)
     agent_ports = [p["containerPort"] for c in agent["containers"] for p in c["ports"]]
     assert len(agent_ports) == len(set(agent_ports))
+    scheduler = by_kind(docs, "Deployment")["scheduler"]
+    assert scheduler["spec"]["replicas"] == (2 if name == "prod" else 1)  # prod: one active, one standby
+    assert [c["command"] for c in scheduler["spec"]["template"]["spec"]["containers"]] == [
+        ["vidgen", "stage", "scheduler"]]  # one process per pod: the lease decides which pod leads
+    budget = by_kind(docs, "PodDisruptionBudget")["scheduler"]["spec"]
+    assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "scheduler"}}}
     compliance = by_kind(docs, "Deployment")["compliance"]["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in compliance["containers"][0].get("env", [])}
     if name == "prod":

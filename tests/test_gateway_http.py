@@ -393,6 +393,32 @@ async def test_delete_cancels(tmp_path):
         assert len(gw.publisher.cancels) == 1
 
 
+# -- the queue --------------------------------------------------------------------------------------------------------
+@async_test
+async def test_a_waiting_job_shows_its_queue_position_and_eta_until_it_runs(tmp_path):
+    async with Gateway(tmp_path) as gw:
+        _, video = await gw.post()
+        job_id = video["id"]
+        assert (video["queue_position"], video["queue_eta_seconds"]) == (None, None)  # not placed yet
+        gw.jobs.fold(topics.QUEUE.name, new_event(job_id, position=3, waiting=4, eta_s=12.25))
+        _, waiting = await gw.get(f"/v1/videos/{job_id}")
+        assert waiting["status"] == "queued"
+        assert (waiting["queue_position"], waiting["queue_eta_seconds"]) == (3, 12.2)
+        assert (waiting["vidgen"]["queue_position"], waiting["vidgen"]["queue_waiting"],
+                waiting["vidgen"]["queue_eta_s"]) == (3, 4, 12.2)
+        _, listing = await gw.get("/v1/videos")
+        assert [(v["id"], v["queue_position"], v["queue_eta_seconds"]) for v in listing["data"]] == [
+            (job_id, 3, 12.2)]
+        gw.jobs.fold(topics.QUEUE.name, new_event(job_id, position=1, waiting=1, eta_s=None))
+        _, unknown = await gw.get(f"/v1/videos/{job_id}")
+        assert (unknown["queue_position"], unknown["queue_eta_seconds"]) == (1, None)
+        gw.jobs.fold(topics.STEP_PROGRESS.name, new_event(job_id, step=1, total_steps=2, attempt=1, step_ms=10.0))
+        _, running = await gw.get(f"/v1/videos/{job_id}")
+        assert running["status"] == "in_progress"
+        assert (running["queue_position"], running["queue_eta_seconds"]) == (None, None)
+        assert running["vidgen"]["queue_position"] is None
+
+
 # -- outputs ----------------------------------------------------------------------------------------------------------
 @async_test
 async def test_content_with_range_requests(tmp_path):
@@ -509,6 +535,22 @@ async def test_openapi_lists_exactly_the_routes_the_app_has(tmp_path):
     assert document["paths"]["/v1/videos/{video_id}/events"]["get"]["x-websocket"] is True
     assert set(schemas["CreateVideoRequest"]["properties"]) == set(
         __import__("gateway.app", fromlist=["CREATE_FIELDS"]).CREATE_FIELDS)
+
+
+def test_openapi_documents_every_field_of_the_video_object_and_the_job_state(tmp_path):
+    from gateway.app import video_object
+    from gateway.openapi import SCHEMAS
+
+    jobs = FakeJobsView()
+    jobs.note_submitted("j1", "acme", new_event("j1", tier="PREMIUM", prompt="a fox", params={
+        "width": 64, "height": 64, "num_frames": 5, "fps": 8}))
+    jobs.fold(topics.QUEUE.name, new_event("j1", position=2, waiting=3, eta_s=4.0))
+    video = video_object(jobs.get("j1"))
+    assert set(video) == set(SCHEMAS["Video"]["properties"])
+    assert set(SCHEMAS["Video"]["required"]) <= set(video)
+    assert set(video["vidgen"]) == set(SCHEMAS["JobState"]["properties"])
+    for name in ("queue_position", "queue_eta_seconds"):
+        assert SCHEMAS["Video"]["properties"][name]["anyOf"][1] == {"type": "null"}
 
 
 def _refs(node):

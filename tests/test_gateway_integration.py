@@ -2,9 +2,12 @@
 
 A job goes in over POST /v1/videos, is followed over GET until completed, its video comes out of
 GET /v1/videos/{id}/content as an MP4 PyAV decodes (and in byte ranges), and another tenant gets 404 for it.
+A job submitted while the only GPU agent is busy is told its place in the scheduler's queue (a `queued` envelope
+with a position, and the position on GET) before its first progress.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -13,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import av
 import pytest
 
@@ -50,6 +54,7 @@ def gateway(tmp_path_factory):
         tenants = TenantStore()
         _, alice = tenants.create_tenant("alice", "premium")
         _, bob = tenants.create_tenant("bob", "standard")
+        _, carol = tenants.create_tenant("carol", "standard")  # the queue test's own: no one else's listings move
         tenants_file = tenants.save(var_dir / "tenants.toml")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -68,7 +73,7 @@ def gateway(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"the gateway did not come up; see {platform.log_dir}"
             time.sleep(0.1)
-        yield dict(base=base, alice=alice, bob=bob, platform=platform)
+        yield dict(base=base, alice=alice, bob=bob, carol=carol, platform=platform)
         platform.check_alive()
         assert process.poll() is None, "the gateway died"
     finally:
@@ -118,3 +123,79 @@ def test_a_job_over_http_from_request_to_playable_video(gateway):
     assert status == 200 and json.loads(body)["data"] == []
     status, _, body = call("GET", f"{base}/v1/videos", alice)
     assert [v["id"] for v in json.loads(body)["data"]] == [job_id]
+
+
+def _wait_for_video(base: str, key: str, job_id: str, done, what: str, platform) -> dict:
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        status, _, body = call("GET", f"{base}/v1/videos/{job_id}", key)
+        assert status == 200, body
+        video = json.loads(body)
+        if done(video):
+            return video
+        assert time.monotonic() < deadline, f"{what}: job {job_id} is {video['status']}; logs in {platform.log_dir}"
+        time.sleep(0.2)
+
+
+def _ends(message: dict) -> bool:
+    return message["type"] in ("published", "failed", "cancelled") or (
+        message["type"] == "flagged" and message["data"].get("terminal"))
+
+
+def test_a_job_waiting_for_the_busy_agent_is_told_its_queue_position(gateway):
+    base, carol, platform = gateway["base"], gateway["carol"], gateway["platform"]
+    # The platform's only GPU agent takes a long job (hundreds of steps of the bigger tiny model) ...
+    status, _, body = call("POST", f"{base}/v1/videos", carol, {
+        "prompt": "a very long river", "model": "tiny-wan-5m", "size": "128x128", "frames": 17, "steps": 400,
+        "guidance_scale": 5.0, "seed": 1})
+    assert status == 200, body
+    busy_id = json.loads(body)["id"]
+    _wait_for_video(base, carol, busy_id, lambda v: v["vidgen"]["step"] >= 1, "the long job to start", platform)
+
+    # ... so the next job waits in the scheduler's queue.
+    status, _, body = call("POST", f"{base}/v1/videos", carol, {
+        "prompt": "a short stream", "size": "64x64", "frames": 5, "steps": 2, "preset": "fast", "seed": 2})
+    assert status == 200, body
+    job_id = json.loads(body)["id"]
+    seen_on_get: list[dict] = []
+
+    async def watch() -> list[dict]:
+        url = base.replace("http://", "ws://") + f"/v1/videos/{job_id}/events"
+        received: list[dict] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, params={"api_key": carol}) as ws:
+                deadline = time.monotonic() + TIMEOUT_S
+                while not received or not _ends(received[-1]):
+                    remaining = deadline - time.monotonic()
+                    assert remaining > 0, f"no end of {job_id} after {[m['type'] for m in received]}; " \
+                                          f"logs in {platform.log_dir}"
+                    received.append(await ws.receive_json(timeout=remaining))
+                    message = received[-1]
+                    if message["type"] == "queued" and (message["data"]["position"] or 0) >= 1 and not seen_on_get:
+                        # While it waits, GET shows where it stands; then the long job is cancelled to free the agent.
+                        status, _, body = call("GET", f"{base}/v1/videos/{job_id}", carol)
+                        seen_on_get.append(json.loads(body))
+                        assert call("DELETE", f"{base}/v1/videos/{busy_id}", carol)[0] == 200
+        return received
+
+    received = asyncio.run(watch())
+    kinds = [m["type"] for m in received]
+    assert "progress" in kinds, kinds
+    first_progress = kinds.index("progress")
+    placed = [i for i, m in enumerate(received) if m["type"] == "queued" and (m["data"]["position"] or 0) >= 1]
+    assert placed and placed[0] < first_progress, f"no queue position before the first progress: {received}"
+    data = received[placed[0]]["data"]
+    assert data["job_id"] == job_id and data["waiting"] >= data["position"] >= 1
+    assert data["eta_s"] is None or data["eta_s"] >= 0
+    assert not [m for m in received[first_progress:] if m["type"] == "queued"]  # never queued again once it ran
+    assert received[-1]["type"] == "published", received[-1]
+
+    [waiting] = seen_on_get
+    assert waiting["status"] == "queued" and waiting["queue_position"] >= 1, waiting
+    assert waiting["vidgen"]["queue_position"] == waiting["queue_position"]
+    assert waiting["queue_eta_seconds"] is None or waiting["queue_eta_seconds"] >= 0
+    done = _wait_for_video(base, carol, job_id, lambda v: v["status"] == "completed", "the job's end", platform)
+    assert (done["queue_position"], done["queue_eta_seconds"]) == (None, None)
+    cancelled = _wait_for_video(base, carol, busy_id, lambda v: v["vidgen"]["terminal"], "the cancellation",
+                                platform)
+    assert cancelled["vidgen"]["status"] == "cancelled" and cancelled["queue_position"] is None

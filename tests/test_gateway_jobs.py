@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from consumers.job_state import PUBLISHED, fold_all, to_public
 from gateway import events as ws_events
 from gateway.jobs import CLOSE_GOING_AWAY, CLOSE_SLOW, Envelope, JobsView, envelopes
-from tests.test_job_state import T0, cancelled, checkpoint, failed, flagged, job_lifecycle, requested, step
+from tests.test_job_state import (T0, _queued_lifecycle, cancelled, checkpoint, encoded, failed, flagged,
+                                  job_lifecycle, queued_at, requested, step)
 
 
 def drain(sub) -> list[dict]:
@@ -47,7 +48,8 @@ def test_a_live_job_translates_into_the_documented_envelopes():
     assert types(envs) == ["state", "queued", "started", "progress", "progress", "checkpoint", "progress",
                            "progress", "segment", "segment", "published"]
     assert envs[0]["data"]["status"] == "requested" and envs[0]["data"]["links"]["self"] == "/v1/videos/j1"
-    assert envs[1]["data"] == {"job_id": "j1", "tier": "premium", "at": T0 + 100}
+    assert envs[1]["data"] == {"job_id": "j1", "tier": "premium", "at": T0 + 100, "position": None, "waiting": None,
+                               "eta_s": None}  # no QueuePosition in this job's events
     assert envs[2]["data"]["attempt"] == 1 and envs[2]["data"]["max"] == 4
     progress = [e["data"] for e in envs if e["type"] == "progress"]
     assert [(p["value"], p["max"]) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -93,6 +95,66 @@ def test_other_endings_flags_failures_cancellations_and_a_resume():
     assert envelopes(done, fold_all([step("j6", 9, total=9, attempt=2)], done)) == []  # nothing after the end
 
 
+def test_queued_is_told_whenever_the_position_or_eta_moves_and_never_after_the_start():
+    view = JobsView()
+    view.ingest_event(*requested("j1"))
+    sub, tenant_sub = view.subscribe("acme", "j1"), view.subscribe("acme")
+    drain(sub), drain(tenant_sub)
+
+    def told(*events):
+        feed(view, events)
+        envs = drain(sub)
+        assert drain(tenant_sub) == envs  # the tenant's feed is told the same
+        return envs
+
+    [env] = told(encoded("j1"))
+    assert env["type"] == "queued" and env["data"] == {"job_id": "j1", "tier": "premium", "at": T0 + 100,
+                                                       "position": None, "waiting": None, "eta_s": None}
+    [env] = told(queued_at("j1", 3, T0 + 200, eta_s=9.04, waiting=4))
+    assert env["type"] == "queued" and env["data"] == {"job_id": "j1", "tier": "premium", "at": T0 + 100,
+                                                       "position": 3, "waiting": 4, "eta_s": 9.0}
+    assert told(queued_at("j1", 3, T0 + 200, eta_s=9.04, waiting=4)) == []  # a redelivery
+    assert told(queued_at("j1", 3, T0 + 300, eta_s=9.0, waiting=5)) == []  # neither position nor ETA moved
+    assert told(queued_at("j1", 5, T0 + 150, eta_s=20.0)) == []  # older than what is shown
+    [env] = told(queued_at("j1", 3, T0 + 400, eta_s=6.5, waiting=5))  # the ETA alone moved
+    assert (env["data"]["position"], env["data"]["eta_s"], env["data"]["waiting"]) == (3, 6.5, 5)
+    [env] = told(queued_at("j1", 1, T0 + 600, eta_s=None, waiting=2))  # unknown ETA
+    assert (env["data"]["position"], env["data"]["eta_s"], env["data"]["waiting"]) == (1, None, 2)
+    assert told(queued_at("j1", 0, T0 + 900, eta_s=0.0)) == []  # assigned: "started" tells the rest
+    assert types(told(step("j1", 1))) == ["started", "progress"]
+    assert told(queued_at("j1", 2, T0 + 700, eta_s=3.0)) == []  # a straggler from before the start
+    assert view.state("j1").queue_position is None and view.get("j1")["queue_position"] is None
+
+
+def test_a_requeued_job_is_queued_again_and_a_late_tracker_state_brings_its_position_once():
+    view = JobsView()
+    feed(view, [requested("j1"), encoded("j1"), queued_at("j1", 0, T0 + 900), step("j1", 1), step("j1", 2)])
+    sub = view.subscribe("acme", "j1")
+    drain(sub)
+    view.ingest_event(*queued_at("j1", 1, T0 + 1500, eta_s=4.0, waiting=2))  # preempted and requeued
+    [env] = drain(sub)
+    assert env["type"] == "queued" and (env["data"]["position"], env["data"]["eta_s"]) == (1, 4.0)
+    assert view.get("j1")["queue_position"] == 1 and view.get("j1")["status"] == "running"
+    # The tracker catching up with the same events tells nothing new.
+    view.ingest_tracker_state("j1", fold_all([requested("j1"), encoded("j1"), queued_at("j1", 0, T0 + 900),
+                                              step("j1", 1), step("j1", 2),
+                                              queued_at("j1", 1, T0 + 1500, eta_s=4.0, waiting=2)]).to_dict())
+    assert drain(sub) == [] and not view._jobs["j1"].live
+    assert types(drain_after(view, sub, step("j1", 3, attempt=2, resumed_from=2))) == ["started", "progress"]
+    assert view.get("j1")["queue_position"] is None
+
+
+def drain_after(view: JobsView, sub, event) -> list:
+    view.ingest_event(*event)
+    return drain(sub)
+
+
+def test_a_job_first_seen_waiting_tells_its_position_in_one_go():
+    state = fold_all([requested("j1"), encoded("j1"), queued_at("j1", 4, T0 + 300, eta_s=12.0, waiting=7)])
+    [env] = envelopes(None, state)
+    assert env["type"] == "queued" and (env["data"]["position"], env["data"]["waiting"]) == (4, 7)
+
+
 # -- merging tracker states and live events ----------------------------------------------------------------------------
 def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():
     events = job_lifecycle("j1", total=6, segments=3) + [flagged("j1", decision="REVIEW", ends_job=False)]
@@ -120,6 +182,29 @@ def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():
         # Once the tracker has everything, no live event is kept.
         view.ingest_tracker_state("j1", expected.to_dict())
         assert view.state("j1") == expected and len(view._jobs["j1"].live) == 0
+
+
+def test_tracker_states_and_live_events_with_queue_positions_merge_exactly():
+    events = _queued_lifecycle("j1")
+    rng = random.Random(11)
+    for trial in range(30):
+        cut_events = events[:rng.randrange(3, len(events) + 1)]  # a job still waiting, running or done
+        expected = fold_all(cut_events)
+        view = JobsView()
+        tracker_order = cut_events[:]
+        rng.shuffle(tracker_order)
+        live = cut_events + rng.sample(cut_events, 2)
+        rng.shuffle(live)
+        states = [fold_all(tracker_order[:n]).to_dict() for n in range(1, rng.randrange(len(cut_events) + 1) + 1)]
+        actions = [("live", e) for e in live] + [("tracker", s) for s in states]
+        rng.shuffle(actions)
+        tracker_iter = iter(states)
+        for kind, item in actions:
+            if kind == "live":
+                view.ingest_event(*item)
+            else:
+                view.ingest_tracker_state("j1", next(tracker_iter))
+        assert view.state("j1") == expected, f"trial {trial}"
 
 
 def test_a_newer_tracker_state_keeps_the_live_events_it_does_not_have_yet():

@@ -1,7 +1,8 @@
-"""The GPU agent on a real broker: long jobs, SIGKILL and resume, drain, cancellation, failures.
+"""GPU agents on a real broker, taking their work from the scheduler: long jobs, an agent killed (declared dead, its
+job resumes elsewhere), drained, frozen (a zombie, fenced), cancellations, failures.
 
-One platform (prompt encoder, two agents, decoder, compliance) with a short session timeout and a
-max.poll.interval.ms shorter than the long jobs it runs; every check reads the events back from the broker.
+One platform (prompt encoder, scheduler, two agents, decoder, compliance) with a short agent timeout; every check
+reads the events back from the broker.
 """
 from __future__ import annotations
 
@@ -13,35 +14,33 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from gpu_agents.models import ModelCatalogue
-from gpu_agents.video import join_latent_chunks
 from producers.requests import VideoRequests
 from streams import topics
-from streams.blobs import open_blob_store
 from streams.events import new_event
 from streams.kafka import producer_config
+from streams.serde import event_codec
 from streams.supervisor import PlatformProcesses
-from consumers.progress import EventLog
+from tests.fleet import (FLEET_ENV, LONG_JOB, chunked_once, decisions, final_latent, fleet_log, orders, pid_of,
+                         published_once, reference_latent, reports, steps_of,
+                         wait_for_idle_agents)
 
 pytestmark = pytest.mark.integration
 
-MODEL = "tiny-wan-5m"
-# ~40-70 ms per CFG step here: 80 steps outlast max.poll.interval.ms below by far.
-LONG_JOB = dict(model=MODEL, width=128, height=128, num_frames=17, steps=80, guidance_scale=5.0)
-MAX_POLL_INTERVAL_MS = 4000  # librdkafka needs it >= session.timeout.ms
+AGENT_TIMEOUT_S = 3.0
+CHECKPOINT_EVERY = 20
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     var_dir = tmp_path_factory.mktemp("agents")
-    processes = PlatformProcesses(var_dir, stages=("prompt-encoder", "gpu-agent", "gpu-agent", "vae-decoder",
-                                                   "compliance"), env={
-        "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",
-        "VIDGEN_KAFKA_MAX_POLL_INTERVAL_MS": str(MAX_POLL_INTERVAL_MS),
-        "VIDGEN_CHECKPOINT_EVERY_STEPS": "10",
+    processes = PlatformProcesses(var_dir, stages=("prompt-encoder", "scheduler", "gpu-agent", "gpu-agent",
+                                                   "vae-decoder", "compliance"), env={
+        **FLEET_ENV,
+        "VIDGEN_AGENT_TIMEOUT_S": str(AGENT_TIMEOUT_S),
+        "VIDGEN_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY),
     })
     settings = processes.start()
-    log = EventLog(settings)
+    log = fleet_log(settings)
     requests = VideoRequests(settings)
     yield dict(processes=processes, settings=settings, log=log, requests=requests)
     requests.close()
@@ -49,109 +48,109 @@ def platform(tmp_path_factory):
     processes.stop()
 
 
-def _agent_pid(step_event: dict) -> int:
-    return int(step_event["agent_id"].rsplit("-", 1)[1].split(".")[0])  # <host>-<pid>.<random>
+def _first_agent(log, job_id) -> str:
+    return steps_of(log, job_id)[0]["agent_id"]
 
 
-def _published_once(log: EventLog, job_id: str, timeout_s: float = 180) -> dict:
-    log.wait_for(lambda l: l.terminal(job_id), timeout_s, f"job {job_id} to end")
-    time.sleep(0.5)
-    ends = log.terminal(job_id)
-    assert [t for t, _ in ends] == [topics.PUBLISHED.name], ends
-    return ends[0][1]
-
-
-def _final_latent(settings, log: EventLog, job_id: str) -> torch.Tensor:
-    blobs = open_blob_store(settings.blob_url)
-    chunks = sorted(log.of(job_id, topics.LATENT_CHUNKS), key=lambda c: c["chunk_index"])
-    unique = {c["chunk_index"]: c for c in chunks}
-    return join_latent_chunks([blobs.get_tensor(unique[i]["latent"]) for i in sorted(unique)])
-
-
-def _reference_latent(prompt: str, seed: int) -> torch.Tensor:
-    catalogue = ModelCatalogue()
-    with torch.inference_mode():
-        return catalogue.pipeline(MODEL)(
-            prompt=prompt, negative_prompt="", height=LONG_JOB["height"], width=LONG_JOB["width"],
-            num_frames=LONG_JOB["num_frames"], num_inference_steps=LONG_JOB["steps"],
-            guidance_scale=LONG_JOB["guidance_scale"], generator=torch.Generator().manual_seed(seed),
-            output_type="latent", max_sequence_length=catalogue.max_sequence_length(MODEL),
-        ).frames
-
-
-def test_long_job_outlasting_max_poll_interval_costs_no_rebalance(platform):
+def test_a_long_job_runs_once_on_one_agent_with_periodic_checkpoints(platform):
     log, requests = platform["log"], platform["requests"]
     job_id = requests.submit("a lighthouse in a storm", tier="premium", seed=1, **LONG_JOB)
-    _published_once(log, job_id)
-    steps = log.of(job_id, topics.STEP_PROGRESS)
-    duration_s = (steps[-1]["timestamp"] - steps[0]["timestamp"]).total_seconds()
-    assert duration_s * 1000 > MAX_POLL_INTERVAL_MS, f"the job took only {duration_s:.1f} s; make it longer"
+    published_once(log, job_id)
+    steps = steps_of(log, job_id)
     assert {s["attempt"] for s in steps} == {1} and len({s["agent_id"] for s in steps}) == 1
     assert [s["step"] for s in steps] == list(range(1, LONG_JOB["steps"] + 1))
     checkpoints = [c["step"] for c in log.of(job_id, topics.LATENT_CHECKPOINTED)]
-    assert checkpoints == list(range(10, LONG_JOB["steps"], 10))
+    assert checkpoints == list(range(CHECKPOINT_EVERY, LONG_JOB["steps"], CHECKPOINT_EVERY))
+    [assigned] = decisions(log, "ASSIGNED", job_id)
+    assert assigned["agent_id"] == steps[0]["agent_id"] and assigned["epoch"] == 1
+    assert len(decisions(log, "DONE", job_id)) == 1
 
 
-def test_sigkill_mid_job_resumes_from_the_checkpoint_bit_identical(platform):
+def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_identical(platform):
     log, requests, processes = platform["log"], platform["requests"], platform["processes"]
     prompt, seed = "a glacier calving into the sea", 2
     job_id = requests.submit(prompt, tier="standard", seed=seed, **LONG_JOB)
     first = log.wait_for(lambda l: l.of(job_id, topics.LATENT_CHECKPOINTED), 120, "a first checkpoint")[0]
-    victim = _agent_pid(log.of(job_id, topics.STEP_PROGRESS)[0])
-    processes.signal_stage(victim, signal.SIGKILL)
+    victim = _first_agent(log, job_id)
+    processes.signal_stage(pid_of(victim), signal.SIGKILL)
     killed_at = time.time()
 
-    def resumed(l):
-        return [s for s in l.of(job_id, topics.STEP_PROGRESS) if s["attempt"] > 1]
-
-    resumed_steps = log.wait_for(resumed, 60, "the survivor to resume")
-    resume_s = resumed_steps[0]["timestamp"].timestamp() - killed_at
-    print(f"resume after SIGKILL: {resume_s:.2f} s")
-    assert _agent_pid(resumed_steps[0]) != victim
+    [requeued] = log.wait_for(lambda l: decisions(l, "REQUEUED", job_id), 30, "the job to be requeued")
+    assert requeued["reason"] == "agent dead" and requeued["agent_id"] == victim and requeued["epoch"] == 1
+    dead_after_s = requeued["timestamp"].timestamp() - killed_at
+    assert AGENT_TIMEOUT_S - 1.5 < dead_after_s < AGENT_TIMEOUT_S + 5, f"declared dead after {dead_after_s:.1f} s"
+    assert [d["agent_id"] for d in decisions(log, "AGENT_DEAD")] == [victim]
+    resumed = log.wait_for(lambda l: [s for s in steps_of(l, job_id) if s["attempt"] > 1], 60, "another agent")
+    print(f"declared dead after {dead_after_s:.2f} s; resumed after "
+          f"{resumed[0]['timestamp'].timestamp() - killed_at:.2f} s")
+    assert resumed[0]["agent_id"] != victim
+    assert [d["epoch"] for d in decisions(log, "ASSIGNED", job_id)] == [1, 2]
     saved = {c["step"] for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1}
-    assert resumed_steps[0]["resumed_from_step"] in saved and resumed_steps[0]["resumed_from_step"] >= first["step"]
-    assert resumed_steps[0]["step"] == resumed_steps[0]["resumed_from_step"] + 1
-    _published_once(log, job_id)
-    assert torch.equal(_final_latent(platform["settings"], log, job_id), _reference_latent(prompt, seed))
+    assert resumed[0]["resumed_from_step"] in saved and resumed[0]["resumed_from_step"] >= first["step"]
+    assert resumed[0]["step"] == resumed[0]["resumed_from_step"] + 1
+    published_once(log, job_id)
+    chunked_once(log, job_id)
+    assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed))
     processes.add_stage("gpu-agent")  # back to two agents for the tests that follow
 
 
 def test_sigterm_drains_with_a_checkpoint_and_the_next_agent_resumes(platform):
-    log, requests = platform["log"], platform["requests"]
+    log, requests, processes = platform["log"], platform["requests"], platform["processes"]
     job_id = requests.submit("a hot air balloon over hills", tier="free", seed=3, **LONG_JOB)
-    log.wait_for(lambda l: len(l.of(job_id, topics.STEP_PROGRESS)) >= 13, 120, "step 13")
-    worker = _agent_pid(log.of(job_id, topics.STEP_PROGRESS)[0])
-    process = platform["processes"].signal_stage(worker, signal.SIGTERM)
+    log.wait_for(lambda l: len(steps_of(l, job_id)) >= 13, 120, "step 13")
+    worker = _first_agent(log, job_id)
+    process = processes.signal_stage(pid_of(worker), signal.SIGTERM)
     assert process.wait(30) == 0, "a drained agent exits cleanly"
-    attempt_one = [s["step"] for s in log.of(job_id, topics.STEP_PROGRESS) if s["attempt"] == 1]
+    attempt_one = [s["step"] for s in steps_of(log, job_id) if s["attempt"] == 1]
     drain_checkpoint = [c for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1][-1]
-    assert drain_checkpoint["step"] == attempt_one[-1], "checkpointed at the step it stopped after"
-    resumed = log.wait_for(lambda l: [s for s in l.of(job_id, topics.STEP_PROGRESS) if s["attempt"] > 1], 60,
+    assert drain_checkpoint["step"] == attempt_one[-1] < LONG_JOB["steps"], "checkpointed at the step it stopped after"
+    resumed = log.wait_for(lambda l: [s for s in steps_of(l, job_id) if s["attempt"] > 1], 60,
                            "another agent to resume")
-    assert resumed[0]["resumed_from_step"] == drain_checkpoint["step"]
-    _published_once(log, job_id)
-    platform["processes"].add_stage("gpu-agent")
+    assert resumed[0]["resumed_from_step"] == drain_checkpoint["step"] and resumed[0]["agent_id"] != worker
+    [requeued] = decisions(log, "REQUEUED", job_id)
+    assert requeued["reason"] == "drained" and requeued["agent_id"] == worker
+    published_once(log, job_id)
+    processes.add_stage("gpu-agent")
 
 
-def test_cancelling_a_running_job_stops_it_within_a_step(platform):
+def test_cancelling_a_waiting_job_and_a_running_one(platform):
+    """Both agents busy: a third job waits. Cancelled, it ends at the scheduler without ever starting; a running job
+    cancelled stops within a step or two on its agent."""
     log, requests = platform["log"], platform["requests"]
-    job_id = requests.submit("a train crossing a bridge", tier="premium", seed=4, **LONG_JOB)
-    log.wait_for(lambda l: len(l.of(job_id, topics.STEP_PROGRESS)) >= 5, 120, "step 5")
-    requests.cancel(job_id, reason="changed my mind", requested_by="test")
+    wait_for_idle_agents(log, 2)
+    endless = dict(LONG_JOB, steps=1000)  # the most a request may ask; cancelled long before its end
+    running = [requests.submit(f"a train crossing a bridge, take {i}", tier="premium", seed=4 + i, **endless)
+               for i in range(2)]
+    log.wait_for(lambda l: all(len(steps_of(l, j)) >= 5 for j in running), 120, "both agents to be busy")
+    assert len({_first_agent(log, j) for j in running}) == 2
+    waiting = requests.submit("a queue nobody wanted", tier="premium", seed=6, **endless)
+    log.wait_for(lambda l: decisions(l, "QUEUED", waiting), 60, "the third job to wait")
+    requests.cancel(waiting, reason="too slow", requested_by="test")
+    requests.cancel(running[0], reason="changed my mind", requested_by="test")
     cancelled_at = time.time()
-    log.wait_for(lambda l: l.terminal(job_id), 30, "the cancellation")
-    time.sleep(0.5)
+
+    log.wait_for(lambda l: l.terminal(waiting) and l.terminal(running[0]), 30, "the cancellations")
+    requests.cancel(running[1], reason="no longer needed")
+    log.wait_for(lambda l: l.terminal(running[1]), 30, "the other cancellation")
+    [(topic, event)] = log.terminal(waiting)
+    assert topic == topics.CANCELLED.name and event["stage"] == "scheduler" and event["stopped_at_step"] is None
+    assert event["reason"] == "too slow" and event["requested_by"] == "test"
+    assert [d["kind"] for d in decisions(log, job_id=waiting)] == ["QUEUED", "CANCELLED"], "it never started"
+    assert not steps_of(log, waiting) and not log.of(waiting, topics.LATENT_CHUNKS)
+
+    job_id = running[0]
     [(topic, event)] = log.terminal(job_id)
-    assert topic == topics.CANCELLED.name and event["reason"] == "changed my mind"
-    steps_after = [s for s in log.of(job_id, topics.STEP_PROGRESS) if s["timestamp"].timestamp() > cancelled_at]
-    step_ms = max(s["step_ms"] for s in log.of(job_id, topics.STEP_PROGRESS))
+    assert topic == topics.CANCELLED.name and event["stage"] == "gpu-agent" and event["reason"] == "changed my mind"
+    steps_after = [s for s in steps_of(log, job_id) if s["timestamp"].timestamp() > cancelled_at]
+    step_ms = max(s["step_ms"] for s in steps_of(log, job_id))
     # The request takes a hop or two to arrive; then the job stops at the next step boundary.
-    assert len(steps_after) <= 2, f"{len(steps_after)} steps ran after the cancellation (step {step_ms:.0f} ms)"
-    assert event["stopped_at_step"] == log.of(job_id, topics.STEP_PROGRESS)[-1]["step"]
+    assert len(steps_after) <= 3, f"{len(steps_after)} steps ran after the cancellation (step {step_ms:.0f} ms)"
+    assert event["stopped_at_step"] == steps_of(log, job_id)[-1]["step"]
     assert not log.of(job_id, topics.LATENT_CHUNKS)
+    assert [d["kind"] for d in decisions(log, job_id=job_id)] == ["QUEUED", "ASSIGNED", "DONE"]
 
 
-def test_a_failing_job_is_retried_then_failed_without_blocking_its_partition(platform):
+def test_a_failing_job_is_retried_then_failed_without_blocking_the_fleet(platform):
     log, requests, settings = platform["log"], platform["requests"], platform["settings"]
     bad_job = "job-with-a-missing-blob"
     missing = {"uri": (settings.var_dir / "blobs" / bad_job / "gone.safetensors").as_uri(), "sha256": "0" * 64,
@@ -161,8 +160,6 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_its_partition(pla
     encoded = new_event(bad_job, tenant="t", tier="FREE", params=params, prompt_sha256="0" * 64, encoder="x",
                         prompt_embeds=missing, negative_prompt_embeds=None, requested_at=None)
     producer = Producer(producer_config(settings, "test-bad-job"))
-    from streams.serde import event_codec
-
     topic = topics.encoded_topic("free").name
     producer.produce(topic, key=bad_job.encode(), value=event_codec(settings).encode(topic, encoded), partition=0)
     producer.flush(10)
@@ -170,29 +167,52 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_its_partition(pla
                                guidance_scale=1.0)
     failed = log.wait_for(lambda l: l.of(bad_job, topics.FAILED), 60, "the bad job to fail")[0]
     assert failed["stage"] == "gpu-agent" and failed["attempts"] == 3 and "does not exist" in failed["reason"]
-    _published_once(log, good_job)
+    published_once(log, good_job)
+    log.wait_for(lambda l: decisions(l, "DONE", bad_job), 30, "the failed job to free its agent")
     platform["processes"].check_alive()
 
 
-def test_an_agent_frozen_past_its_session_loses_the_job_and_the_new_owner_resumes_it(platform):
-    """SIGSTOP the agent running a job past the session timeout: the group gives its partitions to the other
-    agent, which resumes the job from the newest checkpoint; the frozen one, woken, is a zombie until librdkafka
-    reports its partitions lost (then it stops at a step boundary, after a checkpoint). Whatever the zombie did,
-    the job is published once and bit-identical to an uninterrupted run."""
+def test_a_frozen_agent_is_fenced_and_the_job_finished_once_by_another(platform):
+    """SIGSTOP the agent running a job past the agent timeout: the scheduler declares it dead, requeues the job and
+    sends it a REVOKE; the other agent resumes the job from the newest checkpoint and finishes it. Woken, the
+    zombie reads the REVOKE and stops at its next step boundary without a result, then takes new work."""
     log, requests, processes = platform["log"], platform["requests"], platform["processes"]
     prompt, seed = "a heron standing in reeds", 7
+    wait_for_idle_agents(log, 2)
     job_id = requests.submit(prompt, tier="premium", seed=seed, **LONG_JOB)
     log.wait_for(lambda l: l.of(job_id, topics.LATENT_CHECKPOINTED), 120, "a first checkpoint")
-    sleeper = _agent_pid(log.of(job_id, topics.STEP_PROGRESS)[0])
-    os.kill(sleeper, signal.SIGSTOP)
+    zombie = _first_agent(log, job_id)
+    os.kill(pid_of(zombie), signal.SIGSTOP)
     try:
-        taken_over = log.wait_for(lambda l: [s for s in l.of(job_id, topics.STEP_PROGRESS) if s["attempt"] > 1],
-                                  60, "the other agent to take the job over")
+        [requeued] = log.wait_for(lambda l: decisions(l, "REQUEUED", job_id), 30, "the job to be requeued")
+        assert requeued["reason"] == "agent dead" and requeued["agent_id"] == zombie
+        assert orders(log, "REVOKE", zombie, job_id), "the frozen agent is fenced"
+        chunked_once(log, job_id)  # finished by the other agent while the zombie sleeps
     finally:
-        os.kill(sleeper, signal.SIGCONT)
-    assert _agent_pid(taken_over[0]) != sleeper
-    saved = {c["step"] for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1}
+        os.kill(pid_of(zombie), signal.SIGCONT)
+    woke_at = time.time()
+    zombie_attempt = steps_of(log, job_id, zombie)[0]["attempt"]
+    taken_over = [s for s in steps_of(log, job_id) if s["attempt"] > zombie_attempt]
+    assert taken_over and {s["agent_id"] for s in taken_over} != {zombie}
+    saved = {c["step"] for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == zombie_attempt}
     assert taken_over[0]["resumed_from_step"] in saved
-    _published_once(log, job_id)
-    assert torch.equal(_final_latent(platform["settings"], log, job_id), _reference_latent(prompt, seed))
+
+    fenced = log.wait_for(lambda l: [r for r in reports(l, zombie) if r["finished_job_id"] == job_id], 30,
+                          "the zombie to report how the job ended")[0]
+    assert (fenced["state"], fenced["finished_outcome"], fenced["finished_reason"]) == ("IDLE", "INTERRUPTED", "fenced")
+    # The zombie takes new work: two jobs at once on two idle agents.
+    assert zombie in wait_for_idle_agents(log, 2)
+    later = [requests.submit(f"a frog on a lily pad, take {i}", tier="standard", seed=8 + i,
+                             **dict(LONG_JOB, steps=40)) for i in range(2)]
+    for later_job in later:
+        published_once(log, later_job)
+    assert zombie in {_first_agent(log, j) for j in later}, "the woken agent takes work again"
+
+    published_once(log, job_id)
+    chunked_once(log, job_id)  # still exactly one set
+    assert {c["attempt"] for c in log.of(job_id, topics.LATENT_CHUNKS)} != {zombie_attempt}
+    woke_steps = [s for s in steps_of(log, job_id, zombie) if s["timestamp"].timestamp() > woke_at]
+    assert len(woke_steps) <= 2, f"the zombie ran {len(woke_steps)} steps after it woke"
+    assert [d["epoch"] for d in decisions(log, "ASSIGNED", job_id)] == [1, 2]
+    assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed))
     processes.check_alive()

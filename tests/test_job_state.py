@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from consumers.job_state import (CANCELLED, DECODING, FAILED, FLAGGED, PUBLISHED, QUEUED, REQUESTED, REVIEW, RUNNING,
-                                 JobState, epoch_ms, fold, fold_all, jsonable_event, to_public)
+from consumers.job_state import (CANCELLED, DECODING, FAILED, FLAGGED, FOLDED_TOPICS, LIFECYCLE_TOPICS,
+                                 PUBLISHED, QUEUED, REQUESTED, REVIEW, RUNNING, JobState, epoch_ms, fold,
+                                 fold_all, jsonable_event, to_public)
 from streams import topics
 from streams.events import derive_event_id
 from tests.samples import BLOB, MP4, PARAMS
@@ -94,6 +95,13 @@ def cancelled(job_id: str, at: int = T0 + 1025, stopped_at: int | None = 2) -> t
 def cancel_request(job_id: str, at: int = T0 + 1015) -> tuple[str, dict]:
     return topics.CONTROL.name, _event(job_id, "gateway", ("cancel",), at, reason="user asked", requested_by="acme",
                                        stage="", stopped_at_step=None)
+
+
+def queued_at(job_id: str, position: int, at: int, eta_s: float | None = None, waiting: int = 5,
+              tier: str = "PREMIUM") -> tuple[str, dict]:
+    """The scheduler's QueuePosition (position 0: the job left the queue)."""
+    return topics.QUEUE.name, _event(job_id, "scheduler", ("queue", at, position), at, tenant="acme", tier=tier,
+                                     position=position, waiting=waiting, eta_s=eta_s)
 
 
 def job_lifecycle(job_id: str, total: int = 4, segments: int = 2) -> list[tuple[str, dict]]:
@@ -306,3 +314,100 @@ def test_the_tracker_forwards_long_texts_cut_to_a_bounded_size():
     assert len(bounded["prompt"]) < MAX_FORWARDED_CHARS + 50 and bounded["prompt"].endswith("more characters]")
     assert bounded["params"] == {"model": "tiny-wan"} and bounded["reasons"][1] == "short"
     assert len(bounded["reasons"][0]) < MAX_FORWARDED_CHARS + 50
+
+
+# -- the fleet's queue (QueuePosition on vidgen.queue) ---------------------------------------------------------------
+def _queue(state: JobState) -> tuple:
+    return state.queue_position, state.queue_waiting, state.queue_eta_s, state.queue_at
+
+
+def test_a_waiting_job_shows_its_newest_position_and_eta():
+    events = [requested("j1"), encoded("j1"), queued_at("j1", 3, T0 + 200, eta_s=12.345, waiting=4),
+              queued_at("j1", 2, T0 + 1200, eta_s=7.0, waiting=3)]
+    state = fold_all(events)
+    assert state.status == QUEUED and _queue(state) == (2, 3, 7.0, T0 + 1200)
+    assert fold_all(list(reversed(events))) == state  # the older position, arriving last, does not win
+    public = to_public(state)
+    assert (public["queue_position"], public["queue_waiting"], public["queue_eta_s"], public["queue_at"]) == (
+        2, 3, 7.0, T0 + 1200)
+    assert _queue(fold_all(events[:3])) == (3, 4, 12.3, T0 + 200)  # ETAs kept to a tenth of a second
+    unknown = fold_all([encoded("j1"), queued_at("j1", 1, T0 + 200, eta_s=None)])
+    assert _queue(unknown) == (1, 5, None, T0 + 200)
+
+
+def test_a_position_alone_means_the_scheduler_has_the_job():
+    state = fold_all([requested("j1"), queued_at("j1", 1, T0 + 200)])  # the PromptEncoded not read yet
+    assert state.status == QUEUED and state.queue_position == 1
+
+
+def test_leaving_the_queue_clears_the_position():
+    waiting = fold_all([encoded("j1"), queued_at("j1", 2, T0 + 200)])
+    assigned = fold(waiting, *queued_at("j1", 0, T0 + 900, eta_s=0.0))
+    assert _queue(assigned) == (None, None, None, None) and assigned.status == QUEUED  # not started yet
+    assert _queue(fold(assigned, *queued_at("j1", 2, T0 + 200))) == (None, None, None, None)  # a redelivery
+    started = fold(waiting, *step("j1", 1))  # the position 0 not read yet: the step says enough
+    assert _queue(started) == (None, None, None, None) and started.status == RUNNING
+
+
+@pytest.mark.parametrize("ending", [cancelled("j1", at=T0 + 300, stopped_at=None), failed("j1", at=T0 + 300)])
+def test_an_ended_job_never_shows_a_queue_position(ending):
+    for position in (queued_at("j1", 1, T0 + 250), queued_at("j1", 1, T0 + 400)):  # before and after the end
+        for order in ([encoded("j1"), position, ending], [ending, position, encoded("j1")]):
+            state = fold_all(order)
+            assert state.terminal and _queue(state) == (None, None, None, None)
+
+
+def test_a_position_from_before_the_first_step_never_brings_queued_back():
+    events = [requested("j1"), encoded("j1"), queued_at("j1", 2, T0 + 500, eta_s=3.0), step("j1", 1)]
+    for order in (events, list(reversed(events)), [events[3], events[2], events[0], events[1]]):
+        state = fold_all(order)
+        assert state.status == RUNNING and _queue(state) == (None, None, None, None)
+
+
+def test_a_job_requeued_after_it_ran_waits_again_until_its_next_attempt():
+    ran = [requested("j1"), encoded("j1"), queued_at("j1", 1, T0 + 200), queued_at("j1", 0, T0 + 900),
+           step("j1", 1), step("j1", 2), checkpoint("j1", 2)]
+    requeued = fold_all(ran + [queued_at("j1", 1, T0 + 1500, eta_s=4.0, waiting=2)])  # preempted after step 2
+    assert _queue(requeued) == (1, 2, 4.0, T0 + 1500) and requeued.attempt == 1
+    resumed = fold(requeued, *step("j1", 3, attempt=2, resumed_from=2))
+    assert _queue(resumed) == (None, None, None, None)
+    assert fold_all(list(reversed(ran + [queued_at("j1", 1, T0 + 1500, eta_s=4.0, waiting=2),
+                                         step("j1", 3, attempt=2, resumed_from=2)]))) == resumed
+
+
+def _queued_lifecycle(job_id: str) -> list[tuple[str, dict]]:
+    events = job_lifecycle(job_id)
+    """job_lifecycle with the scheduler's positions while it waits: 3, 2, 1, then 0 when it is assigned."""
+    queue = [queued_at(job_id, 3, T0 + 200, eta_s=9.0), queued_at(job_id, 2, T0 + 500, eta_s=5.5),
+             queued_at(job_id, 1, T0 + 800, eta_s=1.0), queued_at(job_id, 0, T0 + 950, eta_s=0.0)]
+    return events[:2] + queue + events[2:]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shuffled_events_with_queue_positions_and_duplicates_give_the_same_state(seed):
+    rng = random.Random(seed)
+    events = _queued_lifecycle("j1")
+    expected = fold_all(events)
+    assert expected.status == PUBLISHED and _queue(expected) == (None, None, None, None)
+    noisy = events + rng.sample(events, 6)
+    rng.shuffle(noisy)
+    assert fold_all(noisy) == expected
+    # Cut anywhere while it waits: the same newest position, whatever the order.
+    waiting = events[:2 + rng.randint(1, 3)]
+    expected_waiting = fold_all(waiting)
+    assert expected_waiting.queue_position is not None
+    noisy = waiting + rng.sample(waiting, 2)
+    rng.shuffle(noisy)
+    assert fold_all(noisy) == expected_waiting
+
+
+def test_queue_bookkeeping_survives_json():
+    state = fold_all(_queued_lifecycle("j1")[:4])
+    restored = JobState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert restored == state and fold(restored, *queued_at("j1", 1, T0 + 800)).queue_position == 1
+    assert fold(restored, *queued_at("j1", 3, T0 + 100)) == restored  # older than the newest: changes nothing
+
+
+def test_the_tracker_folds_the_queue_and_the_audit_does_not_read_it():
+    assert topics.QUEUE in FOLDED_TOPICS and topics.QUEUE not in LIFECYCLE_TOPICS
+    assert set(FOLDED_TOPICS) - set(LIFECYCLE_TOPICS) == {topics.QUEUE}

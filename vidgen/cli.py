@@ -182,8 +182,21 @@ def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
     return 3
 
 
+def queue_line(position: int, eta_s: float | None) -> str:
+    """What `submit --follow` prints while the job waits: ``queued: position 3, about 12 s`` (no ETA when unknown)."""
+    line = f"queued: position {position}"
+    if eta_s is not None:
+        line += f", about {max(1, round(eta_s))} s"
+    return line
+
+
 class ProgressBar:
-    """A one-line bar on a terminal; on anything else, a line per stage change and every tenth of the steps."""
+    """A one-line bar on a terminal; on anything else, a line per stage change and every tenth of the steps.
+
+    While the job waits in the fleet's queue, a ``queue_line`` each time it reads differently. The job's events are
+    folded as the tracker folds them (consumers/job_state.py), so a position the scheduler sent before the job
+    started, read late from its own topic, is not shown once the job runs.
+    """
 
     WIDTH = 30
 
@@ -192,9 +205,30 @@ class ProgressBar:
         self.tty = stream.isatty()
         self.last_tenth = -1
         self.last_topic = ""
+        self.state = None  # the job's state (consumers.job_state.JobState) folded from the events shown
+        self.last_queue_line: str | None = None
 
     def update(self, job_event) -> None:
+        from consumers.job_state import fold
+        from streams import topics
+
         topic, event = job_event.topic, job_event.event
+        try:
+            self.state = fold(self.state, topic, event)
+        except (KeyError, ValueError):  # a topic the fold does not know: the bar goes on without it
+            pass
+        position = None if self.state is None else self.state.queue_position
+        if position is None:
+            self.last_queue_line = None  # not waiting (any more): a requeued job's position is shown afresh
+        if topic == topics.QUEUE.name:
+            line = None if position is None else queue_line(position, self.state.queue_eta_s)
+            if line is not None and line != self.last_queue_line:
+                self.last_queue_line = line
+                bar_open = self.tty and self.last_topic.endswith("step-progress")
+                self.stream.write(("\n" if bar_open else "") + line + "\n")
+                self.last_topic = topic
+                self.stream.flush()
+            return
         if topic.endswith("step-progress"):
             done, total = event["step"], event["total_steps"]
             filled = self.WIDTH * done // total
@@ -349,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the HTTP API (OpenAI Videos shaped), websocket progress and the web page; "
                         "`vidgen gateway --help` for its options")
     sub.add_parser("autoscale", add_help=False,
-                   help="desired replicas per stage from vidgen.stats (consumer lag and utilisation), as a decision "
-                        "log and metrics; `vidgen autoscale --help` for the policy")
+                   help="desired replicas per stage from vidgen.stats (the scheduler's queue or consumer lag, and "
+                        "utilisation), as a decision log and metrics; `vidgen autoscale --help` for the policy")
     audit = sub.add_parser("audit", help="verify the archive's hash chain, or replay the log and check every "
                                          "job's invariants")
     audit.add_argument("action", choices=("verify", "replay"))

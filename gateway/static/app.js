@@ -64,6 +64,13 @@
     $("progress-text").textContent = `${pct}%`;
   }
 
+  function queueText(tier, position, etaS) {
+    // Where a waiting job stands in the fleet's queue (the `queued` envelope, or the state's queue_* fields).
+    const head = `Queued (${tier || "?"} tier)`;
+    if (!position) return `${head}: waiting for a GPU…`;
+    return `${head}: position ${position}` + (etaS == null ? "" : `, about ${Math.max(1, Math.round(etaS))} s`);
+  }
+
   function formatEta(ms) {
     if (ms == null) return "";
     const s = Math.max(0, Math.round(ms / 1000));
@@ -410,8 +417,9 @@
       onEnded(d.status, { ...(d.error || {}), reasons: d.error && d.error.reasons ? d.error.reasons : flag.reasons });
       return;
     }
-    setStatus({ requested: "Requested: waiting for the prompt stage…", queued: "Queued: waiting for a GPU…",
-      running: "Denoising…", decoding: "Decoding…", review: "Held for review…" }[d.status] || d.status);
+    setStatus(d.queue_position ? queueText(d.tier, d.queue_position, d.queue_eta_s)
+      : { requested: "Requested: waiting for the prompt stage…", queued: "Queued: waiting for a GPU…",
+          running: "Denoising…", decoding: "Decoding…", review: "Held for review…" }[d.status] || d.status);
     for (const segment of d.segments || []) addSegment(segment, initUrl);
   }
 
@@ -423,7 +431,7 @@
     mark(envelope.type);
     switch (envelope.type) {
       case "state": onState(d); break;
-      case "queued": setStatus(`Queued (${d.tier || "?"} tier): waiting for a GPU…`); break;
+      case "queued": setStatus(queueText(d.tier, d.position, d.eta_s)); break;
       case "started":
         setStatus(d.attempt > 1 ? `Resumed from step ${d.resumed_from_step} (attempt ${d.attempt})…` : "Denoising…");
         break;
