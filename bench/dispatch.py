@@ -25,7 +25,13 @@ Phases, one after the other, each waiting for its jobs to end (by those events, 
    at once; shares = each tier's part of the first 20 backlog starts after the last of them arrived (the goal of
    weights 6:3:1 is 0.6/0.3/0.1). Then whatever has not ended is cancelled.
 4. preemption: every agent busy with a long free-tier filler, then one premium job; preempt_wait_s = its arrival
-   → its first step start. step_s = the median step time of this phase (every agent busy).
+   → its first step start. step_s = the median step time of this phase (every agent busy); handover_s = the
+   preempted filler's last step end → the premium job's first step start on that agent (what the goal calls the
+   resume time: the yield's checkpoint, the report, the requeue and the new assignment). With a scheduler, this
+   phase runs on one started afresh with VIDGEN_PREEMPT_AFTER_S=0 (the first one is stopped, and its successor
+   rebuilds the queue from the log): the figure is the mechanism's latency; a deployment adds its bound (30 s by
+   default). The other phases run with preemption off (VIDGEN_PREEMPT_AFTER_S=off), so a slow run's premium
+   backlog never turns overdue and jumps the weights the mixed phase measures.
 
 Fillers ("every agent busy") go one at a time onto different partitions of vidgen.encoded.free; one that has not
 started within a few seconds (a dispatcher that leaves it behind a busy agent) is cancelled, until A distinct
@@ -426,12 +432,33 @@ def phase_preempt(fleet: Fleet, timeout_s: float) -> Phase:
     job = views[premium]
     running_at_arrival = sum(1 for v in views.values() if v.job_id != premium and v.started is not None
                              and v.started < job.arrival.at < v.last_step_end)
+    # The filler that yielded: a run of it on the premium job's agent that ended just before the premium started.
+    yielded = [r.end for v in views.values() if v.job_id != premium for r in v.runs
+               if r.agent_id == job.runs[0].agent_id and r.end <= job.started]
     return Phase("preempt", views, {
         "preempt_wait_s": job.started - job.arrival.at,
         "step_s": median([ms for v in views.values() for ms in v.step_ms]) / 1000,
         "fillers_running_at_arrival": running_at_arrival, "fillers": len(fillers),
         "premium_runs": len(job.runs),
+        "handover_s": job.started - max(yielded) if yielded else float("nan"),
     })
+
+
+def restart_scheduler(platform: PlatformProcesses, env: dict[str, str], timeout_s: float = 60.0) -> None:
+    """Stop every scheduler process (SIGTERM: it leaves the lease group, so no rebalance is in flight when the new
+    one joins), start one with ``env``, and wait until it leads and its grace has passed."""
+    for process in list(platform.stages.get("scheduler", [])):
+        platform.signal_stage(process.pid, signal.SIGTERM).wait(30)
+    log_file = platform.log_dir / f"scheduler-{len(platform.stages.get('scheduler', []))}.log"  # add_stage's name
+    seen = log_file.stat().st_size if log_file.exists() else 0  # the file may be an earlier process's, appended to
+    process = platform.add_stage("scheduler", env=env)
+    deadline = time.monotonic() + timeout_s
+    while "leads (epoch" not in (log_file.read_bytes()[seen:].decode(errors="replace") if log_file.exists() else ""):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the restarted scheduler did not take the lead; see {log_file}")
+        time.sleep(0.1)
+    time.sleep(platform.settings().scheduler_grace_s + 0.5)
+    print(f"scheduler restarted with {env}", flush=True)
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -480,7 +507,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
     stages = ("prompt-encoder", "scheduler") if "scheduler" in STAGES else ("prompt-encoder",)
     agent_env = {"OMP_NUM_THREADS": str(args.agent_threads)}
     var_dir = Path(tempfile.mkdtemp(prefix="vidgen-bench-dispatch-"))
-    platform = PlatformProcesses(var_dir, stages=stages)
+    # Preemption off until the preemption phase: a slow run's premium backlog would otherwise be overdue (30 s by
+    # default) and jump the tier weights the mixed phase measures.
+    platform = PlatformProcesses(var_dir, stages=stages, env={"VIDGEN_PREEMPT_AFTER_S": "off"})
     print(f"dispatch benchmark: {args.agents} agents ({default_torch_threads({**platform.env, **agent_env})} torch "
           f"thread(s) each), stages {', '.join(stages)}; {workload.describe()}; var dir {var_dir}", flush=True)
 
@@ -515,6 +544,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         long_s = 2 * args.agents * alone_s * args.long_factor  # a filler with every agent busy, generously
         mixed = measured(lambda: phase_mixed(fleet, args.backlog_per_tier, args.counted_starts,
                                              timeout_s=60 + 2 * long_s + 3 * args.counted_starts * alone_s))
+        if "scheduler" in stages:
+            restart_scheduler(platform, {"VIDGEN_PREEMPT_AFTER_S": "0"})
         preempt = measured(lambda: phase_preempt(fleet, timeout_s=60 + 2 * long_s))
         finished = True
     finally:
@@ -535,7 +566,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         idle_per_job_s=burst.idle_per_job_s(args.agents), assign_p99_ms=assign.figures["assign_p99_ms"],
         makespan_ratio=burst.figures["makespan_ratio"], share_premium=mixed.figures["share_premium"],
         share_standard=mixed.figures["share_standard"], share_free=mixed.figures["share_free"],
-        preempt_wait_s=preempt.figures["preempt_wait_s"], step_s=preempt.figures["step_s"], agents=args.agents,
+        preempt_wait_s=preempt.figures["preempt_wait_s"], step_s=preempt.figures["step_s"],
+        handover_s=preempt.figures["handover_s"], agents=args.agents,
     )
     return 0
 

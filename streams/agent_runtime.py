@@ -70,6 +70,7 @@ class AgentRuntime(StageRuntime):
         self.leader_epoch = 0
         self.last_assignment = 0  # seq of the newest message for this agent read
         self.finished: tuple[str, int, str, str] = ("", 0, "NONE", "")  # job, epoch, outcome, reason
+        self.own_partition: int | None = None  # where orders keyed by this agent land (one partition per key)
         self._next_status = 0.0
         self._last_state: tuple | None = None
 
@@ -113,7 +114,8 @@ class AgentRuntime(StageRuntime):
     def _serve_confirm(self) -> None:
         job = self.current
         if job is not None and job.confirm_asked.is_set() and not job.confirmed.is_set():
-            self.assignments.caught_up(self._on_assignment, CONFIRM_TIMEOUT_S)
+            own = None if self.own_partition is None else (self.own_partition,)
+            self.assignments.caught_up(self._on_assignment, CONFIRM_TIMEOUT_S, own)
             job.confirmed.set()
 
     def _stop(self) -> None:
@@ -138,6 +140,7 @@ class AgentRuntime(StageRuntime):
     def _on_assignment(self, msg: Message) -> None:
         if msg.key() is not None and msg.key().decode("utf-8", "replace") != self.agent_id:
             return  # another agent's
+        self.own_partition = msg.partition()
         try:
             order = self.codec.decode(msg.topic(), msg.value())
         except DecodeError as exc:

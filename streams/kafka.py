@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -139,6 +140,7 @@ class TopicFollower:
         conf["enable.partition.eof"] = True
         self.topic = topic.name
         self.consumer = Consumer(conf)
+        self.fetch_wait_s = int(conf.get("fetch.wait.max.ms", 500)) / 1000.0
         metadata = self.consumer.list_topics(topic.name, timeout=timeout_s)
         if metadata.topics[topic.name].error is not None:
             raise KafkaException(metadata.topics[topic.name].error)
@@ -173,22 +175,38 @@ class TopicFollower:
         self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
         self.next[msg.partition()] = msg.offset()
 
-    def caught_up(self, handle, timeout_s: float = 5.0) -> bool:
-        """Poll (passing each message to ``handle``) until every partition's high watermark, as it was when called,
-        has been read; False if that took longer than ``timeout_s``."""
+    def caught_up(self, handle, timeout_s: float = 5.0, partitions: Iterable[int] | None = None) -> bool:
+        """Poll (passing each message to ``handle``) until everything on every partition (or on ``partitions``: a
+        reader whose messages are keyed alike needs only theirs) when it was called has been read; False if that
+        took longer than ``timeout_s``.
+
+        The end is the larger of two high watermarks: the one a ListOffsets request reports, and the one the
+        consumer's own fetches report, read once a fetch sent after the call has come back (two fetch waits). A
+        broker whose ListOffsets answer can fall short of the end (the embedded one answers the newest batch's base
+        offset + 1) is still read to its true end by the second."""
         from confluent_kafka import TopicPartition
 
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
+        settled = started + 2 * self.fetch_wait_s
+        wanted = list(self.next if partitions is None else partitions)
         try:
             ends = {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s,
-                                                           cached=False)[1] for p in self.next}
+                                                           cached=False)[1] for p in wanted}
         except KafkaException as exc:
             log.warning("reading %s: no high watermark: %s", self.topic, exc)
             return False
-        while any(self.next[p] < end for p, end in ends.items() if end > 0):
+        fetched = False
+        while not fetched or any(self.next[p] < end for p, end in ends.items() if end > 0):
             if time.monotonic() > deadline:
                 return False
-            msg = self.poll(0.05)
+            if not fetched and time.monotonic() >= settled:
+                fetched = True
+                for p in wanted:
+                    cached = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+                    if cached is not None:
+                        ends[p] = max(ends[p], cached[1])
+            msg = self.poll(0.005)
             if msg is not None:
                 handle(msg)
         return True

@@ -63,6 +63,7 @@ def test_a_long_job_runs_once_on_one_agent_with_periodic_checkpoints(platform):
     assert checkpoints == list(range(CHECKPOINT_EVERY, LONG_JOB["steps"], CHECKPOINT_EVERY))
     [assigned] = decisions(log, "ASSIGNED", job_id)
     assert assigned["agent_id"] == steps[0]["agent_id"] and assigned["epoch"] == 1
+    log.wait_for(lambda l: decisions(l, "DONE", job_id), 10, "the job's DONE decision")
     assert len(decisions(log, "DONE", job_id)) == 1
 
 
@@ -79,7 +80,8 @@ def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_ident
     assert requeued["reason"] == "agent dead" and requeued["agent_id"] == victim and requeued["epoch"] == 1
     dead_after_s = requeued["timestamp"].timestamp() - killed_at
     assert AGENT_TIMEOUT_S - 1.5 < dead_after_s < AGENT_TIMEOUT_S + 5, f"declared dead after {dead_after_s:.1f} s"
-    assert [d["agent_id"] for d in decisions(log, "AGENT_DEAD")] == [victim]
+    dead = log.wait_for(lambda l: decisions(l, "AGENT_DEAD"), 10, "the agent to be declared dead")
+    assert [d["agent_id"] for d in dead] == [victim]
     resumed = log.wait_for(lambda l: [s for s in steps_of(l, job_id) if s["attempt"] > 1], 60, "another agent")
     print(f"declared dead after {dead_after_s:.2f} s; resumed after "
           f"{resumed[0]['timestamp'].timestamp() - killed_at:.2f} s")
@@ -135,18 +137,22 @@ def test_cancelling_a_waiting_job_and_a_running_one(platform):
     [(topic, event)] = log.terminal(waiting)
     assert topic == topics.CANCELLED.name and event["stage"] == "scheduler" and event["stopped_at_step"] is None
     assert event["reason"] == "too slow" and event["requested_by"] == "test"
+    log.wait_for(lambda l: decisions(l, "CANCELLED", waiting), 10, "the scheduler's decision")
     assert [d["kind"] for d in decisions(log, job_id=waiting)] == ["QUEUED", "CANCELLED"], "it never started"
     assert not steps_of(log, waiting) and not log.of(waiting, topics.LATENT_CHUNKS)
 
     job_id = running[0]
     [(topic, event)] = log.terminal(job_id)
     assert topic == topics.CANCELLED.name and event["stage"] == "gpu-agent" and event["reason"] == "changed my mind"
-    steps_after = [s for s in steps_of(log, job_id) if s["timestamp"].timestamp() > cancelled_at]
-    step_ms = max(s["step_ms"] for s in steps_of(log, job_id))
-    # The request takes a hop or two to arrive; then the job stops at the next step boundary.
-    assert len(steps_after) <= 3, f"{len(steps_after)} steps ran after the cancellation (step {step_ms:.0f} ms)"
+    steps = steps_of(log, job_id)
+    step_s = sorted(s["step_ms"] for s in steps)[len(steps) // 2] / 1000.0
+    ran_on_s = steps[-1]["timestamp"].timestamp() - cancelled_at
+    # The request takes a hop or two to arrive (tens of ms; more on a busy machine); then the job stops at the
+    # next step boundary.
+    assert ran_on_s < 2 * step_s + 1.0, f"it ran on {ran_on_s:.2f} s after the cancellation (step {step_s:.3f} s)"
     assert event["stopped_at_step"] == steps_of(log, job_id)[-1]["step"]
     assert not log.of(job_id, topics.LATENT_CHUNKS)
+    log.wait_for(lambda l: decisions(l, "DONE", job_id), 10, "the agent to be freed")
     assert [d["kind"] for d in decisions(log, job_id=job_id)] == ["QUEUED", "ASSIGNED", "DONE"]
 
 
@@ -186,7 +192,7 @@ def test_a_frozen_agent_is_fenced_and_the_job_finished_once_by_another(platform)
     try:
         [requeued] = log.wait_for(lambda l: decisions(l, "REQUEUED", job_id), 30, "the job to be requeued")
         assert requeued["reason"] == "agent dead" and requeued["agent_id"] == zombie
-        assert orders(log, "REVOKE", zombie, job_id), "the frozen agent is fenced"
+        log.wait_for(lambda l: orders(l, "REVOKE", zombie, job_id), 10, "the frozen agent to be fenced")
         chunked_once(log, job_id)  # finished by the other agent while the zombie sleeps
     finally:
         os.kill(pid_of(zombie), signal.SIGCONT)
@@ -216,3 +222,40 @@ def test_a_frozen_agent_is_fenced_and_the_job_finished_once_by_another(platform)
     assert [d["epoch"] for d in decisions(log, "ASSIGNED", job_id)] == [1, 2]
     assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed))
     processes.check_alive()
+
+
+def test_a_zombie_woken_on_its_last_step_confirms_and_leaves_the_result_to_the_new_owner(platform):
+    """The agent is frozen during the job's last step, declared dead, and the job finished by the other agent.
+    Woken, the zombie completes that step; before its result becomes final it catches up on the assignments topic
+    (ctx.confirm), finds the REVOKE, and emits no chunk: the job is published once, by the new owner."""
+    log, requests = platform["log"], platform["requests"]
+    slow = dict(model=LONG_JOB["model"], width=256, height=256, num_frames=17, steps=4, guidance_scale=5.0)
+    for take in range(3):  # the freeze must land inside the last step (~0.3 s here); try again if it came late
+        wait_for_idle_agents(log, 2)
+        prompt, seed = f"an owl on a branch at night, take {take}", 70 + take
+        job_id = requests.submit(prompt, tier="standard", seed=seed, **slow)
+        log.wait_for(lambda l: [s for s in steps_of(l, job_id) if s["step"] == slow["steps"] - 1], 120,
+                     "the last step to begin")
+        zombie = _first_agent(log, job_id)
+        os.kill(pid_of(zombie), signal.SIGSTOP)
+        time.sleep(0.3)  # anything it emitted before it froze arrives
+        if max(s["step"] for s in steps_of(log, job_id, zombie)) < slow["steps"]:
+            break
+        os.kill(pid_of(zombie), signal.SIGCONT)  # too late: it finished; the next take
+        published_once(log, job_id)
+    else:
+        pytest.fail("the agent could not be frozen inside a last step")
+    try:
+        [requeued] = log.wait_for(lambda l: decisions(l, "REQUEUED", job_id), 30, "the job to be requeued")
+        assert requeued["reason"] == "agent dead" and requeued["agent_id"] == zombie
+        chunked_once(log, job_id)
+    finally:
+        os.kill(pid_of(zombie), signal.SIGCONT)
+    fenced = log.wait_for(lambda l: [r for r in reports(l, zombie) if r["finished_job_id"] == job_id], 30,
+                          "the zombie to report how the job ended")[0]
+    assert (fenced["finished_outcome"], fenced["finished_reason"]) == ("INTERRUPTED", "fenced")
+    published_once(log, job_id)
+    chunks = chunked_once(log, job_id)  # one set, from the new owner's attempt
+    zombie_attempt = steps_of(log, job_id, zombie)[0]["attempt"]
+    assert chunks[0]["attempt"] != zombie_attempt
+    assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed, slow))

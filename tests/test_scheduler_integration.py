@@ -126,6 +126,7 @@ def test_a_standby_scheduler_takes_over_from_a_killed_active_one(platform):
         chunked_once(log, job_id)
     for job_id in waiting + after:  # the new leader started them: nothing that waited was lost
         assert [d["leader_epoch"] for d in decisions(log, "ASSIGNED", job_id)] == [epoch], job_id
+    log.wait_for(lambda l: all(decisions(l, "DONE", j) for j in before + after), 30, "every job's DONE decision")
     for job_id in before + after:
         assert len(decisions(log, "DONE", job_id)) == 1, job_id
     assert not [d for d in decisions(log, "REQUEUED") if d["job_id"] in before + after], "none was interrupted"
