@@ -196,3 +196,22 @@ def result_line(**fields: object) -> str:
 def print_result(**fields: object) -> None:
     """Print the RESULT line; call it last, it must be the final line of stdout."""
     print(result_line(**fields), flush=True)
+
+
+# -- running ---------------------------------------------------------------------------------------------------------
+def _stop_on_sigterm(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally that stops the platform
+
+
+def run_stopping_on_sigterm(run, *args):
+    """``run(*args)``, with SIGTERM raising KeyboardInterrupt meanwhile, so a benchmark that started a platform
+    stops it (its ``finally``) when it is itself stopped; the registry client's per-request log lines muted."""
+    import logging
+    import signal
+
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return run(*args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import shutil
 import signal
@@ -69,7 +68,9 @@ from streams.settings import Settings
 from streams.supervisor import PlatformProcesses
 from vidgen.cli import SAMPLE_PROMPT, STAGES
 
-from .common import CpuAccount, format_table, median, percentile, print_result, process_tree
+from .common import (
+    CpuAccount, format_table, median, percentile, print_result, process_tree, run_stopping_on_sigterm,
+)
 from .overhead import default_torch_threads
 
 GUIDANCE_SCALE = 5.0
@@ -572,15 +573,5 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm(signum: int, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally that stops the platform
-
-
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the registry client logs every HTTP request
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        return run_benchmark(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_stopping_on_sigterm(run_benchmark, parse_args(argv))

@@ -54,7 +54,7 @@ from streams.supervisor import PlatformProcesses
 from vidgen.cli import SAMPLE_PROMPT
 
 from .common import (
-    CpuAccount, Stopwatch, cpu_load, format_table, median, print_result, process_tree,
+    CpuAccount, Stopwatch, cpu_load, format_table, median, print_result, process_tree, run_stopping_on_sigterm,
 )
 
 log = logging.getLogger(__name__)
@@ -713,15 +713,5 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm(signum: int, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the finally that stops the platform
-
-
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the registry client logs every HTTP request
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        return run_benchmark(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_stopping_on_sigterm(run_benchmark, parse_args(argv))

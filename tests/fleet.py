@@ -29,6 +29,24 @@ def fleet_log(settings) -> EventLog:
     return EventLog(settings, FLEET_TOPICS)
 
 
+def running_fleet(var_dir, stages: tuple[str, ...], **env: str):
+    """A module fixture's body: the platform with ``stages`` and FLEET_ENV (plus ``env``), an EventLog of
+    FLEET_TOPICS and a VideoRequests producer, as a dict; everything closed afterwards."""
+    from producers.requests import VideoRequests
+    from streams.supervisor import PlatformProcesses
+
+    processes = PlatformProcesses(var_dir, stages=stages, env={**FLEET_ENV, **env})
+    settings = processes.start()
+    log = fleet_log(settings)
+    requests = VideoRequests(settings)
+    try:
+        yield dict(processes=processes, settings=settings, log=log, requests=requests)
+    finally:
+        requests.close()
+        log.close()
+        processes.stop()
+
+
 def pid_of(agent_or_scheduler_id: str) -> int:
     """The pid in an agent id ("<host>-<pid>.<6 hex>") or a scheduler id ("<host>-<pid>")."""
     return int(agent_or_scheduler_id.rsplit("-", 1)[1].split(".")[0])

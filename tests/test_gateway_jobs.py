@@ -169,19 +169,24 @@ def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():
         live = events[:] + rng.sample(events, 3)
         rng.shuffle(live)
         tracker_states = [fold_all(tracker_order[:n]).to_dict() for n in range(1, cut + 1)]
-        actions = [("live", e) for e in live] + [("tracker", s) for s in tracker_states]
-        # Tracker states keep their own order (the changelog is ordered per job), interleaved anywhere.
-        rng.shuffle(actions)
-        tracker_iter = iter(tracker_states)
-        for kind, item in actions:
-            if kind == "live":
-                view.ingest_event(*item)
-            else:
-                view.ingest_tracker_state("j1", next(tracker_iter))
+        _interleave(view, live, tracker_states, rng)
         assert view.state("j1") == expected, f"trial {trial}"
         # Once the tracker has everything, no live event is kept.
         view.ingest_tracker_state("j1", expected.to_dict())
         assert view.state("j1") == expected and len(view._jobs["j1"].live) == 0
+
+
+def _interleave(view, live: list, tracker_states: list[dict], rng: random.Random) -> None:
+    """Feed job j1's live events and tracker states to the view, interleaved at random; the tracker states keep their
+    own order (the changelog is ordered per job)."""
+    actions = [("live", e) for e in live] + [("tracker", s) for s in tracker_states]
+    rng.shuffle(actions)
+    tracker_iter = iter(tracker_states)
+    for kind, item in actions:
+        if kind == "live":
+            view.ingest_event(*item)
+        else:
+            view.ingest_tracker_state("j1", next(tracker_iter))
 
 
 def test_tracker_states_and_live_events_with_queue_positions_merge_exactly():
@@ -196,14 +201,7 @@ def test_tracker_states_and_live_events_with_queue_positions_merge_exactly():
         live = cut_events + rng.sample(cut_events, 2)
         rng.shuffle(live)
         states = [fold_all(tracker_order[:n]).to_dict() for n in range(1, rng.randrange(len(cut_events) + 1) + 1)]
-        actions = [("live", e) for e in live] + [("tracker", s) for s in states]
-        rng.shuffle(actions)
-        tracker_iter = iter(states)
-        for kind, item in actions:
-            if kind == "live":
-                view.ingest_event(*item)
-            else:
-                view.ingest_tracker_state("j1", next(tracker_iter))
+        _interleave(view, live, states, rng)
         assert view.state("j1") == expected, f"trial {trial}"
 
 

@@ -14,15 +14,12 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from producers.requests import VideoRequests
 from streams import topics
 from streams.events import new_event
 from streams.kafka import producer_config
 from streams.serde import event_codec
-from streams.supervisor import PlatformProcesses
-from tests.fleet import (FLEET_ENV, LONG_JOB, chunked_once, decisions, final_latent, fleet_log, orders, pid_of,
-                         published_once, reference_latent, reports, steps_of,
-                         wait_for_idle_agents)
+from tests.fleet import (LONG_JOB, chunked_once, decisions, final_latent, orders, pid_of, published_once,
+                         reference_latent, reports, running_fleet, steps_of, wait_for_idle_agents)
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +29,10 @@ CHECKPOINT_EVERY = 20
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    var_dir = tmp_path_factory.mktemp("agents")
-    processes = PlatformProcesses(var_dir, stages=("prompt-encoder", "scheduler", "gpu-agent", "gpu-agent",
-                                                   "vae-decoder", "compliance"), env={
-        **FLEET_ENV,
-        "VIDGEN_AGENT_TIMEOUT_S": str(AGENT_TIMEOUT_S),
-        "VIDGEN_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY),
-    })
-    settings = processes.start()
-    log = fleet_log(settings)
-    requests = VideoRequests(settings)
-    yield dict(processes=processes, settings=settings, log=log, requests=requests)
-    requests.close()
-    log.close()
-    processes.stop()
+    yield from running_fleet(tmp_path_factory.mktemp("agents"), ("prompt-encoder", "scheduler", "gpu-agent",
+                                                                   "gpu-agent", "vae-decoder", "compliance"),
+                             VIDGEN_AGENT_TIMEOUT_S=str(AGENT_TIMEOUT_S),
+                             VIDGEN_CHECKPOINT_EVERY_STEPS=str(CHECKPOINT_EVERY))
 
 
 def _first_agent(log, job_id) -> str:

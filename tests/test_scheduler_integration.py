@@ -11,31 +11,19 @@ import signal
 import pytest
 import torch
 
-from producers.requests import VideoRequests
 from streams import topics
-from streams.supervisor import PlatformProcesses
-from tests.fleet import (FLEET_ENV, LONG_JOB, chunked_once, decisions, final_latent, fleet_log,
-                         job_ids_on_partition, pid_of, reference_latent, steps_of)
+from tests.fleet import (LONG_JOB, chunked_once, decisions, final_latent, job_ids_on_partition, pid_of,
+                         reference_latent, running_fleet, steps_of)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    var_dir = tmp_path_factory.mktemp("scheduler")
-    processes = PlatformProcesses(var_dir, stages=("prompt-encoder", "scheduler", "scheduler", "gpu-agent",
-                                                   "gpu-agent"), env={
-        **FLEET_ENV,
-        "VIDGEN_CHECKPOINT_EVERY_STEPS": "20",
-        "VIDGEN_PREEMPT_AFTER_S": "0",  # a premium job that finds no idle agent preempts at once
-    })
-    settings = processes.start()
-    log = fleet_log(settings)
-    requests = VideoRequests(settings)
-    yield dict(processes=processes, settings=settings, log=log, requests=requests)
-    requests.close()
-    log.close()
-    processes.stop()
+    yield from running_fleet(tmp_path_factory.mktemp("scheduler"),
+                             ("prompt-encoder", "scheduler", "scheduler", "gpu-agent", "gpu-agent"),
+                             VIDGEN_CHECKPOINT_EVERY_STEPS="20",
+                             VIDGEN_PREEMPT_AFTER_S="0")  # a premium job that finds no idle agent preempts at once
 
 
 def _span(log, job_id):
