@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 
 from confluent_kafka import Consumer, Producer
 
@@ -42,6 +43,7 @@ from .queue_policy import QueuePolicy
 
 log = logging.getLogger(__name__)
 
+TRACES_REMEMBERED = 200_000
 POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is assigned within a few beats
 QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
@@ -58,6 +60,15 @@ class Scheduler:
         self.models = ModelCatalogue(settings.model_dirs)
         self.scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
         self.dispatcher: Dispatcher | None = None  # while leading
+        # job → the trace context (Kafka headers) of its tier-topic record, put on everything sent about the job so
+        # one trace follows it through the queue; a new leader takes it from the QUEUED decisions' headers.
+        self.traces: OrderedDict[str, list] = OrderedDict()
+
+    def remember_trace(self, job_id: str, headers: list | None) -> None:
+        self.traces[job_id] = list(headers or [])
+        self.traces.move_to_end(job_id)
+        while len(self.traces) > TRACES_REMEMBERED:
+            self.traces.popitem(last=False)
 
     def new_dispatcher(self) -> Dispatcher:
         s = self.settings
@@ -72,6 +83,7 @@ class Scheduler:
         except (InvalidParamsError, UnknownModelError) as exc:
             raise InvalidEvent(str(exc)) from exc
         source = (ctx.source.topic, ctx.source.partition, ctx.source.offset)
+        self.remember_trace(job["job_id"], ctx.headers)
         emit_orders(ctx.emit, self.dispatcher.enqueue(job, source, time.time()))
 
 
@@ -140,7 +152,7 @@ class SchedulerRuntime(StageRuntime):
         dispatcher = self.handler.new_dispatcher()
         log_reader = TopicFollower(self.settings, topics.SCHEDULER_LOG, self.client_id, start="beginning")
         try:
-            count = log_reader.read_to_end(lambda msg: dispatcher.apply(self.codec.decode(msg.topic(), msg.value())))
+            count = log_reader.read_to_end(lambda msg: self._fold(dispatcher, msg))
         finally:
             log_reader.close()
         self.handler.dispatcher = dispatcher
@@ -192,10 +204,17 @@ class SchedulerRuntime(StageRuntime):
         orders.extend(dispatcher.tick(time.time()))
         self._send(orders)
 
+    def _fold(self, dispatcher: Dispatcher, msg) -> None:
+        decision = self.codec.decode(msg.topic(), msg.value())
+        dispatcher.apply(decision)
+        if decision["kind"] == "QUEUED":
+            self.handler.remember_trace(decision["job_id"], msg.headers())
+
     def _send(self, orders: Orders) -> None:
         if not orders:
             return
-        emit = lambda topic, event, key: self._emit(topic, event, key, [])  # noqa: E731
+        traces = self.handler.traces
+        emit = lambda topic, event, key: self._emit(topic, event, key, traces.get(event["job_id"], []))  # noqa: E731
         emit_orders(emit, Orders(decisions=orders.decisions))
         if orders.decisions:
             self._flush()
