@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer
 
 from schemas.codec import DecodeError, RegistryUnavailableError
 from streams import topics
-from streams.kafka import TopicFollower, consumer_config, producer_config
+from streams.kafka import TopicFollower, consumer_config, producer_config, relaxed
 from streams.metrics import register_scheduler_queue, register_stage_counters, serve_metrics
 from streams.runtime import StageRuntime
 from streams.settings import Settings
@@ -44,6 +44,9 @@ from .queue_policy import QueuePolicy
 log = logging.getLogger(__name__)
 
 TRACES_REMEMBERED = 200_000
+LEASE_FETCH_WAIT_MS = 1000
+#: A cancellation of a waiting job may take this long to be seen: a tenth of a second costs nobody anything.
+CONTROL_LATENCY_MS = 100
 POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is assigned within a few beats
 QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
@@ -114,7 +117,9 @@ class SchedulerRuntime(StageRuntime):
         if serve_metrics(self.settings.metrics_port):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
-        self.lease = Consumer(consumer_config(self.settings, f"{self.stage.group_id}-lease", self.client_id))
+        # The lease topic holds no records: its consumer only keeps the membership, so its fetches may wait long.
+        self.lease = Consumer(relaxed(consumer_config(self.settings, f"{self.stage.group_id}-lease", self.client_id),
+                                      LEASE_FETCH_WAIT_MS))
         self.lease.subscribe([topics.SCHEDULER_LEASE.name], on_assign=self._lease_assigned,
                              on_revoke=self._lease_revoked, on_lost=self._lease_revoked)
         log.info("scheduler %s: standing by for the lease", self.handler.scheduler_id)
@@ -161,7 +166,8 @@ class SchedulerRuntime(StageRuntime):
         self.consumer = Consumer(conf)
         self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        self.control = TopicFollower(self.settings, topics.CONTROL, self.client_id, start="beginning")
+        self.control = TopicFollower(self.settings, topics.CONTROL, self.client_id, start="beginning",
+                                     latency_ms=CONTROL_LATENCY_MS)
         self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end")
         self.active = True
         log.info("scheduler %s leads (epoch %d): %d decisions folded in %.2f s, %d jobs waiting, %d running",

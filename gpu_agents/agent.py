@@ -46,7 +46,7 @@ class DenoisingAgent:
         self.progress = (0, 0)  # (step, total) of the running job
 
     def status(self) -> dict:
-        """What the agent's state reports say of it (cheap: read every beat of the consumer thread)."""
+        """What the agent's state reports say of it (read for each report, about once a second)."""
         free = None
         if self.models.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.models.device)[0]

@@ -41,8 +41,11 @@ from .runtime import Outcome, StageRuntime
 log = logging.getLogger(__name__)
 
 CANCELLATIONS_REMEMBERED = 100_000  # newest cancellation requests kept (the control topic is read from its start)
-POLL_S = 0.01  # the consumer thread's beat: how fast an assignment or a cancellation lands
+POLL_S = 0.02  # the consumer thread's beat (a blocking poll of the orders): how long an idle agent may take to see
+# an assignment beyond the fetch itself; shorter beats cost the denoising thread GIL time for nothing
 REPORT_INTERVAL_S = 1.0
+#: A cancellation reaches a running job within this (plus a step): fetches of the control topic may wait this long.
+CONTROL_LATENCY_MS = 100
 CONFIRM_TIMEOUT_S = 5.0
 
 
@@ -85,7 +88,8 @@ class AgentRuntime(StageRuntime):
         # Read from the end: every message for this agent is sent after its first report, which follows this.
         self.assignments = TopicFollower(self.settings, topics.ASSIGNMENTS, self.client_id, start="end")
         if self.stage.control is not None:
-            self.control = TopicFollower(self.settings, self.stage.control, self.client_id, start="beginning")
+            self.control = TopicFollower(self.settings, self.stage.control, self.client_id, start="beginning",
+                                         latency_ms=CONTROL_LATENCY_MS)
         log.info("%s: agent %s takes work from %s", self.stage.name, self.agent_id, topics.ASSIGNMENTS.name)
 
     def run(self):
@@ -239,9 +243,17 @@ class AgentRuntime(StageRuntime):
 
     # -- reports ---------------------------------------------------------------------------------------------
     def _report(self, state: str | None = None, force: bool = False) -> None:
+        """Report when something the scheduler acts on changed (state, job, orders read, an ending), and every
+        REPORT_INTERVAL_S anyway. Cheap when there is nothing to say: it runs on every beat, beside the denoising
+        thread, and the GIL is shared."""
         job = self.current
         if state is None:  # a stopping agent takes nothing new, even once its job has handed back
             state = "DRAINING" if self.stopping.is_set() else "BUSY" if job is not None else "IDLE"
+        key = (state, job.epoch if job else 0, job.job_id if job else "", self.last_assignment, self.finished)
+        now = time.monotonic()
+        if not force and key == self._last_state and now < self._next_status:
+            return
+        self._last_state, self._next_status = key, now + REPORT_INTERVAL_S
         status = self.handler.status()
         finished_job, finished_epoch, outcome, reason = self.finished
         fields = dict(
@@ -252,12 +264,6 @@ class AgentRuntime(StageRuntime):
             last_assignment=self.last_assignment, leader_epoch=self.leader_epoch, finished_job_id=finished_job,
             finished_epoch=finished_epoch, finished_outcome=outcome, finished_reason=reason,
         )
-        key = (state, fields["epoch"], job.job_id if job else "", self.last_assignment, self.finished,
-               tuple(fields["models"]))
-        now = time.monotonic()
-        if not force and key == self._last_state and now < self._next_status:
-            return
-        self._last_state, self._next_status = key, now + REPORT_INTERVAL_S
         event = new_event(job.job_id if job else "", None, **fields)
         try:
             self._emit(topics.AGENTS, event, self.agent_id, [])

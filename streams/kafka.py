@@ -119,6 +119,15 @@ def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = CATALOGUE, tim
     return created
 
 
+def relaxed(conf: dict, latency_ms: int | None) -> dict:
+    """A consumer's settings for a reader that can wait ``latency_ms`` for new records: its fetches may wait that long
+    at the broker (never shorter than configured), so an idle reader costs the broker a round trip per
+    ``latency_ms`` rather than per fetch wait. None: as configured."""
+    if latency_ms is not None:
+        conf["fetch.wait.max.ms"] = max(int(conf.get("fetch.wait.max.ms", 500)), latency_ms)
+    return conf
+
+
 class TopicFollower:
     """Reads every partition of one topic outside any consumer group (nothing is committed): what a process uses to
     see all of a topic — the control topic's cancellations, the scheduler's orders, the agents' reports.
@@ -131,12 +140,12 @@ class TopicFollower:
     """
 
     def __init__(self, settings: Settings, topic: Topic, client_id: str, start: str = "beginning",
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, latency_ms: int | None = None):
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         if start not in ("beginning", "end"):
             raise ValueError(f"start must be 'beginning' or 'end', got {start!r}")
-        conf = consumer_config(settings, f"{client_id}.{topic.name}", client_id)
+        conf = relaxed(consumer_config(settings, f"{client_id}.{topic.name}", client_id), latency_ms)
         conf["enable.partition.eof"] = True
         self.topic = topic.name
         self.consumer = Consumer(conf)
