@@ -130,7 +130,8 @@ class Dispatcher:
                 self.policy.add(self._waiting(record))
         elif kind == "ASSIGNED" and record is not None:
             self.policy.take(job_id, _ms(d["timestamp"]))  # live: taken already; folding: the pick it was
-            record.state, record.agent_id, record.epoch, record.preempt_asked = "assigned", d["agent_id"], d["epoch"], False
+            record.state, record.agent_id, record.epoch = "assigned", d["agent_id"], d["epoch"]
+            record.preempt_asked = False
             agent = self.agents.setdefault(d["agent_id"], AgentRecord(d["agent_id"], now or _ms(d["timestamp"])))
             agent.sent_seq = max(agent.sent_seq, d["seq"])
         elif kind == "PREEMPT" and record is not None:

@@ -257,8 +257,9 @@ class AgentRuntime(StageRuntime):
         status = self.handler.status()
         finished_job, finished_epoch, outcome, reason = self.finished
         fields = dict(
-            agent_id=self.agent_id, state=state, epoch=job.epoch if job else 0, step=status.get("step", 0) if job else 0,
-            total_steps=status.get("total_steps", 0) if job else 0, tier=job.tier if job else None,
+            agent_id=self.agent_id, state=state, epoch=job.epoch if job else 0,
+            step=status.get("step", 0) if job else 0, total_steps=status.get("total_steps", 0) if job else 0,
+            tier=job.tier if job else None,
             models=status.get("models", []), device=status.get("device", "cpu"),
             free_memory_bytes=status.get("free_memory_bytes"), step_s=status.get("step_s"),
             last_assignment=self.last_assignment, leader_epoch=self.leader_epoch, finished_job_id=finished_job,

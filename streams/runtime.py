@@ -275,7 +275,8 @@ class StageRuntime:
         headers = current_trace_headers()
         for attempt in range(1, HANDLER_ATTEMPTS + 1):
             ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
-                               stop_reason=stop_reason or (lambda: None), confirm=confirm or stop_reason or (lambda: None))
+                               stop_reason=stop_reason or (lambda: None),
+                               confirm=confirm or stop_reason or (lambda: None))
             started = self._handling_since = time.perf_counter()
             try:
                 if ctx.stop_reason() == "cancelled":

@@ -1,4 +1,5 @@
-"""Which waiting job a GPU agent starts next: smooth weighted round robin over service tiers.
+"""Which tier the scheduler starts a job from next: smooth weighted round robin over service tiers (the tier step of
+consumers/queue_policy.py, across the whole fleet).
 
 Each tier has a weight; while every tier has work waiting, started jobs are shared in proportion to the
 weights (6/3/1 gives 60%/30%/10%), interleaved rather than in runs (nginx's "smooth" weighted round
@@ -68,7 +69,7 @@ def parse_weights(spec: str) -> dict[str, float]:
 
 
 class WeightedTierScheduler:
-    """Picks the tier whose waiting job starts next; deterministic, not thread-safe (one per agent loop)."""
+    """Picks the tier whose waiting job starts next; deterministic, not thread-safe (one per queue policy)."""
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         self._weights = validate_weights(DEFAULT_TIER_WEIGHTS if weights is None else weights)

@@ -458,6 +458,6 @@ def test_gpu_agent_refuses_params_the_encoder_would_refuse(tmp_path, case):
     deadline = time.monotonic() + 5.0  # stop a run that would not end (steps=10**9) at a step boundary
     ctx = StageContext("gpu-agent", SourceMessage("vidgen.encoded.standard", 0, 0, job["job_id"]), blobs,
                        lambda *args: None,
-                       stop_reason=lambda: "shutdown" if time.monotonic() > deadline else None)
+                       stop_reason=lambda: "drained" if time.monotonic() > deadline else None)
     with pytest.raises(InvalidEvent):
         agent.handle(job, ctx)
