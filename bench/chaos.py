@@ -1,9 +1,10 @@
 """`vidgen bench chaos`: many jobs across the tiers while processes of every stage are SIGKILLed and restarted at
 random moments (agents mid-denoise, decoders mid-stream, the compliance stage mid-check, the prompt encoder, the
-active scheduler and a standby, the tracker, the archiver); then every job must be terminal, none lost, none published twice, every video equal to the
-fault-free result, and `vidgen audit replay` over Kafka must find no violation.
+active scheduler and a standby, the tracker, the archiver); then every job must be terminal, none lost, none
+published twice, every video equal to the fault-free result, and `vidgen audit replay` over Kafka must find no
+violation.
 
-The driver and the checks are streams/chaos.py (the integration test runs the same at a reduced size). The run
+The driver and the checks are bench/chaos_harness.py (the integration test runs the same at a reduced size). The run
 is reproducible in what it plans (jobs, stage order, pauses, choices among candidates: ``--seed``); the moments
 depend on timing, so the kill log is printed. Ends with
 ``RESULT terminal=<n> lost=<n> duplicated=<n> mismatched=<n> kills=<n> jobs=<n> audit_violations=<n> seconds=<s> ...
@@ -32,9 +33,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds after the storm for every job to end")
     parser.add_argument("--var-dir", help="where the platform keeps its files (default: a new temporary directory)")
     args = parser.parse_args(argv)
-    logging.getLogger("streams.chaos").setLevel(logging.WARNING)
+    logging.getLogger("bench.chaos_harness").setLevel(logging.WARNING)
 
-    from streams.chaos import ChaosConfig, run_chaos
+    from .chaos_harness import ChaosConfig, run_chaos
 
     config = ChaosConfig(jobs=args.jobs, kills=args.kills, seed=args.seed, model=args.model,
                          submit_over_s=args.submit_over if args.submit_over is not None else 1.5 * args.jobs,

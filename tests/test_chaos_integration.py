@@ -3,10 +3,10 @@ restarts a process of every stage at a random moment — the prompt encoder with
 scheduler and a standby, an agent
 mid-denoise, a decoder mid-stream, the compliance stage with a verdict pending, the tracker, the archiver.
 
-Afterwards (streams/chaos.py does the work; `vidgen bench chaos` runs the same at full size): the audit replay over
-Kafka finds no violation, every job is terminal, none is lost, none has two terminal events or two publications,
+Afterwards (bench/chaos_harness.py does the work; `vidgen bench chaos` runs the same at full size): the audit replay
+over Kafka finds no violation, every job is terminal, none is lost, none has two terminal events or two publications,
 every latent chunk and every decoded video equals the fault-free result exactly, every published master is the
-fault-free master (within the encoder's run-to-run noise; see streams/chaos.py), the tracker's table and the
+fault-free master (within the encoder's run-to-run noise; see bench/chaos_harness.py), the tracker's table and the
 archive agree, and no process died other than by the driver's hand.
 
 What is robust on the embedded broker: the driver waits for a warm-up job before the storm, a SIGKILLed member's
@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from streams.chaos import CHAOS_STAGES, ChaosConfig, run_chaos
+from bench.chaos_harness import CHAOS_STAGES, ChaosConfig, run_chaos
 
 # ~60 s on an idle 2-core machine; a busy one (other suites running) has taken up to ~4 minutes.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]

@@ -42,7 +42,8 @@ What `vidgen bench chaos` runs at full size and `tests/test_chaos_integration.py
     verify (``verify_archive``) and hold every job's terminal event;
   - no stage process exited other than by the driver's SIGKILL.
 
-The result's ``result_fields()`` is what the benchmark's RESULT line carries. No pytest in here.
+The result's ``result_fields()`` is what the benchmark's RESULT line carries. No pytest in here. It lives in bench/, not
+in the backbone, because it drives every layer of the platform.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import topics
-from .supervisor import PlatformProcesses
+from streams import topics
+from streams.supervisor import PlatformProcesses
 
 log = logging.getLogger(__name__)
 
