@@ -1,6 +1,7 @@
 """archiver: every catalogue topic into durable, hash-chained Avro object container files (fastavro).
 
-Consumer group ``vidgen.archiver`` reads every topic of ``streams.topics.CATALOGUE`` as raw bytes (nothing is
+Consumer group ``vidgen.archiver`` reads every topic of ``streams.topics.ARCHIVED`` (the catalogue and the tracker's
+state topics) as raw bytes (nothing is
 decoded: a value is kept exactly as it was on the broker, with its key, headers, timestamp and position).
 
 Layout (one file series per topic-partition, so a partition's order is the files' order)::
@@ -65,6 +66,11 @@ GROUP_ID = "vidgen.archiver"
 FORMAT_VERSION = "1"
 SCHEMAS_DIR = "_schemas"
 HEAD_FILE = "HEAD.json"
+#: What ties the archive to the embedded broker's logs (consumers/restore.py): the broker generation the archive was
+#: last restored into, and the consumer groups' positions the archiver last saw safely archived.
+RESTORE_DIR = "_restore"
+GENERATION_FILE = "generation.json"
+GROUP_OFFSETS_FILE = "group-offsets.json"
 _FILE_NAME = re.compile(r"^(\d{6})-(\d{20})\.avro$")
 _META = "vidgen.archive."
 
@@ -103,11 +109,13 @@ class ArchiveSettings:
     flush_s: float = 1.0  # a record is durable (and its offset committed) at most this long after it arrives
     flush_records: int = 5000
     codec: str = "null"  # or "deflate"
+    retention_check_s: float = 3600.0  # how often the retention policy (consumers/archive_retention.py) is applied
+    positions_every_s: float = 1.0  # how often the consumer groups' positions are recorded (GroupPositions)
 
 
 def archive_settings(settings: Settings | None = None, environ: dict[str, str] | None = None) -> ArchiveSettings:
     """From VIDGEN_ARCHIVE_DIR (default <var>/archive), VIDGEN_ARCHIVE_ROTATE_BYTES, VIDGEN_ARCHIVE_ROTATE_S,
-    VIDGEN_ARCHIVE_FLUSH_S and VIDGEN_ARCHIVE_CODEC (null or deflate)."""
+    VIDGEN_ARCHIVE_FLUSH_S, VIDGEN_ARCHIVE_CODEC (null or deflate) and VIDGEN_ARCHIVE_RETENTION_CHECK_S."""
     env = dict(os.environ if environ is None else environ)
     var_dir = settings.var_dir if settings is not None else Path(env.get("VIDGEN_VAR_DIR") or "var").resolve()
     directory = Path(env["VIDGEN_ARCHIVE_DIR"]).resolve() if env.get("VIDGEN_ARCHIVE_DIR") else var_dir / "archive"
@@ -118,6 +126,7 @@ def archive_settings(settings: Settings | None = None, environ: dict[str, str] |
         rotate_s=float(env.get("VIDGEN_ARCHIVE_ROTATE_S") or defaults.rotate_s),
         flush_s=float(env.get("VIDGEN_ARCHIVE_FLUSH_S") or defaults.flush_s),
         codec=env.get("VIDGEN_ARCHIVE_CODEC") or defaults.codec,
+        retention_check_s=float(env.get("VIDGEN_ARCHIVE_RETENTION_CHECK_S") or defaults.retention_check_s),
     )
     if result.rotate_bytes < 1 or result.rotate_s <= 0 or result.flush_s <= 0:
         raise ValueError("archive rotation size, rotation age and flush interval must be positive")
@@ -166,7 +175,7 @@ def series_dirs(root: Path) -> Iterator[tuple[str, int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return
-    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != SCHEMAS_DIR):
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in (SCHEMAS_DIR, RESTORE_DIR)):
         for part_dir in sorted((p for p in topic_dir.iterdir() if p.is_dir() and p.name.isdigit()),
                                key=lambda p: int(p.name)):
             yield topic_dir.name, int(part_dir.name), part_dir
@@ -200,6 +209,20 @@ def read_head(directory: Path) -> dict | None:
     except (OSError, ValueError) as exc:
         log.error("archive: unreadable %s: %s", Path(directory) / HEAD_FILE, exc)
         return None
+
+
+def read_restore_file(root: Path, name: str) -> dict | None:
+    """A file of ``<archive>/_restore`` (GENERATION_FILE, GROUP_OFFSETS_FILE), or None when there is none."""
+    try:
+        return json.loads((Path(root) / RESTORE_DIR / name).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def write_restore_file(root: Path, name: str, content: dict) -> None:
+    directory = Path(root) / RESTORE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / name, json.dumps(content, sort_keys=True).encode())
 
 
 def read_file(path: Path) -> tuple[dict, list[dict], int, Exception | None]:
@@ -242,7 +265,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class PartitionSeries:
     """The file series of one topic-partition: recovers its chain from disk, appends, flushes, rotates."""
 
-    def __init__(self, root: Path, topic: str, partition: int, config: ArchiveSettings):
+    def __init__(self, root: Path, topic: str, partition: int, config: ArchiveSettings,
+                 restored: dict | None = None):
         self.topic, self.partition, self.config = topic, partition, config
         self.dir = Path(root) / topic / str(partition)
         self.epoch = 0
@@ -263,6 +287,16 @@ class PartitionSeries:
         self._verified_run = False  # redeliveries since the last check are known copies
         self._prev_seen: int | None = None
         self._recover()
+        # After a restore (consumers/restore.py) the broker's log of this partition begins with the archived records
+        # re-produced at offsets 0..end-1, and what is new continues from ``end``: a new epoch, whose offsets are the
+        # new log's. Offsets below ``end`` in that epoch are the restored copies, never archived twice.
+        self.restored_epoch = self.restored_end = None
+        if restored is not None:
+            self.restored_epoch, self.restored_end = int(restored["epoch"]), int(restored["end"])
+            if self.epoch < self.restored_epoch:
+                self.epoch = self.restored_epoch
+                self._epoch_reason = (f"restored into broker generation {restored.get('generation')}: offsets "
+                                      f"below {self.restored_end} are the archive's records re-produced")
 
     # recovery
     def _recover(self) -> None:
@@ -316,7 +350,10 @@ class PartitionSeries:
         """Archive one record; False when it was skipped as a copy of one archived already."""
         headers = [{"key": k, "value": None if v is None else bytes(v)} for k, v in (headers or [])]
         self.commit_due = True
-        if self.last_offset is not None and offset <= self.last_offset:
+        if self.epoch == self.restored_epoch and offset < self.restored_end:
+            return False  # a restored copy of an archived record
+        in_new_epoch = self._epoch_reason != "" and self._writer is None
+        if self.last_offset is not None and offset <= self.last_offset and not in_new_epoch:
             went_back = self._prev_seen is None or offset <= self._prev_seen
             if self._verified_run and not went_back:
                 self._prev_seen = offset
@@ -434,13 +471,18 @@ class ArchiveWriter:
         self.root = Path(config.dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.series: dict[tuple[str, int], PartitionSeries] = {}
+        #: The broker generation this archive was last restored into (consumers/restore.py), if any.
+        self.generation = read_restore_file(self.root, GENERATION_FILE) or {"generation": 0, "partitions": {}}
         self._first_pending_at: float | None = None
         self.pending = 0
 
     def _series(self, topic: str, partition: int) -> PartitionSeries:
         key = (topic, partition)
         if key not in self.series:
-            self.series[key] = PartitionSeries(self.root, topic, partition, self.config)
+            restored = self.generation["partitions"].get(f"{topic}/{partition}")
+            if restored is not None:
+                restored = {**restored, "generation": self.generation["generation"]}
+            self.series[key] = PartitionSeries(self.root, topic, partition, self.config, restored)
         return self.series[key]
 
     def append(self, topic: str, partition: int, offset: int, timestamp: int, timestamp_type: int = 1,
@@ -513,6 +555,92 @@ class SchemaKeeper:
         self.known.add(schema_id)
 
 
+# -- the consumer groups' positions -----------------------------------------------------------------------------------
+class GroupPositions:
+    """Records every consumer group's committed offsets once the archive holds everything those offsets rest on.
+
+    A committed offset promises that the outputs of every input below it were acknowledged by the broker. A restore
+    (consumers/restore.py) puts the groups back at recorded positions, so it may only use positions whose outputs
+    are archived. One round:
+
+    1. at T0, read every group's committed offsets (admin API);
+    2. at T0 + ``margin_s``, take every archived partition's high watermark from the archiver's own fetches (a fetch
+       answered after T0 counts every record acknowledged before T0, so every output behind the offsets of step 1);
+    3. once the archiver has consumed up to those watermarks and made it durable, write the offsets of step 1 with
+       T0 to ``<archive>/_restore/group-offsets.json``. T0 is the restore's *horizon*: a stage's dedupe mark made
+       after it may name an input whose outputs never reached the archive (streams/ledger.py).
+
+    Recorded only while this archiver holds every archived partition (one archiver: the embedded mode).
+    """
+
+    def __init__(self, root: Path, admin, generation: int, every_s: float = 1.0, margin_s: float = 0.3):
+        self.root, self.admin, self.generation = root, admin, generation
+        self.every_s, self.margin_s = every_s, margin_s
+        self.taken: tuple[float, dict] | None = None  # (T0, group → {"topic/partition": offset})
+        self.targets: dict[tuple[str, int], int] | None = None
+        self.next_round_at = 0.0
+        self.recorded_at: float | None = None  # T0 of the newest positions written
+
+    def read_groups(self, timeout_s: float = 5.0) -> dict[str, dict[str, int]]:
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        listed = self.admin.list_consumer_groups(request_timeout=timeout_s).result()
+        if listed.errors:
+            raise RuntimeError(f"listing the consumer groups: {listed.errors[0]}")
+        futures = {}
+        for group in sorted(g.group_id for g in listed.valid):
+            futures.update(self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                                                  request_timeout=timeout_s))
+        groups = {}
+        for group, future in futures.items():
+            offsets = {f"{tp.topic}/{tp.partition}": tp.offset
+                       for tp in future.result().topic_partitions if tp.offset >= 0}
+            if offsets:
+                groups[group] = offsets
+        return groups
+
+    def step(self, consumer, consumed: dict[tuple[str, int], int], all_durable: bool, now: float | None = None,
+             force: bool = False) -> bool:
+        """Advance the round; ``consumed``: next offset per partition read so far; ``all_durable``: everything
+        read is durable now. True when positions were written in this call."""
+        from confluent_kafka import TopicPartition
+
+        now = time.time() if now is None else now
+        if self.taken is None:
+            if now < self.next_round_at and not force:
+                return False
+            assignment = consumer.assignment()
+            if len(assignment) < sum(t.partitions for t in topics.ARCHIVED):
+                return False  # another archiver holds some partitions: positions would not be safe
+            try:
+                self.taken, self.targets = (now, self.read_groups()), None
+            except Exception as exc:  # noqa: BLE001 - try again next round; the previous positions stay
+                log.warning("archiver: could not read the consumer groups' offsets: %s", exc)
+                self.next_round_at = now + self.every_s
+            return False
+        if self.targets is None:
+            if now < self.taken[0] + self.margin_s:
+                return False
+            self.targets = {}
+            for tp in consumer.assignment():
+                _low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+                if high > 0:
+                    self.targets[(tp.topic, tp.partition)] = high
+        if not all_durable or any(consumed.get(tp, 0) < high for tp, high in self.targets.items()):
+            return False
+        taken_at, groups = self.taken
+        # A group the broker no longer lists (a broker going down answers with less) keeps its last positions.
+        recorded = read_restore_file(self.root, GROUP_OFFSETS_FILE) or {}
+        if recorded.get("generation") == self.generation:
+            before = recorded.get("groups", {})
+            groups = {g: {**before.get(g, {}), **groups.get(g, {})} for g in {*before, *groups}}
+        write_restore_file(self.root, GROUP_OFFSETS_FILE, {
+            "generation": self.generation, "taken_at_ms": round(taken_at * 1000), "groups": groups})
+        self.taken, self.targets, self.recorded_at = None, None, taken_at
+        self.next_round_at = taken_at + self.every_s
+        return True
+
+
 # -- the consumer group ----------------------------------------------------------------------------------------------
 class Archiver:
     def __init__(self, settings: Settings, config: ArchiveSettings | None = None,
@@ -522,7 +650,10 @@ class Archiver:
         self.stopping = stopping or threading.Event()
         self.writer = ArchiveWriter(self.config)
         self.consumer = None
-        self.counters = {"consumed": 0, "archived": 0, "duplicates": 0, "commits": 0}
+        self.counters = {"consumed": 0, "archived": 0, "duplicates": 0, "commits": 0, "positions": 0}
+        #: next offset to read per partition (from the committed offset on assignment, then each record read)
+        self.consumed: dict[tuple[str, int], int] = {}
+        self.positions: GroupPositions | None = None
         registry = None
         if settings.schema_registry_url:
             from streams.serde import registry_client
@@ -547,9 +678,16 @@ class Archiver:
 
     def _on_assign(self, consumer, partitions) -> None:
         log.info("archiver: assigned %d partitions", len(partitions))
+        try:
+            for tp in consumer.committed(partitions, timeout=10):
+                self.consumed.setdefault((tp.topic, tp.partition), max(tp.offset, 0))
+        except Exception as exc:  # noqa: BLE001 - positions are then recorded once records arrive
+            log.warning("archiver: could not read the committed offsets: %s", exc)
 
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
+        for tp in revoked:
+            self.consumed.pop(tp, None)
         self.flush_and_commit(revoked)
         self.writer.close(revoked)  # the next owner recovers the chain from the files
         log.info("archiver: revoked %d partitions", len(revoked))
@@ -560,10 +698,10 @@ class Archiver:
         self.writer.close(lost)
 
     def run(self) -> dict:
-        from confluent_kafka import Consumer, KafkaError
+        from confluent_kafka import Consumer
+        from confluent_kafka.admin import AdminClient
 
-        from streams.kafka import consumer_config
-
+        from streams.kafka import admin_config, consumer_config
         from streams.metrics import LagMonitor, serve_metrics
 
         conf = consumer_config(self.settings, GROUP_ID, "vidgen.archiver")
@@ -571,27 +709,35 @@ class Archiver:
             conf["statistics.interval.ms"] = 5000
             conf["stats_cb"] = LagMonitor("archiver").on_stats
         self.consumer = Consumer(conf)
-        self.consumer.subscribe([t.name for t in topics.CATALOGUE], on_assign=self._on_assign,
+        self.consumer.subscribe([t.name for t in topics.ARCHIVED], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info("archiver: archiving %d topics into %s", len(topics.CATALOGUE), self.config.dir)
+        self.positions = GroupPositions(self.config.dir, AdminClient(admin_config(self.settings)),
+                                        self.writer.generation["generation"], self.config.positions_every_s)
+        log.info("archiver: archiving %d topics into %s", len(topics.ARCHIVED), self.config.dir)
+        next_retention = 0.0
+        drain_deadline = None
         try:
-            while not self.stopping.is_set():
-                for msg in self.consumer.consume(num_messages=1000, timeout=0.1):
-                    if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("archiver: consumer error: %s", msg.error())
-                        continue
-                    self.counters["consumed"] += 1
-                    timestamp_type, timestamp = msg.timestamp()
-                    if self.writer.append(msg.topic(), msg.partition(), msg.offset(), timestamp, timestamp_type,
-                                          msg.key(), msg.value(), msg.headers()):
-                        self.counters["archived"] += 1
-                        self.schemas.note(msg.value())
-                    else:
-                        self.counters["duplicates"] += 1
-                if self.writer.flush_due():
+            while True:
+                if self.stopping.is_set() and drain_deadline is None:
+                    # Stopping: the platform's other processes have stopped (the supervisor stops the archiver
+                    # last), so one more round records the groups' final positions exactly.
+                    drain_deadline = time.monotonic() + 10.0
+                    self.positions.taken = self.positions.targets = None
+                    stop_requested_at = time.time()
+                if drain_deadline is not None and (
+                        time.monotonic() > drain_deadline
+                        or (self.positions.recorded_at or 0) >= stop_requested_at):
+                    break
+                self._consume_batch()
+                if self.writer.flush_due() or drain_deadline is not None:
                     self.flush_and_commit()
                 self.writer.rotate_aged()
+                if self.positions.step(self.consumer, self.consumed, self.writer.pending == 0,
+                                       force=drain_deadline is not None):
+                    self.counters["positions"] += 1
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + self.config.retention_check_s
+                    self.apply_retention()
         finally:
             self.flush_and_commit()
             self.writer.close()
@@ -599,6 +745,33 @@ class Archiver:
             self.consumer = None
             log.info("archiver: stopped %s", json.dumps(self.counters))
         return self.counters
+
+    def apply_retention(self) -> None:
+        from .archive_retention import apply_retention, retention_policy
+
+        try:
+            for change in apply_retention(self.config.dir, retention_policy(), round(time.time() * 1000)):
+                log.info("archiver: retention removed %s", json.dumps(change, sort_keys=True))
+        except Exception as exc:  # noqa: BLE001 - archiving goes on; the next check tries again
+            log.error("archiver: applying the retention policy failed: %s", exc)
+
+    def _consume_batch(self) -> None:
+        from confluent_kafka import KafkaError
+
+        for msg in self.consumer.consume(num_messages=1000, timeout=0.1):
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("archiver: consumer error: %s", msg.error())
+                continue
+            self.counters["consumed"] += 1
+            self.consumed[(msg.topic(), msg.partition())] = msg.offset() + 1
+            timestamp_type, timestamp = msg.timestamp()
+            if self.writer.append(msg.topic(), msg.partition(), msg.offset(), timestamp, timestamp_type,
+                                  msg.key(), msg.value(), msg.headers()):
+                self.counters["archived"] += 1
+                self.schemas.note(msg.value())
+            else:
+                self.counters["duplicates"] += 1
 
 
 def run_archiver(settings: Settings, stopping: threading.Event | None = None,

@@ -2,6 +2,9 @@
 
 ``verify_archive(dir)`` recomputes every record digest and chain link of an archive written by consumers/archiver.py
 and names what is wrong as ``topic/partition@offset: altered|removed|reordered|chain broken|truncated: ...``.
+A series that retention shortened (consumers/archive_retention.py) is checked from its ``RETENTION.json`` anchor
+instead of genesis; an anchor the retention policy does not allow, or one that does not link to the first kept
+file, is a problem.
 
 ``replay(events, blobs)`` is pure: it takes decoded events as ``(topic, partition, offset, timestamp_ms, event)``
 in log order (per partition) and rebuilds each job's timeline, checking that
@@ -45,6 +48,7 @@ from typing import Callable, Iterable, Iterator
 
 from streams import topics
 
+from .archive_retention import RETENTION_FILE, kept_files, live_files, read_retention_anchor, retention_policy
 from .archiver import (HEAD_FILE, SCHEMAS_DIR, chain_next, genesis, parse_file_name, read_file, read_head,
                        record_digest, series_dirs, series_files)
 from .job_state import LIFECYCLE_TOPICS, epoch_ms
@@ -60,36 +64,72 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)
     #: "topic/partition" → hex chain hash of its newest record: keep a copy elsewhere to anchor the archive.
     heads: dict[str, str] = field(default_factory=dict)
+    #: "topic/partition" → what retention removed from its front (RETENTION.json): files, records, up to where.
+    retained: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "files": self.files, "records": self.records, "problems": self.problems,
-                "heads": dict(sorted(self.heads.items()))}
+                "heads": dict(sorted(self.heads.items())), "retained": dict(sorted(self.retained.items()))}
 
 
-def verify_archive(directory: Path | str) -> VerifyResult:
-    """Check every file series of an archive; problems name topic/partition@offset and what is wrong."""
+def verify_archive(directory: Path | str, policy: dict[str, int | None] | None = None) -> VerifyResult:
+    """Check every file series of an archive; problems name topic/partition@offset and what is wrong. ``policy``
+    (topic → archive retention ms, None: forever) says where retention may have removed records; default: the
+    environment's (``retention_policy()``)."""
     result = VerifyResult(ok=True, files=0, records=0)
     root = Path(directory)
     if not root.is_dir():
         result.ok = False
         result.problems.append(f"{root}: no archive there")
         return result
+    if policy is None:
+        try:
+            policy = retention_policy()
+        except ValueError as exc:
+            result.problems.append(f"retention policy: {exc}")
+            policy = retention_policy({})
     for topic, partition, part_dir in series_dirs(root):
-        _verify_series(topic, partition, part_dir, result)
+        _verify_series(topic, partition, part_dir, result, policy)
     result.ok = not result.problems
     return result
 
 
-def _verify_series(topic: str, partition: int, part_dir: Path, result: VerifyResult) -> None:
+def _verify_series(topic: str, partition: int, part_dir: Path, result: VerifyResult,
+                   policy: dict[str, int | None] | None = None) -> None:
     where = f"{topic}/{partition}"
     problems: list[str] = []
     files = series_files(part_dir)
     names = {p.name for p in files}
-    for stray in sorted(p.name for p in part_dir.iterdir()
-                        if p.name not in names and p.name != HEAD_FILE and not p.name.startswith(".")):
+    for stray in sorted(p.name for p in part_dir.iterdir() if p.name not in names
+                        and p.name not in (HEAD_FILE, RETENTION_FILE) and not p.name.startswith(".")):
         problems.append(f"{where}: unexpected file {stray}")
     head = read_head(part_dir)
     prev_chain, prev_offset, prev_epoch, prev_name = genesis(topic, partition), -1, None, ""
+    prev_desc = ""  # how the problems name the predecessor of the first file, when it is not the series' start
+    try:
+        anchor = read_retention_anchor(part_dir)
+    except ValueError as exc:
+        anchor = None
+        problems.append(f"{where}: altered: {exc}")
+    if anchor is not None:
+        # Retention removed a prefix of the series: its chain goes on from the anchor instead of genesis.
+        prev_chain, prev_name = bytes.fromhex(anchor["chain"]), anchor["last_removed_file"]
+        prev_offset, prev_epoch = anchor["last_removed_offset"], anchor["last_removed_epoch"]
+        prev_desc = f"the records removed by retention ({RETENTION_FILE}, up to {prev_name})"
+        removed_at = (f"{where}@{prev_offset}: removed: {anchor['removed_records']} records up to offset "
+                      f"{prev_offset} were removed by retention ({RETENTION_FILE})")
+        if (anchor["topic"], anchor["partition"]) != (topic, partition):
+            problems.append(f"{where}: altered: {RETENTION_FILE} is the anchor of {anchor['topic']}/"
+                            f"{anchor['partition']}")
+        if (retention_policy({}) if policy is None else policy).get(topic) is None:
+            problems.append(f"{removed_at}, but the retention policy keeps {topic} forever")
+        kept = kept_files(files, anchor)
+        if not kept:
+            problems.append(f"{removed_at}, and every file after them is missing")
+        result.retained[where] = {k: anchor[k] for k in ("removed_files", "removed_records", "last_removed_file",
+                                                         "last_removed_epoch", "last_removed_offset")}
+        result.retained[where]["leftover_files"] = len(files) - len(kept)  # an interrupted removal: skipped
+        files = kept
     seen: set[tuple[int, int]] = set()
     claimed: list[tuple[int, int, int, int]] = []  # (epoch of predecessor, claimed predecessor, actual one, record)
     reordered: dict[tuple[int, int], str] = {}
@@ -107,22 +147,26 @@ def _verify_series(topic: str, partition: int, part_dir: Path, result: VerifyRes
             problems.append(f"{where}@{first_offset}: altered: {path.name} header says {meta['topic']}/"
                             f"{meta['partition']} epoch {meta['epoch']} first offset {meta['first_offset']}")
         # The link from the previous file.
+        after = prev_desc or prev_name
         if meta["prev_file"] != prev_name:
             if meta["prev_file"] and meta["prev_file"] not in names:
                 problems.append(f"{where}@{meta['prev_last_offset']}: chain broken: file {meta['prev_file']} is "
-                                f"missing before {path.name} (records after offset {prev_offset} up to "
-                                f"{meta['prev_last_offset']} removed)")
+                                f"missing {f'between {prev_desc} and' if prev_desc else 'before'} {path.name} "
+                                f"(records after offset {prev_offset} up to {meta['prev_last_offset']} removed)")
             else:
                 problems.append(f"{where}@{first_offset}: chain broken: {path.name} follows "
-                                f"{meta['prev_file'] or 'nothing'} but comes after {prev_name or 'nothing'}")
+                                f"{meta['prev_file'] or 'nothing'} but comes after {after or 'nothing'}")
         elif meta["prev_chain"] != prev_chain.hex():
             if meta["prev_last_offset"] != prev_offset:
-                problems.append(f"{where}@{prev_offset}: truncated: {prev_name or 'the series'} ends at offset "
-                                f"{prev_offset} but {path.name} continues from offset {meta['prev_last_offset']} "
-                                f"(records after {prev_offset} removed)")
+                problems.append(f"{where}@{prev_offset}: truncated: {after or 'the series'} ends at "
+                                f"offset {prev_offset} but {path.name} continues from offset "
+                                f"{meta['prev_last_offset']} (records after {prev_offset} removed)")
             else:
                 problems.append(f"{where}@{prev_offset}: chain broken: {path.name} does not link to the end of "
-                                f"{prev_name or 'the series'}")
+                                f"{after or 'the series'}")
+        elif prev_desc and meta["prev_last_offset"] != prev_offset:
+            problems.append(f"{where}@{prev_offset}: chain broken: {path.name} continues from offset "
+                            f"{meta['prev_last_offset']}, not from the end of {prev_desc} at offset {prev_offset}")
         if epoch != prev_epoch and prev_epoch is not None and not meta["epoch_reason"]:
             problems.append(f"{where}@{first_offset}: chain broken: epoch {epoch} starts without a reason")
         # Resynchronise on the file's own claims so that one break is reported once.
@@ -167,7 +211,7 @@ def _verify_series(topic: str, partition: int, part_dir: Path, result: VerifyRes
         if error is not None:
             problems.append(f"{where}@{prev_offset}: truncated: {path.name} is cut or corrupt after offset "
                             f"{prev_offset} ({type(error).__name__}: {error})")
-        prev_epoch, prev_name = epoch, path.name
+        prev_epoch, prev_name, prev_desc = epoch, path.name, ""
     for pred_epoch, claimed_prev, actual_prev, offset in claimed:
         if (pred_epoch, claimed_prev) in seen:
             reordered.setdefault((pred_epoch, claimed_prev), f"{where}@{claimed_prev}: reordered: offset "
@@ -208,6 +252,9 @@ def main_verify(argv: list[str] | None = None) -> int:
               f"{len(result.problems)} problems in {directory}")
         for series, chain in sorted(result.heads.items()):
             print(f"head {series} {chain}")
+        for series, kept in sorted(result.retained.items()):
+            print(f"retention {series}: {kept['removed_records']} records in {kept['removed_files']} files removed "
+                  f"up to offset {kept['last_removed_offset']} (epoch {kept['last_removed_epoch']})")
     return 0 if result.ok else 1
 
 
@@ -225,7 +272,7 @@ def iter_archive(directory: Path | str, topic_names: Iterable[str] | None = None
     for topic, _partition, part_dir in series_dirs(Path(directory)):
         if wanted is not None and topic not in wanted:
             continue
-        for path in series_files(part_dir):
+        for path in live_files(part_dir):
             _meta, records, _end, _error = read_file(path)
             yield from records
 

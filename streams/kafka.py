@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .settings import Settings
-from .topics import CATALOGUE, Topic
+from .topics import ARCHIVED, Topic
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def admin_config(settings: Settings) -> dict:
     return conf
 
 
-def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = CATALOGUE, timeout_s: float = 30.0) -> list[str]:
-    """Create the catalogue's topics that do not exist yet; returns the names created.
+def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = ARCHIVED, timeout_s: float = 30.0) -> list[str]:
+    """Create the catalogue's topics (and the tracker's state topics, so that the archiver's subscription finds them
+    from the start) that do not exist yet; returns the names created.
 
     Existing topics are left alone but checked: fewer partitions than the catalogue asks for is an error,
     because partition counts cannot be raised on every broker (and re-keying would break per-job order).
@@ -103,7 +104,7 @@ def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = CATALOGUE, tim
         return []
     futures = admin.create_topics(
         [
-            NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config={"retention.ms": str(t.retention_ms)})
+            NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=topic_config(t))
             for t in missing
         ],
         operation_timeout=timeout_s,
@@ -117,6 +118,12 @@ def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = CATALOGUE, tim
             if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another process won the race: fine
                 raise
     return created
+
+
+def topic_config(topic: Topic) -> dict[str, str]:
+    if topic.compacted:
+        return {"cleanup.policy": "compact"}
+    return {"retention.ms": str(topic.retention_ms)}
 
 
 def relaxed(conf: dict, latency_ms: int | None) -> dict:

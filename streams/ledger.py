@@ -13,18 +13,27 @@ from .blobs import LocalBlobStore
 
 
 class ProcessedLedger:
-    def __init__(self, blobs: LocalBlobStore, stage: str):
+    """``distrusted_ms``: [from, to) in epoch ms. A mark made then is ignored: the embedded broker was restored from
+    its archive, which holds every output acknowledged before ``from`` but maybe not those of later inputs (see
+    consumers/restore.py). Such an input runs again, emitting the same event ids."""
+
+    def __init__(self, blobs: LocalBlobStore, stage: str, distrusted_ms: tuple[int, int] | None = None):
         self.blobs = blobs
         self.stage = stage
+        self.distrusted_ms = distrusted_ms
 
     def _path(self, key: str):
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.blobs.path_for("_ledger", self.stage, digest[:2], digest)
 
     def seen(self, key: str) -> bool:
-        return self._path(key).exists()
+        try:
+            marked_ms = self._path(key).stat().st_mtime * 1000
+        except FileNotFoundError:
+            return False
+        return self.distrusted_ms is None or not self.distrusted_ms[0] <= marked_ms < self.distrusted_ms[1]
 
     def mark(self, key: str) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        path.touch()  # also renews the time of a mark made again (after a distrusted one)

@@ -79,7 +79,7 @@ class StageRuntime:
         self.codec = codec or event_codec(settings)
         self.client_id = client_id or f"{stage.name}"
         self.counters = StageCounters()
-        self.ledger = ProcessedLedger(self.blobs, stage.name)
+        self.ledger = ProcessedLedger(self.blobs, stage.name, settings.restore_window_ms)
         self.offsets = OffsetTracker()
         self.stopping = threading.Event()
         self.handler = None

@@ -80,6 +80,9 @@ class Settings:
     stats_interval_s: float = 10.0
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
+    #: [from, to) in epoch ms: dedupe marks made then are not trusted, because the embedded broker was restored from
+    #: an archive that may lack their outputs (consumers/restore.py; from the run file).
+    restore_window_ms: tuple[int, int] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -212,6 +215,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             if not settings.kafka_bootstrap:
                 settings.kafka_bootstrap = embedded["kafka_bootstrap"]
                 settings.embedded = True
+                if embedded.get("restore_window_ms"):
+                    settings.restore_window_ms = tuple(embedded["restore_window_ms"])
             settings.schema_registry_url = settings.schema_registry_url or embedded.get("schema_registry_url")
     return settings
 

@@ -5,6 +5,7 @@ they exercise is exactly what an operator runs: separate processes talking over 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .settings import Settings, load_settings, read_platform_file
 
@@ -24,6 +26,20 @@ SERVICE_NAMES = ("tracker", "archiver")
 #: on a small CPU box two torch threads stall whenever another process takes a core. (A real deployment puts the
 #: agents on their own GPU machines; this only shapes `vidgen up`, `demo`, the tests and the benchmarks.)
 FOREGROUND_STAGES = ("gpu-agent",)
+#: Stopped after every other process: the archiver keeps what they wrote last (streams/embedded.py restores it).
+STOPPED_LAST = ("archiver",)
+RESTORE_STATUS_FILE = "restore.json"  # written by the restore while `vidgen broker` starts (consumers/restore.py)
+
+
+class PlatformNotStarted(RuntimeError):
+    """`vidgen broker` gave up before the platform was announced (a restore that failed says why)."""
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 BACKGROUND_NICENESS = 10
 
 
@@ -45,22 +61,42 @@ class PlatformProcesses:
                 [sys.executable, "-m", "vidgen", *args], env={**self.env, **(env or {})}, stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, preexec_fn=(lambda: os.nice(BACKGROUND_NICENESS)) if background else None,
+                # Its own process group: a terminal's Ctrl-C reaches `vidgen up` alone, which then stops the
+                # stages, the archiver and the broker in that order (all at once would lose the last records).
+                process_group=0,
             )
 
     def settings(self) -> Settings:
         return load_settings(self.env)
 
-    def start(self, timeout_s: float = 60.0) -> Settings:
+    def start(self, timeout_s: float = 60.0, on_restore: Callable[[dict], None] | None = None) -> Settings:
+        """Start `vidgen broker`, wait until it announces the platform (after restoring the embedded broker from the
+        archive: ``on_restore`` sees its progress; a restore that moves on does not time out), then the stages."""
         platform_file = self.var_dir / "run" / "platform.json"
+        restore_file = self.var_dir / "run" / RESTORE_STATUS_FILE
         platform_file.unlink(missing_ok=True)
+        restore_file.unlink(missing_ok=True)
         self.broker = self._spawn(["broker"], "broker")
         deadline = time.monotonic() + timeout_s
+        restore_status = None
         while read_platform_file(platform_file) is None:
+            status = read_json(restore_file)
+            if status is not None and status != restore_status:
+                restore_status = status
+                deadline = max(deadline, time.monotonic() + timeout_s)  # restoring: progress, not a hang
+                if on_restore is not None:
+                    on_restore(status)
             if self.broker.poll() is not None:
-                raise RuntimeError(f"`vidgen broker` exited ({self.broker.returncode}); see {self.log_dir}/broker.log")
+                if status is not None and status.get("state") == "failed":
+                    raise PlatformNotStarted(status.get("error", "the restore failed"))
+                raise PlatformNotStarted(f"`vidgen broker` exited ({self.broker.returncode}); see "
+                                         f"{self.log_dir}/broker.log")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the platform did not come up in {timeout_s} s; see {self.log_dir}/broker.log")
             time.sleep(0.05)
+        status = read_json(restore_file)
+        if on_restore is not None and status is not None and status != restore_status:
+            on_restore(status)
         for name in self.stage_names:
             self.add_stage(name)
         return self.settings()
@@ -97,19 +133,21 @@ class PlatformProcesses:
             raise RuntimeError(f"the broker exited with {self.broker.returncode}")
 
     def stop(self, timeout_s: float = 20.0) -> dict[str, int | None]:
-        """SIGTERM every stage (each finishes its message and leaves its group), then the broker."""
+        """SIGTERM every stage (each finishes its message and leaves its group), then the archiver (which archives
+        what they wrote last and records the groups' final positions), then the broker."""
         codes = {}
         running = [(n, p) for n, ps in self.stages.items() for p in ps if p.poll() is None]
-        for _, process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for name, process in running:
-            try:
-                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("stage %s did not stop in time; killing it", name)
-                process.kill()
-                codes[name] = process.wait()
+        for wave in ([r for r in running if r[0] not in STOPPED_LAST], [r for r in running if r[0] in STOPPED_LAST]):
+            for _, process in wave:
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for name, process in wave:
+                try:
+                    codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("stage %s did not stop in time; killing it", name)
+                    process.kill()
+                    codes[name] = process.wait()
         if self.broker is not None and self.broker.poll() is None:
             self.broker.send_signal(signal.SIGTERM)
             try:

@@ -19,6 +19,10 @@ class Topic:
     key: str = "job_id"  # UTF-8 string key; job_id keeps a job's events in order on one partition
     retention_ms: int = 7 * DAY_MS
     doc: str = ""
+    #: How long the archive (the embedded mode's durable store, consumers/archiver.py) keeps the topic's records;
+    #: None: until deleted. Lifecycle events and publications stay; the chatter of running jobs goes.
+    archive_retention_ms: int | None = None
+    compacted: bool = False  # the broker keeps the latest record per key (cleanup.policy=compact)
 
 
 REQUESTED = Topic("vidgen.requested", 6, "VideoRequested", doc="requests from upstream services and the gateway")
@@ -26,9 +30,10 @@ ENCODED = {
     tier: Topic(f"vidgen.encoded.{tier}", 12, "PromptEncoded", doc=f"generation queue of the {tier} tier")
     for tier in TIERS
 }
-STEP_PROGRESS = Topic("vidgen.step-progress", 6, "StepProgress", retention_ms=DAY_MS)
-LATENT_CHECKPOINTED = Topic("vidgen.latent-checkpointed", 6, "LatentCheckpointed", retention_ms=DAY_MS)
-LATENT_CHUNKS = Topic("vidgen.latent-chunks", 6, "LatentChunk", retention_ms=DAY_MS)
+STEP_PROGRESS = Topic("vidgen.step-progress", 6, "StepProgress", retention_ms=DAY_MS, archive_retention_ms=7 * DAY_MS)
+LATENT_CHECKPOINTED = Topic("vidgen.latent-checkpointed", 6, "LatentCheckpointed", retention_ms=DAY_MS,
+                            archive_retention_ms=7 * DAY_MS)
+LATENT_CHUNKS = Topic("vidgen.latent-chunks", 6, "LatentChunk", retention_ms=DAY_MS, archive_retention_ms=7 * DAY_MS)
 DECODED = Topic("vidgen.decoded", 6, "VideoDecoded")
 FLAGGED = Topic("vidgen.flagged", 3, "VideoFlagged", retention_ms=30 * DAY_MS)
 PUBLISHED = Topic("vidgen.published", 6, "VideoPublished", retention_ms=30 * DAY_MS)
@@ -36,21 +41,23 @@ FAILED = Topic("vidgen.failed", 3, "JobFailed", retention_ms=30 * DAY_MS)
 CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellation requests; every agent reads all of it")
 CANCELLED = Topic("vidgen.cancelled", 3, "JobCancelled", retention_ms=30 * DAY_MS, doc="jobs stopped on request")
 DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY_MS)
-STATS = Topic("vidgen.stats", 3, "StageStats", key="stage", retention_ms=DAY_MS,
+STATS = Topic("vidgen.stats", 3, "StageStats", key="stage", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
               doc="stage processes' lag and busy reports, for `vidgen autoscale`")
 
 # The fleet's one queue (consumers/scheduler.py): agents report on AGENTS and take work from ASSIGNMENTS; the active
 # scheduler writes every decision to SCHEDULER_LOG (one partition: one order to fold on failover) and holds the
 # single partition of SCHEDULER_LEASE through a consumer group, which is what makes it the active one.
-AGENTS = Topic("vidgen.agents", 3, "AgentStatus", key="agent_id", retention_ms=DAY_MS,
+AGENTS = Topic("vidgen.agents", 3, "AgentStatus", key="agent_id", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
                doc="GPU agents' state reports (about every second)")
 ASSIGNMENTS = Topic("vidgen.assignments", 6, "Assignment", key="agent_id", retention_ms=DAY_MS,
+                    archive_retention_ms=7 * DAY_MS,
                     doc="the scheduler's orders to agents; every agent reads all of it and takes its own")
 SCHEDULER_LOG = Topic("vidgen.scheduler", 1, "SchedulerDecision", retention_ms=7 * DAY_MS,
                       doc="the active scheduler's decisions, folded by a new leader")
 SCHEDULER_LEASE = Topic("vidgen.scheduler-lease", 1, "SchedulerDecision",
                         doc="holds no records: the scheduler that owns its one partition is the active one")
-QUEUE = Topic("vidgen.queue", 6, "QueuePosition", retention_ms=DAY_MS, doc="waiting jobs' positions and ETAs")
+QUEUE = Topic("vidgen.queue", 6, "QueuePosition", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
+              doc="waiting jobs' positions and ETAs")
 
 CATALOGUE: tuple[Topic, ...] = (
     REQUESTED,
@@ -72,7 +79,18 @@ CATALOGUE: tuple[Topic, ...] = (
     SCHEDULER_LEASE,
     QUEUE,
 )
-BY_NAME = {topic.name: topic for topic in CATALOGUE}
+
+# The job-state tracker's own topics (consumers/tracker.py; JSON values, made by faust, no Avro schema): not events of
+# the catalogue, but state the platform needs back after a restart of the embedded broker, so the archive keeps them.
+TRACKER_EVENTS = Topic("vidgen.tracker-events", 6, "", retention_ms=REQUESTED.retention_ms,
+                       archive_retention_ms=7 * DAY_MS, doc="lifecycle events re-keyed by job for the tracker's table")
+TRACKER_CHANGELOG = Topic("vidgen.tracker-job_state-changelog", 6, "", key="job_id", compacted=True,
+                          doc="every job-state change (faust's changelog of table job_state); read latest by key")
+STATE_TOPICS: tuple[Topic, ...] = (TRACKER_EVENTS, TRACKER_CHANGELOG)
+#: What the archiver keeps and a restore of the embedded broker brings back.
+ARCHIVED: tuple[Topic, ...] = CATALOGUE + STATE_TOPICS
+
+BY_NAME = {topic.name: topic for topic in ARCHIVED}
 
 #: Topics whose events end a job: exactly one of them per job (on vidgen.flagged, only decision BLOCK ends it).
 TERMINAL = (PUBLISHED, FLAGGED, FAILED, CANCELLED)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 STAGES = {
     "prompt-encoder": "consumers.prompt_encoder",
@@ -57,11 +58,17 @@ def cmd_broker(args) -> int:
     from streams.embedded import embedded_platform
     from streams.settings import load_settings
 
+    from consumers.restore import ArchiveVerificationFailed, restore_before_start
+
     settings = load_settings()
-    with embedded_platform(settings) as running:
-        print(f"kafka {running.kafka_bootstrap}  schema registry {running.schema_registry_url}", flush=True)
-        print(f"recorded in {settings.platform_file}; Ctrl-C stops", flush=True)
-        _wait_for_signal()
+    try:
+        with embedded_platform(settings, prepare=restore_before_start) as running:
+            print(f"kafka {running.kafka_bootstrap}  schema registry {running.schema_registry_url}", flush=True)
+            print(f"recorded in {settings.platform_file}; Ctrl-C stops", flush=True)
+            _wait_for_signal()
+    except ArchiveVerificationFailed as exc:  # nothing was started: the supervisor shows this and stops
+        print(f"vidgen broker: {exc}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
@@ -101,14 +108,19 @@ def cmd_stage(args) -> int:
 def cmd_up(args) -> int:
     from gateway.tenants import load_or_create, tenants_path
     from streams.settings import load_settings
-    from streams.supervisor import SERVICE_NAMES, STAGE_NAMES, PlatformProcesses
+    from streams.supervisor import SERVICE_NAMES, STAGE_NAMES, PlatformNotStarted, PlatformProcesses
 
     settings = load_settings()
     # The tenants file is made here, not by the gateway, so the first run can show its key on this terminal.
     tenants_file, (_, new_key) = tenants_path(settings), load_or_create(tenants_path(settings))
     # `vidgen broker` runs either way: with a named cluster it starts nothing but prepares topics and schemas.
     platform = PlatformProcesses(settings.var_dir, stages=STAGE_NAMES + SERVICE_NAMES)
-    running = platform.start()
+    try:
+        running = platform.start(on_restore=RestoreProgress(sys.stdout))
+    except PlatformNotStarted as exc:
+        print(f"vidgen up: {exc}", file=sys.stderr, flush=True)
+        platform.stop()
+        return 3
     platform.add_gateway(args.port, args.host)
     print(f"vidgen is up: kafka {running.kafka_bootstrap}, registry {running.schema_registry_url}, "
           f"stages {', '.join(platform.stage_names)}; logs in {platform.log_dir}.", flush=True)
@@ -121,6 +133,35 @@ def cmd_up(args) -> int:
     finally:
         platform.stop()
     return 0
+
+
+class RestoreProgress:
+    """What `vidgen up` prints while `vidgen broker` restores the embedded broker from the archive."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, status: dict) -> None:
+        state = status.get("state")
+        if state == "verifying":
+            line = f"verifying the archive {status.get('archive')} ({status.get('series')} partitions)…"
+        elif state == "restoring":
+            line = (f"restoring: {status.get('records', 0):,} records so far ({status.get('topic')}), "
+                    f"{status.get('elapsed_s', 0):.1f} s")
+        elif state == "done":
+            rate = status["records"] / status["produce_s"] if status.get("produce_s") else 0
+            line = (f"restored {status['records']:,} records of {status['topics']} topics and {status['groups']} "
+                    f"consumer groups from the archive in {status['seconds']:.2f} s"
+                    + (f" ({rate:,.0f} records/s)" if rate else "") + "; " + archive_size(status.get("archive")))
+        else:
+            return  # a failure is reported by the caller, once
+        print(line, file=self.stream, flush=True)
+
+
+def archive_size(archive: str | None) -> str:
+    from consumers.archive_retention import archive_usage, format_usage
+
+    return format_usage(archive_usage(Path(archive))) if archive else "no archive"
 
 
 def cmd_submit(args) -> int:
@@ -252,12 +293,12 @@ class ProgressBar:
 def cmd_demo(args) -> int:
     """make run: start the platform, generate one video with live progress, print the MP4's path, stop."""
     from producers.requests import VideoRequests
-    from streams.supervisor import PlatformProcesses
     from streams.settings import load_settings
+    from streams.supervisor import STAGE_NAMES, PlatformProcesses
 
     var_dir = load_settings().var_dir
-    print("starting the embedded broker, the schema registry and 4 stages ...", flush=True)
-    platform = PlatformProcesses(var_dir)
+    print("starting the embedded broker, the schema registry, the stages and the archiver ...", flush=True)
+    platform = PlatformProcesses(var_dir, stages=STAGE_NAMES + ("archiver",))  # what it makes survives a restart
     try:
         settings = platform.start()
         print(f"platform up (kafka {settings.kafka_bootstrap}); logs in {platform.log_dir}", flush=True)
