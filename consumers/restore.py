@@ -63,6 +63,10 @@ class ArchiveVerificationFailed(RuntimeError):
                          f"\ninspect it with: vidgen audit verify --archive {archive}")
 
 
+class RestoreFailed(RuntimeError):
+    """The broker did not take the records back as archived (it was not empty, or a produce failed)."""
+
+
 @dataclass
 class RestoreReport:
     generation: int = 0
@@ -106,11 +110,6 @@ def translate(offset: int, old_start: int, new_start: int, new_end: int) -> int:
 def restore_platform(settings: Settings, archive_dir: Path | None = None,
                      progress: Callable[[dict], None] | None = None) -> RestoreReport:
     """Restore the archive into the (empty) broker of ``settings``; see the module docstring for the steps."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, Producer, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    from streams.kafka import admin_config, producer_config
-
     began = time.perf_counter()
     root = Path(archive_dir) if archive_dir else archive_settings(settings).dir
     report = RestoreReport(restored_at_ms=round(time.time() * 1000))
@@ -124,23 +123,58 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
         if progress:
             progress(status)
 
-    # 1. verify
-    series = [(t, p, d) for t, p, d in series_dirs(root) if series_files(d)]  # verified before anything is read
-    if series:
-        from .audit import verify_archive
+    try:
+        # 1. verify
+        series = [(t, p, d) for t, p, d in series_dirs(root) if series_files(d)]
+        if series:
+            tell("verifying", series=len(series))
+            verify(root)
+            report.verify_s = time.perf_counter() - began
+        # 2. re-produce
+        produce_began = time.perf_counter()
+        partitions = reproduce(settings, root, series, report, lambda topic: tell("restoring", topic=topic))
+        report.produce_s = time.perf_counter() - produce_began
+        # 3. consumer groups
+        groups, report.horizon_ms = group_positions(read_restore_file(root, GROUP_OFFSETS_FILE), previous,
+                                                    partitions)
+        if series and report.horizon_ms is None:
+            log.warning("restore: no recorded consumer-group positions for broker generation %s; the groups start "
+                        "from the beginning (their dedupe ledgers skip what they handled)", previous["generation"])
+        commit_positions(settings, groups)
+        report.groups = len(groups)
+    except (ArchiveVerificationFailed, RestoreFailed) as exc:
+        tell("failed", error=str(exc), problems=getattr(exc, "problems", [])[:50])
+        raise
+    # 4. the new generation
+    write_restore_file(root, GENERATION_FILE, {
+        "generation": report.generation, "restored_at_ms": report.restored_at_ms, "horizon_ms": report.horizon_ms,
+        "partitions": partitions,
+    })
+    report.seconds = time.perf_counter() - began
+    tell("done", **{k: v for k, v in asdict(report).items() if k != "state"})
+    log.info("restore: %s", report.summary())
+    return report
 
-        tell("verifying", series=len(series))
-        result = verify_archive(root)
-        report.verify_s = time.perf_counter() - began
-        if not result.ok:
-            error = ArchiveVerificationFailed(root, result.problems)
-            tell("failed", error=str(error), problems=result.problems[:50])
-            raise error
 
-    # 2. re-produce, partition by partition
-    conf = {**producer_config(settings, "vidgen.restore"), "linger.ms": 20, "batch.size": 1 << 20,
-            "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1 << 20}
-    producer = Producer(conf)
+def verify(root: Path) -> None:
+    from .audit import verify_archive
+
+    result = verify_archive(root)
+    if not result.ok:
+        raise ArchiveVerificationFailed(root, result.problems)
+
+
+def reproduce(settings: Settings, root: Path, series: list[tuple[str, int, Path]], report: RestoreReport,
+              on_progress: Callable[[str], None]) -> dict[str, dict]:
+    """Every archived record back into its partition, in order. Returns, per partition restored ("topic/p"), where
+    its records start in the partition's sequence (records retention removed come first), how many there are (the
+    new log's end) and the epoch the archiver continues in."""
+    from confluent_kafka import Producer
+
+    from streams.kafka import producer_config
+
+    producer = Producer({**producer_config(settings, "vidgen.restore"), "linger.ms": 20, "batch.size": 1 << 20,
+                         "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1 << 20})
     failures: list[str] = []
     ends: dict[str, int] = {}  # "topic/partition" → offset of the last record delivered + 1
 
@@ -161,7 +195,6 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
             except BufferError:  # the local queue is full: let deliveries drain it
                 producer.poll(0.05)
 
-    produce_began = time.perf_counter()
     partitions: dict[str, dict] = {}
     last_records: list[dict] = []
     next_progress = 0.0
@@ -174,9 +207,8 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
             if topic_name not in report.skipped_topics:
                 report.skipped_topics.append(topic_name)
             continue
-        files = live_files(part_dir)
-        anchor = read_retention_anchor(part_dir)
-        held: dict | None = None
+        files, anchor = live_files(part_dir), read_retention_anchor(part_dir)
+        held: dict | None = None  # a partition's last record waits for the second pass
         count = 0
         for path in files:
             _meta, records, _end, error = read_file(path)
@@ -188,11 +220,11 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
                     produce(held)
                 held = record
                 count += 1
-                report.records += 1
+            report.records += len(records)
             producer.poll(0)
             if time.perf_counter() >= next_progress:
                 next_progress = time.perf_counter() + PROGRESS_EVERY_S
-                tell("restoring", topic=topic_name)
+                on_progress(topic_name)
         if held is None:
             continue
         last_records.append(held)
@@ -206,58 +238,54 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
     for record in last_records:  # each alone in its partition's batch (see the module docstring)
         produce(record)
     producer.flush()
-    report.produce_s = time.perf_counter() - produce_began
     report.topics = len(known_topics)
     wrong = [f"{where}: {ends.get(where, 0)} records in the broker's log, {p['end']} restored"
              for where, p in partitions.items() if ends.get(where, 0) != p["end"]]
     if failures or wrong:
-        message = "restoring into the broker failed (was it empty?): " + "; ".join((failures + wrong)[:10])
-        tell("failed", error=message)
-        raise RuntimeError(message)
+        raise RestoreFailed("restoring into the broker failed (was it empty?): " + "; ".join((failures + wrong)[:10]))
+    return partitions
 
-    # 3. consumer groups
-    snapshot = read_restore_file(root, GROUP_OFFSETS_FILE)
-    groups: dict[str, list] = {}
-    if snapshot and snapshot.get("generation") == previous["generation"]:
-        report.horizon_ms = int(snapshot["taken_at_ms"])
-        for group, offsets in snapshot["groups"].items():
-            if group == ARCHIVER_GROUP:
-                continue
-            moved = []
-            for where, offset in offsets.items():
-                if where not in partitions:
-                    continue  # nothing of it was restored: the group starts at the beginning of an empty log
-                new = partitions[where]
-                old_start = previous["partitions"].get(where, {}).get("start", 0)
-                topic_name, _, partition = where.rpartition("/")
-                moved.append(TopicPartition(topic_name, int(partition),
-                                            translate(offset, old_start, new["start"], new["end"])))
+
+def group_positions(recorded: dict | None, previous: dict, partitions: dict[str, dict]
+                    ) -> tuple[dict[str, dict[str, int]], int | None]:
+    """Where each consumer group goes in the new log ({group: {"topic/p": offset}}), and the horizon (None: no
+    positions recorded for the previous generation, so only the archiver's own group is placed)."""
+    groups: dict[str, dict[str, int]] = {}
+    horizon = None
+    if recorded and recorded.get("generation") == previous["generation"]:
+        horizon = int(recorded["taken_at_ms"])
+        for group, offsets in recorded["groups"].items():
+            moved = {where: translate(offset, previous["partitions"].get(where, {}).get("start", 0),
+                                      partitions[where]["start"], partitions[where]["end"])
+                     for where, offset in offsets.items()
+                     if where in partitions}  # a partition with nothing restored: its log starts empty
             if moved:
                 groups[group] = moved
-    elif series:
-        log.warning("restore: no recorded consumer-group positions for broker generation %s; the groups start "
-                    "from the beginning (their dedupe ledgers skip what they handled)", previous["generation"])
-    if partitions:  # the archiver continues after what it archived
-        groups[ARCHIVER_GROUP] = [TopicPartition(w.rpartition("/")[0], int(w.rpartition("/")[2]), p["end"])
-                                  for w, p in partitions.items()]
-    if groups:
-        admin = AdminClient(admin_config(settings))
-        futures = {}
-        for group, offsets in groups.items():
-            futures.update(admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)]))
-        for group, future in futures.items():
-            future.result(timeout=30)
-    report.groups = len(groups)
+    if partitions:  # the archiver continues right after what it archived, whatever it had recorded
+        groups[ARCHIVER_GROUP] = {where: p["end"] for where, p in partitions.items()}
+    else:
+        groups.pop(ARCHIVER_GROUP, None)
+    return groups, horizon
 
-    # 4. the new generation
-    write_restore_file(root, GENERATION_FILE, {
-        "generation": report.generation, "restored_at_ms": report.restored_at_ms, "horizon_ms": report.horizon_ms,
-        "partitions": partitions,
-    })
-    report.seconds = time.perf_counter() - began
-    tell("done", **{k: v for k, v in asdict(report).items() if k != "state"})
-    log.info("restore: %s", report.summary())
-    return report
+
+def commit_positions(settings: Settings, groups: dict[str, dict[str, int]]) -> None:
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from streams.kafka import admin_config
+
+    if not groups:
+        return
+    admin = AdminClient(admin_config(settings))
+    futures = {}
+    for group, offsets in groups.items():
+        partitions = [TopicPartition(w.rpartition("/")[0], int(w.rpartition("/")[2]), o) for w, o in offsets.items()]
+        futures.update(admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)]))
+    for group, future in futures.items():
+        for tp in future.result(timeout=30).topic_partitions:
+            if tp.error is not None:
+                raise RestoreFailed(f"putting consumer group {group} back at {tp.topic}/{tp.partition}@{tp.offset} "
+                                    f"failed: {tp.error}")
 
 
 def restore_before_start(settings: Settings) -> dict:

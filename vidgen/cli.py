@@ -25,6 +25,7 @@ BENCHMARKS = {
     "streaming": "bench.streaming", "encoder": "bench.encoder", "watermark": "bench.watermark",
     "compliance": "bench.compliance", "intake": "bench.intake", "progress": "bench.progress",
     "fanout": "bench.fanout", "chaos": "bench.chaos", "dispatch": "bench.dispatch",
+    "restart": "bench.restart",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -58,7 +59,7 @@ def cmd_broker(args) -> int:
     from streams.embedded import embedded_platform
     from streams.settings import load_settings
 
-    from consumers.restore import ArchiveVerificationFailed, restore_before_start
+    from consumers.restore import ArchiveVerificationFailed, RestoreFailed, restore_before_start
 
     settings = load_settings()
     try:
@@ -66,7 +67,7 @@ def cmd_broker(args) -> int:
             print(f"kafka {running.kafka_bootstrap}  schema registry {running.schema_registry_url}", flush=True)
             print(f"recorded in {settings.platform_file}; Ctrl-C stops", flush=True)
             _wait_for_signal()
-    except ArchiveVerificationFailed as exc:  # nothing was started: the supervisor shows this and stops
+    except (ArchiveVerificationFailed, RestoreFailed) as exc:  # nothing started: the supervisor shows this, stops
         print(f"vidgen broker: {exc}", file=sys.stderr, flush=True)
         return 3
     return 0
