@@ -463,6 +463,13 @@ class PartitionSeries:
         self._close_file()
 
 
+def recover_series(root: Path, config: ArchiveSettings) -> None:
+    """Cut what a crash left after each series' last fsync (a torn block, a file without its header), as the
+    archiver does when it starts: nothing cut was ever durable or committed."""
+    for topic, partition, _ in series_dirs(root):
+        PartitionSeries(root, topic, partition, config).close()
+
+
 class ArchiveWriter:
     """Every partition's series under one archive directory (what the archiver and the tests write with)."""
 

@@ -5,7 +5,8 @@ archived topic (``streams.topics.ARCHIVED``: the catalogue and the tracker's sta
 headers and timestamp, hash-chained. ``vidgen broker`` calls ``restore_platform`` on the fresh broker before it
 announces the platform (``<var>/run/platform.json``), so no stage starts before the restore has finished:
 
-1. verify the archive (``vidgen audit verify``'s checks): a failure stops here, with the problems and the command
+1. cut what a crash left after each partition's last fsync (as the archiver does on start), then verify the archive
+   (``vidgen audit verify``'s checks): a failure stops here, with the problems and the command
    that shows them; nothing is produced and no stage starts;
 2. re-produce every archived record of each partition, in order, into the same partition of the fresh broker
    (idempotent producer; key, value, headers and timestamp as archived). Each partition's last record goes alone
@@ -48,7 +49,8 @@ from streams.supervisor import RESTORE_STATUS_FILE  # where `vidgen up` reads th
 
 from .archive_retention import live_files, read_retention_anchor
 from .archiver import (GENERATION_FILE, GROUP_ID as ARCHIVER_GROUP, GROUP_OFFSETS_FILE, archive_settings,
-                       parse_file_name, read_file, read_restore_file, series_dirs, series_files, write_restore_file)
+                       parse_file_name, read_file, read_restore_file, recover_series, series_dirs, series_files,
+                       write_restore_file)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ def restore_platform(settings: Settings, archive_dir: Path | None = None,
             progress(status)
 
     try:
-        # 1. verify
+        # 1. verify (after cutting what a crash left unfinished: it was never durable)
+        recover_series(root, archive_settings(settings))
         series = [(t, p, d) for t, p, d in series_dirs(root) if series_files(d)]
         if series:
             tell("verifying", series=len(series))

@@ -272,3 +272,14 @@ def test_a_group_missing_from_a_later_reading_keeps_its_positions(tmp_path, monk
     for now in (10.0, 10.0, 12.0, 12.0):
         positions.step(consumer, {}, True, now=now)
     assert read_restore_file(tmp_path, GROUP_OFFSETS_FILE)["groups"] == {"a": {"t/0": 4}, "b": {"t/0": 3, "t/1": 1}}
+
+
+def test_what_a_crash_left_unfinished_is_cut_not_refused(tmp_path, fresh_broker):
+    root = tmp_path / "archive"
+    archived(root)
+    (root / REQUESTED / "0" / "000000-00000000000000000005.avro").write_bytes(b"")  # opened, then SIGKILL
+    newest = series_files(root / PROGRESS / "1")[-1]
+    newest.write_bytes(newest.read_bytes() + b"\x08half a block")  # a block torn by the crash
+    report = restore_platform(fresh_broker, root)
+    assert report.records == 10
+    assert [m.offset() for m in read_partition(fresh_broker, PROGRESS, 1)] == [0, 1, 2]

@@ -43,8 +43,10 @@ def start_tracker(platform: PlatformProcesses, run: int) -> subprocess.Popen:
     """`python -m consumers.tracker` with the platform's environment (what `vidgen stage tracker` will run)."""
     platform.log_dir.mkdir(parents=True, exist_ok=True)
     with open(platform.log_dir / f"tracker-{run}.log", "ab") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "consumers.tracker"], env=platform.env, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        tracker = subprocess.Popen([sys.executable, "-m", "consumers.tracker"], env=platform.env, stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd())
+    tracker.args_log = platform.log_dir / f"tracker-{run}.log"
+    return tracker
 
 
 def stop_tracker(tracker: subprocess.Popen) -> int:
@@ -71,7 +73,18 @@ def wait_for_state(reader: JobStateReader, job_id: str, predicate, what: str, tr
             return state
         assert tracker.poll() is None, f"the tracker exited with {tracker.returncode}"
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last state: {reader.states.get(job_id)}")
+    raise AssertionError(f"timed out waiting for {what}; last state: {reader.states.get(job_id)}\n"
+                         f"the tracker's log ends:\n{log_tail(tracker)}")
+
+
+def log_tail(tracker: subprocess.Popen, lines: int = 80) -> str:
+    """The end of the tracker's log (its stdout file, without faust's tables): on a failure, what the tracker did."""
+    try:
+        with open(tracker.args_log, encoding="utf-8", errors="replace") as log_file:
+            kept = [line for line in log_file if not line.startswith(("|", "+"))]  # faust's ASCII tables
+        return "".join(kept[-lines:])
+    except (AttributeError, OSError) as exc:
+        return f"(no log: {exc})"
 
 
 def count_changes(settings) -> Counter:
