@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
             for run in range(args.runs):
                 job_id = f"bench-{size}-{run}"
                 params = dict(width=width, height=height, num_frames=args.frames, fps=16, steps=30, seed=run,
-                              guidance_scale=5.0, model="tiny-wan", preset="quality")
+                              guidance_scale=5.0, model="tiny-wan", preset="quality", input_reference=None)
                 video = blobs.put(encode_mp4(moving_clip(width, height, args.frames, run), 16), job_id, "v.mp4")
                 decoded = dict(job_id=job_id, tenant="bench", segment_index=0, is_last=True, segment=video,
                                frame_start=0, frames=args.frames, video=video, params=params, init_segment=None,

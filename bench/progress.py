@@ -294,7 +294,7 @@ class StepProducer:
         from streams.events import new_event
 
         params = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 50, "guidance_scale": 5.0,
-                  "seed": 1, "model": "tiny-wan", "preset": "quality"}
+                  "seed": 1, "model": "tiny-wan", "preset": "quality", "input_reference": None, "guidance_scale_2": None}
         self.produce(topics.REQUESTED.name, new_event(job_id, tenant=TENANT, prompt="bench", negative_prompt="",
                                                       tier="PREMIUM", params=params, consent_ref=None))
 

@@ -1,6 +1,7 @@
 """Pre-generation prompt safety: a versioned, data-driven policy that judges the prompt text before any GPU time.
 
-Plain functions, no Kafka. consumers/prompt_encoder.py calls ``evaluate_prompt(request["prompt"])``.
+Plain functions, no Kafka. consumers/prompt_encoder.py calls ``evaluate_prompt(request["prompt"])``, and for an
+image-to-video job also ``evaluate_input_image(image)`` (see "The input image" below).
 
 What it decides
     ``evaluate_prompt(prompt)`` returns a PromptDecision: ALLOW, REVIEW or BLOCK, the sorted unique reason codes, a
@@ -59,6 +60,16 @@ Protected persons (fuzzy, with rapidfuzz)
     A protected person is BLOCKed (REAL_PERSON) unless the request carries a valid consent reference for that person:
     a record in the consent registry (``load_consents``) for the same person id that has not expired. A consent covers
     depiction only; rules that combine a person with sexual content (NCII) are not lifted by it.
+
+The input image (image-to-video)
+    A photo of a real face is the main road to a deepfake: the model animates whoever is in it, whatever the prompt
+    says. ``evaluate_input_image`` runs the post-generation stage's face detector (compliance/detectors.py, an LBP
+    cascade for frontal faces) on the upright image, downscaled to ``INPUT_FACE_MAX_SIDE`` pixels; a face found gives
+    reason INPUT_FACE with the policy's ``[input_image] face_action`` (REVIEW unless the policy says BLOCK). A
+    consent reference does not lift it: nothing tells whose face it is. Profile, occluded and cartoon faces are not
+    seen (the detector's limits); the post-generation checks look at the video's faces again. An image that cannot be
+    read is not judged here: ``compliance.input_image.read_input_image`` refuses it before (the prompt encoder fails
+    such a request as invalid).
 """
 from __future__ import annotations
 
@@ -77,15 +88,22 @@ from typing import Any, Iterator
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import OSA
 
+from .detectors import FaceDetector
+from .input_image import InputImage
+
 __all__ = [
     "Consent", "Person", "Policy", "PolicyError", "PolicyMatch", "PromptDecision", "Reading", "Rule",
-    "evaluate_prompt", "load_consents", "load_policy", "readings",
+    "combine_decisions", "evaluate_input_image", "evaluate_prompt", "load_consents", "load_policy", "readings",
 ]
 
 DEFAULT_POLICY_FILE = "prompt_policy.toml"
 SEVERITY = {"ALLOW": 0, "REVIEW": 1, "BLOCK": 2}
 RULE_ACTIONS = ("BLOCK", "REVIEW")  # a rule exists to stop or hold a request; ALLOW is what no match means
 PROTECTED_PERSON_GROUP = "protected_person"  # a group name `requires` may use: "a protected person is named"
+INPUT_FACE_REASON = "INPUT_FACE"
+# The input image is downscaled to this before the face search: twice the detector's default for video frames, so
+# a face down to ~6 % of an image's side is found (~0.1 s for any image up to 4096×4096).
+INPUT_FACE_MAX_SIDE = 384
 
 
 class PolicyError(ValueError):
@@ -312,6 +330,7 @@ class Policy:
     persons: tuple[Person, ...]
     person_word_similarity: float = 80.0
     source: str = ""
+    input_face_action: str = "REVIEW"  # what a face in the input image of an image-to-video job leads to
 
     @property
     def uses_persons(self) -> bool:
@@ -354,7 +373,8 @@ _RULE_KEYS = {"id", "category", "reason", "action", "description", "terms", "pat
               "protected_persons"}
 _GROUP_KEYS = {"description", "terms", "patterns"}
 _PERSON_KEYS = {"id", "name", "aliases", "note"}
-_TOP_KEYS = {"version", "description", "settings", "groups", "rules", "persons"}
+_TOP_KEYS = {"version", "description", "settings", "groups", "rules", "persons", "input_image"}
+_INPUT_IMAGE_KEYS = {"description", "face_action"}
 _SETTINGS_KEYS = {"person_word_similarity"}
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _RULE_ID = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
@@ -521,10 +541,24 @@ def _parse_policy(text: str, name: str) -> Policy:
     rules = _parse_rules(src, data.get("rules"), groups)
     persons = _parse_persons(src, data.get("persons", []))
     policy = Policy(version=version, rules=rules, groups=groups, persons=persons,
-                    person_word_similarity=float(similarity), source=name)
+                    person_word_similarity=float(similarity), source=name,
+                    input_face_action=_parse_input_image(src, data.get("input_image", {})))
     if policy.uses_persons and not persons:
         raise src.error("rules match protected persons but the policy lists no [[persons]]")
     return policy
+
+
+def _parse_input_image(src: _PolicySource, table: Any) -> str:
+    """The [input_image] table: face_action (REVIEW when the table or the key is absent)."""
+    line = next(iter(src.headers("[input_image]")), None)
+    if not isinstance(table, dict):
+        raise src.error("'input_image' must be a table", line)
+    _check_keys(src, table, _INPUT_IMAGE_KEYS, "input_image", line)
+    action = table.get("face_action", "REVIEW")
+    if action not in RULE_ACTIONS:
+        raise src.error(f"input_image: unknown face_action {action!r}; one of {', '.join(RULE_ACTIONS)}",
+                        src.key_line("face_action", line))
+    return action
 
 
 def load_policy(path: str | Path | None = None) -> Policy:
@@ -798,3 +832,33 @@ def evaluate_prompt(prompt: str, *, negative_prompt: str = "", consent_ref: str 
     reasons = sorted({m.reason for m in matches if m.action != "ALLOW"})
     return PromptDecision(action=action, reasons=reasons, evidence=_evidence(matches, policy.version, prompt),
                           policy_version=policy.version, matches=matches)
+
+
+def evaluate_input_image(image: InputImage, *, policy: Policy | None = None) -> PromptDecision:
+    """Judge the input image of an image-to-video job: ALLOW, or INPUT_FACE with the policy's face_action.
+
+    ``image`` is one ``read_input_image`` accepted. See "The input image" in the module docstring.
+    """
+    policy = policy or _packaged_policy()
+    faces = FaceDetector(max_side=INPUT_FACE_MAX_SIDE).detect(image.rgb()).evidence
+    if not faces["count"]:
+        return PromptDecision(action="ALLOW", policy_version=policy.version)
+    detail = (f"a frontal face in the {image.width}×{image.height} input image; the largest covers "
+              f"{faces['largest_face_fraction']:.1%} of it")
+    match = PolicyMatch(category="deepfake", reason=INPUT_FACE_REASON, action=policy.input_face_action,
+                        rule_id="input_image.face", text="", spans=(), detail=detail)
+    return PromptDecision(action=match.action, reasons=[match.reason], policy_version=policy.version,
+                          evidence=f"policy {policy.version}: {match.action} {match.reason} [{match.rule_id}]: "
+                                   f"{detail}", matches=[match])
+
+
+def combine_decisions(*decisions: PromptDecision) -> PromptDecision:
+    """One decision for a request judged in parts (its prompt, its input image): the most severe action wins."""
+    matches = sorted((m for d in decisions for m in d.matches), key=lambda m: (-SEVERITY[m.action], m.rule_id))
+    return PromptDecision(
+        action=max((d.action for d in decisions), key=SEVERITY.__getitem__, default="ALLOW"),
+        reasons=sorted({reason for d in decisions for reason in d.reasons}),
+        evidence=" | ".join(d.evidence for d in decisions if d.evidence),
+        policy_version=decisions[0].policy_version if decisions else "",
+        matches=matches,
+    )

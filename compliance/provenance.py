@@ -12,6 +12,13 @@ Signing keys come from one of three places:
 
 Trust: a Reader only says "Trusted" when the signer's chain ends in one of the trust anchors it is given (the dev
 root, or a production root); with a valid signature but no matching anchor it says "Valid".
+
+Inputs: the input image of an image-to-video job is recorded as an ingredient with relationship "inputTo" (C2PA 2.x:
+an input to the computational process, such as a generative model, that created the asset; "parentOf" would claim
+the video is an edit of the image, "componentOf" that the image is composited into it). The c2pa.created action names
+it, and its sha256 and size ride in the ingredient's metadata (``io.vidgen.sha256``, ``io.vidgen.bytes``): C2PA v3
+ingredients keep no hash of an unsigned ingredient's bytes of their own. An input that carries its own C2PA manifest
+brings it along, so the chain of provenance continues through the video.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -44,6 +51,8 @@ GENERATION_LABEL = "io.vidgen.generation"
 # "cawg.training-mining" (the old "c2pa.training-mining" is deprecated); c2pa-rs 0.91 reads and validates both.
 TRAINING_MINING_LABEL = "cawg.training-mining"
 TRAINING_MINING_USES = ("cawg.data_mining", "cawg.ai_inference", "cawg.ai_generative_training", "cawg.ai_training")
+INPUT_RELATIONSHIP = "inputTo"  # see the module docstring
+INPUT_SHA256_KEY, INPUT_BYTES_KEY = "io.vidgen.sha256", "io.vidgen.bytes"  # in an input ingredient's metadata
 
 # Without this the SDK renders a JPEG thumbnail of the first frame into the manifest (~250 KB per video).
 SIGNING_SETTINGS = {"version": 1, "builder": {"thumbnail": {"enabled": False}}}
@@ -80,8 +89,20 @@ def prompt_sha256(prompt: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class InputIngredient:
+    """An input the video was generated from (the image of an image-to-video job), as uploaded."""
+    data: bytes
+    media_type: str  # image/png, image/jpeg, image/webp
+    title: str  # a name for people, e.g. input.png; never the uploader's file name (it can be personal data)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True)
 class GenerationClaims:
-    """What the generation assertion records about how a video was made."""
+    """What the manifest records about how a video was made: the generation assertion, and the inputs."""
     job_id: str
     prompt_sha256: str
     seed: int
@@ -91,10 +112,12 @@ class GenerationClaims:
     height: int | None = None
     frames: int | None = None
     watermark_payload_hex: str | None = None
+    inputs: tuple[InputIngredient, ...] = ()  # ingredients, not part of the generation assertion
 
     def assertion_data(self) -> dict[str, Any]:
         """The assertion body: every field that is set (unset extras are left out rather than written as null)."""
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "inputs" and getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,7 @@ class ProvenanceReport:
     validation_errors: list[str] = field(default_factory=list)  # failure codes, e.g. "assertion.bmffHash.mismatch"
     claim_generator: str | None = None  # "name/version" of the first claim_generator_info entry
     manifest_json: str | None = None
+    ingredients: list[dict[str, Any]] = field(default_factory=list)  # title, format, relationship, sha256, bytes
 
     @property
     def trusted(self) -> bool:
@@ -349,20 +373,24 @@ def _signing_alg_name(alg: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 def manifest_definition(claims: GenerationClaims) -> dict[str, Any]:
-    """The manifest the Builder gets: who made the video (vidgen + model), how (trained algorithmic media), and
-    that it may not be used for training or mining."""
+    """The manifest the Builder gets: who made the video (vidgen + model), how (trained algorithmic media), from
+    which inputs (their ingredients are added by ``sign_video``), and that it may not be used for training or
+    mining."""
     version = vidgen_version()
+    created: dict[str, Any] = {
+        "action": "c2pa.created",
+        "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        # A generator-info map; like claim_generator_info it takes extra keys, so the model rides along.
+        "softwareAgent": {"name": "vidgen", "version": version, "io.vidgen.model": claims.model},
+    }
+    if claims.inputs:  # the SDK turns these labels into hashed links to the ingredient assertions
+        created["parameters"] = {"ingredientIds": [_input_label(i) for i in range(len(claims.inputs))]}
     return {
         "claim_generator_info": [{"name": "vidgen", "version": version}],
         "assertions": [
             {
                 "label": ACTIONS_LABEL,
-                "data": {"actions": [{
-                    "action": "c2pa.created",
-                    "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
-                    # A generator-info map; like claim_generator_info it takes extra keys, so the model rides along.
-                    "softwareAgent": {"name": "vidgen", "version": version, "io.vidgen.model": claims.model},
-                }]},
+                "data": {"actions": [created]},
             },
             {"label": GENERATION_LABEL, "data": claims.assertion_data()},
             {
@@ -373,10 +401,22 @@ def manifest_definition(claims: GenerationClaims) -> dict[str, Any]:
     }
 
 
+def _input_label(index: int) -> str:
+    return f"vidgen-input-{index}"
+
+
+def ingredient_definition(ingredient: InputIngredient, index: int) -> dict[str, Any]:
+    return {"title": ingredient.title, "relationship": INPUT_RELATIONSHIP, "label": _input_label(index),
+            "metadata": {INPUT_SHA256_KEY: ingredient.sha256, INPUT_BYTES_KEY: len(ingredient.data)}}
+
+
 def sign_video(data: bytes, *, signer: c2pa.Signer, claims: GenerationClaims, mime: str = "video/mp4") -> SignedVideo:
     """Embed a signed manifest for `claims` in `data`. The signer is not consumed and can sign again."""
     with c2pa.Context.from_dict(SIGNING_SETTINGS) as context, \
             c2pa.Builder(manifest_definition(claims), context=context) as builder:
+        for index, ingredient in enumerate(claims.inputs):
+            builder.add_ingredient(ingredient_definition(ingredient, index), ingredient.media_type,
+                                   io.BytesIO(ingredient.data))
         signed = io.BytesIO()
         builder.sign(signer, mime, io.BytesIO(data), signed)
     signed_bytes = signed.getvalue()
@@ -421,7 +461,16 @@ def verify_video(data: bytes, *, trust_anchors_pem: str | None, mime: str = "vid
         validation_errors=_failure_codes(store),
         claim_generator=claim_generator or None,
         manifest_json=manifest_json,
+        ingredients=[_ingredient_summary(i) for i in manifest.get("ingredients", [])],
     )
+
+
+def _ingredient_summary(ingredient: dict[str, Any]) -> dict[str, Any]:
+    """What a verifier shows of an ingredient; sha256/bytes only where vidgen recorded them (its own inputs)."""
+    metadata = ingredient.get("metadata") or {}
+    return {"title": ingredient.get("title"), "format": ingredient.get("format"),
+            "relationship": ingredient.get("relationship"), "sha256": metadata.get(INPUT_SHA256_KEY),
+            "bytes": metadata.get(INPUT_BYTES_KEY)}
 
 
 def _failure_codes(store: dict[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """Delivery renditions of a master video: an H.264 bitrate ladder and HLS VOD playlists for it.
 
 Plain functions, no Kafka. Each rendition is a progressive MP4 from `gpu_agents.video.encode_mp4`, so it can be
-served (and C2PA-signed) on its own as a download.
+served (and C2PA-signed) on its own as a download. A master with sound gives every rendition the same AAC track
+(encoded again from the master's decoded samples: the rungs differ in pictures only).
 
 HLS: a master playlist may only point at media playlists, never at a bare MP4, and a progressive MP4 cannot be an
 HLS segment. So streaming is two steps per rendition:
@@ -47,7 +48,7 @@ class Rendition:
     width: int
     height: int
     bitrate: int  # bits per second over the whole file: 8 * len(data) / duration (container overhead included)
-    data: bytes  # progressive H.264 MP4
+    data: bytes  # progressive H.264 MP4, with the master's AAC track when it has one
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ def rendition_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def encode_renditions(frames: np.ndarray, fps: float, ladder: Sequence[Rung] = DEFAULT_LADDER,
-                      min_side: int = MIN_SIDE) -> list[Rendition]:
-    """Encode uint8 RGB master frames (F, H, W, 3) once per rung of `ladder`, in ladder order.
+                      min_side: int = MIN_SIDE, audio: np.ndarray | None = None,
+                      sample_rate: int | None = None) -> list[Rendition]:
+    """Encode uint8 RGB master frames (F, H, W, 3) once per rung of `ladder`, in ladder order, each with the
+    master's audio (float (samples, channels) at `sample_rate`, as `encode_mp4` takes it) when given.
 
     A rung is skipped when its shorter side falls below `min_side` or when it comes out the same size as an
     earlier rung (e.g. two rungs that round alike on a small master).
@@ -88,7 +91,7 @@ def encode_renditions(frames: np.ndarray, fps: float, ladder: Sequence[Rung] = D
             continue
         sizes_done.add((width, height))
         scaled = resize_frames(frames, width, height)
-        data = encode_mp4(scaled, fps, crf=rung.crf)
+        data = encode_mp4(scaled, fps, crf=rung.crf, audio=audio, sample_rate=sample_rate)
         renditions.append(Rendition(rung.name, width, height, round(8 * len(data) / duration_s), data))
     return renditions
 
@@ -115,6 +118,23 @@ def h264_codecs_attribute(mp4: bytes) -> str:
     return "avc1." + avc_config[1:4].hex()
 
 
+def aac_codecs_attribute(mp4: bytes) -> str | None:
+    """RFC 6381 codec string ("mp4a.40.T") of the MP4's audio track, T being the AAC object type (2: AAC-LC) from its
+    AudioSpecificConfig; None without an audio track."""
+    with av.open(io.BytesIO(mp4), mode="r") as container:
+        if not container.streams.audio:
+            return None
+        audio_config = container.streams.audio[0].codec_context.extradata
+    if not audio_config:
+        raise ValueError("no AudioSpecificConfig: not an AAC track")
+    return f"mp4a.40.{audio_config[0] >> 3}"  # the object type is its first 5 bits
+
+
+def codecs_attribute(mp4: bytes) -> str:
+    """The HLS CODECS value of an MP4: its H.264 codec string, and its AAC one when it has sound."""
+    return ",".join(filter(None, (h264_codecs_attribute(mp4), aac_codecs_attribute(mp4))))
+
+
 def hls_vod_playlist(renditions: Sequence[Rendition], uris: Sequence[str]) -> str:
     """HLS master playlist: one variant per rendition, `uris[i]` being the URI of rendition i's media playlist.
 
@@ -132,7 +152,7 @@ def hls_vod_playlist(renditions: Sequence[Rendition], uris: Sequence[str]) -> st
             raise ValueError(f"bad playlist URI {uri!r}")
         lines.append(
             f"#EXT-X-STREAM-INF:BANDWIDTH={rendition.bitrate},AVERAGE-BANDWIDTH={rendition.bitrate},"
-            f'RESOLUTION={rendition.width}x{rendition.height},CODECS="{h264_codecs_attribute(rendition.data)}"'
+            f'RESOLUTION={rendition.width}x{rendition.height},CODECS="{codecs_attribute(rendition.data)}"'
         )
         lines.append(uri)
     return "\n".join(lines) + "\n"
@@ -142,7 +162,7 @@ def hls_media(rendition: Rendition, segment_uri: str) -> HlsMedia:
     """Remux a rendition into one fragmented MP4 plus the byte-range VOD media playlist that addresses it.
 
     The playlist names the file `segment_uri` (relative to the playlist, as HLS resolves URIs). Stream copy: the
-    H.264 is not re-encoded, so pictures are identical to the progressive MP4's.
+    H.264 (and the AAC, when there is sound) is not re-encoded, so pictures are identical to the progressive MP4's.
     """
     if not segment_uri or any(character in segment_uri for character in '\r\n"'):
         raise ValueError(f"bad segment URI {segment_uri!r}")
@@ -157,12 +177,12 @@ def hls_media(rendition: Rendition, segment_uri: str) -> HlsMedia:
         }
         with av.open(io.BytesIO(rendition.data), mode="r") as source, \
                 av.open(str(playlist_path), mode="w", format="hls", options=hls_options) as target:
-            source_stream = source.streams.video[0]
-            target_stream = target.add_stream_from_template(source_stream)
-            for packet in source.demux(source_stream):
+            source_streams = [source.streams.video[0], *source.streams.audio[:1]]
+            target_streams = {stream.index: target.add_stream_from_template(stream) for stream in source_streams}
+            for packet in source.demux(source_streams):
                 if packet.dts is None:  # the demuxer's end-of-stream marker
                     continue
-                packet.stream = target_stream
+                packet.stream = target_streams[packet.stream.index]
                 target.mux(packet)
         segment_files = [path for path in Path(scratch).iterdir() if path != playlist_path]
         if len(segment_files) != 1:

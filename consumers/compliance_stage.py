@@ -8,7 +8,10 @@ encoded; every file is signed last, so each C2PA signature covers the final byte
 video at full quality; the renditions are the delivery ladder, each a signed progressive MP4, plus an HLS VOD master
 playlist over fragmented copies of them. All of it is plain functions from compliance/; this module only strings
 them together and stores the results as blobs (content-addressed: a redelivered job re-signs to new bytes, and must
-never overwrite a file an already-emitted event names).
+never overwrite a file an already-emitted event names). A video with sound keeps it: the master's audio track is
+read with its frames and goes into the master and every rendition (the watermark is in the frames only; each C2PA
+hash covers the whole file, audio included). The input image of an image-to-video job
+(``params.input_reference``) is named as an ingredient in every file's manifest.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from compliance.detectors import Assessment, assess, load_detection_policy
-from compliance.provenance import (GenerationClaims, SignedVideo, ensure_dev_chain, load_signing_material, make_signer,
-                                   sign_video)
+from compliance.input_image import read_input_image
+from compliance.provenance import (GenerationClaims, InputIngredient, SignedVideo, ensure_dev_chain,
+                                   load_signing_material, make_signer, sign_video)
 from compliance.renditions import (DEFAULT_LADDER, HlsMedia, Rendition, Rung, encode_renditions, hls_media,
                                    hls_vod_playlist, sign_hls_media)
 from compliance.watermark import embed_watermark, payload_for_job
-from gpu_agents.video import encode_mp4, read_mp4
+from gpu_agents.video import Audio, encode_mp4, read_audio, read_mp4
 from streams import topics
 from streams.blobs import LocalBlobStore, sha256_hex
 from streams.metrics import COMPLIANCE_SECONDS, JOB_SECONDS, observe_since
@@ -78,7 +82,9 @@ class ComplianceStage:
         job_id, params = decoded["job_id"], decoded["params"]
         self.timings = timings = {}
         with phase(timings, "read"):
-            frames = read_mp4(ctx.blobs.get(decoded["video"] or decoded["segment"]))  # BlobError fails the job
+            video = ctx.blobs.get(decoded["video"] or decoded["segment"])  # BlobError fails the job
+            frames, audio = read_mp4(video), read_audio(video)
+            inputs = input_ingredients(params, ctx.blobs)
         with phase(timings, "detectors"):
             assessment = assess(frames, self.policy)
         if assessment.decision != "ALLOW":
@@ -92,7 +98,7 @@ class ComplianceStage:
                 observe_since(JOB_SECONDS, ("flagged",), decoded.get("requested_at"))
                 return
 
-        finished = self.finish(frames, decoded, timings)
+        finished = self.finish(frames, decoded, timings, inputs, audio)
         with phase(timings, "store"):
             refs = self.store(finished, job_id, ctx.blobs)
         ctx.emit(topics.PUBLISHED, ctx.event(
@@ -110,8 +116,10 @@ class ComplianceStage:
         log.info("compliance: job %s published in %.0f ms (%s)", job_id, sum(timings.values()),
                  ", ".join(f"{name} {ms:.0f}" for name, ms in timings.items()))
 
-    def finish(self, frames, decoded: dict, timings: dict[str, float]) -> FinishedVideo:
-        """Watermark every frame, encode the master and the renditions, sign each file."""
+    def finish(self, frames, decoded: dict, timings: dict[str, float],
+               inputs: tuple[InputIngredient, ...] = (), audio: Audio | None = None) -> FinishedVideo:
+        """Watermark every frame, encode the master and the renditions (with `audio`, the decoded video's sound,
+        when it has some), sign each file (naming its inputs)."""
         job_id, params = decoded["job_id"], decoded["params"]
         with phase(timings, "watermark"):
             watermarked = embed_watermark(frames, payload_for_job(job_id))
@@ -119,17 +127,19 @@ class ComplianceStage:
         claims = GenerationClaims(
             job_id=job_id, prompt_sha256=decoded.get("prompt_sha256", ""), seed=params["seed"],
             steps=params["steps"], model=params["model"], width=params["width"], height=params["height"],
-            frames=len(frames), watermark_payload_hex=payload,
+            frames=len(frames), watermark_payload_hex=payload, inputs=inputs,
         )
 
         def sign(data: bytes) -> bytes:
             return sign_video(data, signer=self.signer, claims=claims).data
 
+        sound = {} if audio is None else dict(audio=audio.waveform, sample_rate=audio.sample_rate)
         with phase(timings, "master"):
-            master = sign_video(encode_mp4(watermarked.frames, params["fps"]), signer=self.signer, claims=claims)
+            master = sign_video(encode_mp4(watermarked.frames, params["fps"], **sound), signer=self.signer,
+                                claims=claims)
         renditions = []
         with phase(timings, "renditions"):
-            for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder):
+            for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder, **sound):
                 hls = sign_hls_media(hls_media(rendition, f"{rendition.name}.m4s"), sign)
                 renditions.append((rendition, sign(rendition.data), hls))
         return FinishedVideo(master, renditions, payload, watermarked.reason)
@@ -157,6 +167,16 @@ class ComplianceStage:
         playlist = blobs.put(master_playlist.encode("utf-8"), *folder, "master.m3u8",
                              dtype="application/vnd.apple.mpegurl")
         return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist)
+
+
+def input_ingredients(params: dict, blobs: LocalBlobStore) -> tuple[InputIngredient, ...]:
+    """The input image of an image-to-video job, for the manifest; none for text-to-video. Read as the prompt encoder
+    read it (it accepted the image), so its media type is the bytes', whatever the BlobRef's dtype says."""
+    ref = params.get("input_reference")
+    if ref is None:
+        return ()
+    image = read_input_image(blobs.get(ref))
+    return (InputIngredient(image.data, image.media_type, image.file_name),)
 
 
 @contextmanager

@@ -391,6 +391,16 @@ LIFECYCLE_TOPICS: tuple[topics.Topic, ...] = tuple(t for t in FOLDED_TOPICS if t
 
 
 # -- what the gateway serves ---------------------------------------------------------------------------------------
+def public_params(params: dict | None) -> dict | None:
+    """GenerationParams as clients see them: the input image by its sha256 and size only (a blob URI is an internal
+    path). Params folded before the field existed show it as null, so the two shapes compare equal."""
+    if params is None:
+        return None
+    image = params.get("input_reference")
+    return {**copy.deepcopy(params),
+            "input_reference": None if image is None else {"sha256": image["sha256"], "bytes": image["bytes"]}}
+
+
 def to_public(state: JobState | dict) -> dict:
     """The job as the gateway shows it: JSON-friendly, without the fold's bookkeeping."""
     if isinstance(state, dict):
@@ -405,7 +415,7 @@ def to_public(state: JobState | dict) -> dict:
         "status": state.status,
         "terminal": state.terminal,
         "prompt": state.prompt,
-        "params": copy.deepcopy(state.params),
+        "params": public_params(state.params),
         "step": state.step,
         "total_steps": state.total_steps,
         "progress": progress,

@@ -1,9 +1,11 @@
 """prompt-encoder: VideoRequested → prompt policy → text encoding → PromptEncoded on the tier's generation topic.
 
 Consumes vidgen.requested. Emits vidgen.encoded.<tier>, or vidgen.flagged (PRE_GEN) when the policy blocks the
-prompt, or sends it to REVIEW and the platform holds reviewed prompts (``review_proceeds = false``); a REVIEW that
-proceeds is flagged as an annotation (ends_job false) and encoded. Invalid parameters fail the job here, before any
-GPU time is spent. A job id is encoded once: a request repeated with the same job_id is a duplicate.
+prompt or the input image of an image-to-video job (a face in it: INPUT_FACE), or sends it to REVIEW and the
+platform holds reviewed prompts (``review_proceeds = false``); a REVIEW that proceeds is flagged as an annotation
+(ends_job false) and encoded. Invalid parameters fail the job here, before any GPU time is spent, and so does an
+input image that is not an acceptable image. A job id is encoded once: a request repeated with the same job_id is a
+duplicate.
 
 Encoding happens once per distinct prompt: embeddings are cached by (encoder, prompt, negative prompt, max length)
 (consumers/embedding_cache.py), and when several requests are waiting the stage encodes every uncached prompt of the
@@ -15,7 +17,9 @@ import hashlib
 import logging
 from collections import defaultdict
 
-from compliance.prompt_safety import PromptDecision, evaluate_prompt, load_consents, load_policy
+from compliance.input_image import InputImage, InputImageError, read_input_image
+from compliance.prompt_safety import (PromptDecision, combine_decisions, evaluate_input_image, evaluate_prompt,
+                                      load_consents, load_policy)
 from gpu_agents.encoding import encode_prompts, token_counts
 from gpu_agents.models import (InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError, check_params,
                                effective_guidance)
@@ -44,6 +48,18 @@ def check_request(request: dict, models: ModelCatalogue) -> None:
         raise InvalidEvent(str(exc)) from exc
 
 
+def input_image_of(request: dict, blobs: LocalBlobStore) -> InputImage | None:
+    """The input image of an image-to-video request, read and checked; None for text-to-video. An image the gateway
+    would have refused makes the request invalid (events can come from anywhere, not only through the gateway)."""
+    ref = request["params"].get("input_reference")
+    if ref is None:
+        return None
+    try:
+        return read_input_image(blobs.get(ref))  # BlobError (missing, altered) is retried, then dead-lettered
+    except InputImageError as exc:
+        raise InvalidEvent(f"input_reference: {exc}") from exc
+
+
 class PromptEncoder:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
@@ -57,8 +73,9 @@ class PromptEncoder:
     def handle(self, request: dict, ctx: StageContext) -> None:
         job_id, params = request["job_id"], request["params"]
         check_request(request, self.models)
+        image = input_image_of(request, ctx.blobs)
 
-        decision = self.judge(request)
+        decision = self.judge(request, image)
         if decision.action != "ALLOW":
             ends_job = decision.action == "BLOCK" or not self.review_proceeds
             ctx.emit(topics.FLAGGED, ctx.event(
@@ -86,10 +103,14 @@ class PromptEncoder:
             embeddings_cached=cached,
         ))
 
-    def judge(self, request: dict) -> PromptDecision:
-        # Only the prompt is judged: the negative prompt lists what the video must NOT show.
-        return evaluate_prompt(request["prompt"], consent_ref=request.get("consent_ref"), policy=self.policy,
-                               consents=self.consents)
+    def judge(self, request: dict, image: InputImage | None = None) -> PromptDecision:
+        # Only the prompt is judged: the negative prompt lists what the video must NOT show. The input image is
+        # judged by handle() only: prepare() must stay cheap, and a blocked image only wastes one encoder row there.
+        decision = evaluate_prompt(request["prompt"], consent_ref=request.get("consent_ref"), policy=self.policy,
+                                   consents=self.consents)
+        if image is None:
+            return decision
+        return combine_decisions(decision, evaluate_input_image(image, policy=self.policy))
 
     # -- embeddings: cache first, then the encoder -----------------------------------------------------------
     def embeddings_for(self, request: dict, text: TextEncoderParts) -> tuple[CachedEmbeddings, bool]:

@@ -1,5 +1,7 @@
-"""`vidgen verify FILE`: where a video came from — its C2PA state and assertions, the invisible watermark read
-from its frames, and, when the event log is reachable, the job whose publication carries that watermark.
+"""`vidgen verify FILE`: where a video came from — its C2PA state, assertions and ingredients (the input image of an
+image-to-video job, with its sha256), the invisible watermark read from its frames, its audio track (if any: the C2PA
+hash covers it, the watermark does not), and, when the event log is reachable, the job whose publication carries
+that watermark.
 
 The file checks are compliance/ functions; this module adds the one look-up that needs Kafka (vidgen.published,
 read from the beginning without a consumer group).
@@ -29,6 +31,8 @@ class VerifyReport:
     watermark_error: str = ""
     jobs: list[dict] = field(default_factory=list)  # published events whose watermark or manifest matches
     lookup_note: str = ""
+    audio: dict | None = None  # probe_mp4's facts of the audio track, when the file has one
+    audio_note: str = ""  # otherwise why not: no track, or the file could not be read
 
     @property
     def ok(self) -> bool:
@@ -43,12 +47,22 @@ class VerifyReport:
                 lines.append(f"  error: {code}")
             for label, data in p.assertions.items():
                 lines.append(f"  assertion {label}: {json.dumps(data, sort_keys=True, default=str)[:300]}")
+            for ingredient in p.ingredients:  # e.g. the input image of an image-to-video job
+                line = f"  ingredient {ingredient['title']} ({ingredient['format']}, {ingredient['relationship']})"
+                if ingredient["sha256"]:
+                    line += f", sha256 {ingredient['sha256']} ({ingredient['bytes']} bytes)"
+                lines.append(line)
         if self.watermark is None:
             lines.append(f"watermark: not read ({self.watermark_error})")
         elif self.watermark.payload is None:
             lines.append(f"watermark: none found ({self.watermark.reason or 'no decodable payload'})")
         else:
             lines.append(f"watermark: {self.watermark.payload.hex()} (read from {self.watermark.frames_read} frames)")
+        if self.audio:
+            lines.append(f"audio: {self.audio['codec']} {self.audio['sample_rate']} Hz {self.audio['channels']} ch "
+                         f"{self.audio['duration_s']:.3f} s")
+        elif self.audio_note:
+            lines.append(f"audio: {self.audio_note}")
         if self.lookup_note:
             lines.append(f"job: {self.lookup_note}")
         for job in self.jobs:
@@ -75,13 +89,18 @@ def verify_file(path: str, trust_anchor: str | None = None, look_up_job: bool = 
     except Exception as exc:  # noqa: BLE001 - c2pa refuses what is not an MP4 at all
         provenance = ProvenanceReport("Invalid", validation_errors=[f"unreadable: {exc}"])
 
-    from gpu_agents.video import read_mp4
+    from gpu_agents.video import probe_mp4, read_mp4
 
     report = VerifyReport(str(path), provenance, anchor_note, None)
     try:
         report.watermark = read_watermark(read_mp4(data))
     except Exception as exc:  # noqa: BLE001 - not decodable video
         report.watermark_error = f"{type(exc).__name__}: {exc}"
+    try:
+        report.audio = probe_mp4(data).get("audio")
+        report.audio_note = "" if report.audio else "none"
+    except Exception as exc:  # noqa: BLE001 - not a readable MP4
+        report.audio_note = f"not read ({type(exc).__name__}: {exc})"
     if look_up_job:
         find_jobs(report, settings)
     return report

@@ -31,6 +31,15 @@ Tenancy and limits (gateway/tenants.py, gateway/limits.py):
   the request's fingerprint decides; across processes the job's state (prompt, tier, parameters) does.
 * Another tenant's job answers exactly as an unknown id: 404 ``video_not_found``.
 
+Image-to-video: ``input_reference`` is the input image, as a multipart file part (what the ``openai`` SDK sends) or,
+in a JSON body, a base64 data URL (``data:image/png;base64,...``; a URL is never fetched). It must be a PNG, JPEG or
+WebP image of at most 10 MiB and 4096×4096 pixels (compliance/input_image.py), else 400 ``invalid_image`` or
+``image_too_large`` with param ``input_reference``. The body limit (``MAX_CREATE_BODY_BYTES``) leaves room for the
+largest image as a data URL, so the image's own limit, with its clear message, is what refuses a large image. The image
+is stored as a blob under the job once the request is accepted, just before the VideoRequested that names it in
+``params.input_reference``; clients see it by sha256 and size only, never its blob URI. An Idempotency-Key binds
+the image by its sha256 like the prompt: another image with the same key → 409.
+
 Validation reuses the pipeline's own checks (``producers.requests.parse_size`` / ``video_request``,
 ``consumers.prompt_encoder.check_request`` with ``gpu_agents.models.validate_generation_params`` inside), so the
 gateway refuses at once with 400 what the prompt encoder would fail later. Frames from ``seconds``: seconds × fps
@@ -40,6 +49,8 @@ over HTTP (a client may not name a server directory).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import hashlib
 import json
@@ -55,7 +66,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, video_request
+from compliance.input_image import MAX_INPUT_IMAGE_BYTES, InputImage, InputImageError, read_input_image
+from consumers.job_state import public_params
+from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, store_input_image, video_request
 from streams import topics
 from streams.blobs import BlobError, LocalBlobStore, open_blob_store
 from streams.events import new_job_id
@@ -78,7 +91,10 @@ MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 MAX_SEED = 2**63 - 1  # GenerationParams.seed is an Avro long
 CREATE_FIELDS = ("prompt", "model", "size", "seconds", "frames", "fps", "tier", "steps", "seed", "negative_prompt",
-                 "preset", "guidance_scale", "consent_ref")
+                 "preset", "guidance_scale", "guidance_scale_2", "consent_ref", "input_reference")
+#: The largest input image as a base64 data URL (4 characters per 3 bytes), plus 1 MiB for the other fields and the
+#: multipart framing: a large image is refused by its own limit, with its own message, never by the body limit.
+MAX_CREATE_BODY_BYTES = 4 * math.ceil(MAX_INPUT_IMAGE_BYTES / 3) + 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
 _CONTENT_TYPES = {".mp4": "video/mp4", ".m4s": "video/iso.segment", ".m3u8": "application/vnd.apple.mpegurl",
                   ".json": "application/json", ".html": "text/html", ".js": "text/javascript", ".css": "text/css",
@@ -89,26 +105,38 @@ _CONTENT_TYPES = {".mp4": "video/mp4", ".m4s": "video/iso.segment", ".m3u8": "ap
 @functools.cache
 def _pipeline_checks():
     from consumers.prompt_encoder import MAX_PROMPT_CHARS, check_request
-    from gpu_agents.models import BUILTIN_MODELS
+    from gpu_agents.models import BUILTIN_MODELS, ModelCatalogue
     from streams.stage import InvalidEvent
 
-    return check_request, InvalidEvent, MAX_PROMPT_CHARS, tuple(BUILTIN_MODELS)
+    return check_request, InvalidEvent, MAX_PROMPT_CHARS, tuple(BUILTIN_MODELS), ModelCatalogue
 
 
 class _CatalogueIds:
-    """What check_request needs of a ModelCatalogue (``known``), limited to ids: never a filesystem path."""
+    """What check_request needs of a ModelCatalogue (``known``, ``facts``: the model's family, modalities and limits,
+    read from config files, never a weight), limited to the gateway's ids: never a filesystem path."""
 
-    def __init__(self, ids):
-        self.ids = tuple(ids)
+    def __init__(self, ids, catalogue):
+        self.ids, self.catalogue = tuple(ids), catalogue
 
     def known(self, model_id: str) -> bool:
         return model_id in self.ids
 
+    def model_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def facts(self, model_id: str):
+        return self.catalogue.facts(model_id)
+
 
 #: Which request field a check_request / validate_generation_params message is about (its first word).
 _MESSAGE_PARAMS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "size", "height": "size",
-                   "num_frames": "frames", "steps": "steps", "guidance_scale": "guidance_scale", "fps": "fps",
+                   "num_frames": "frames", "steps": "steps", "guidance_scale": "guidance_scale",
+                   "guidance_scale_2": "guidance_scale_2", "fps": "fps",
                    "unknown": "preset"}
+
+
+#: A stand-in for the input image's BlobRef in the event parse_create validates (never published).
+_IMAGE_NOT_YET_STORED = {"uri": "", "sha256": "", "bytes": 0, "shape": [], "dtype": ""}
 
 
 def _invalid(param: str, message: str) -> ApiError:
@@ -166,20 +194,19 @@ class CreateRequest:
     params: dict  # only what the client gave (the preset's and DEFAULT_PARAMS fill the rest)
     consent_ref: str | None
 
-    def event(self, job_id: str, tenant: Tenant) -> dict:
+    def event(self, job_id: str, tenant: Tenant, input_reference: dict | None = None) -> dict:
         return video_request(self.prompt, job_id=job_id, tier=self.tier, tenant=tenant.id,
                              negative_prompt=self.negative_prompt, consent_ref=self.consent_ref, model=self.model,
-                             preset=self.preset, **self.params)
+                             preset=self.preset, input_reference=input_reference, **self.params)
 
 
-def parse_create(body: dict, tenant: Tenant, *, form: bool, model_ids: tuple[str, ...],
+def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _CatalogueIds,
                  default_model: str) -> CreateRequest:
     """Check a create body field by field; raises ApiError (400, or 403 for a tier above the tenant's)."""
-    check_request, InvalidEvent, max_chars, _ = _pipeline_checks()
+    check_request, InvalidEvent, max_chars, _, _ = _pipeline_checks()
     for name in body:
         if name not in CREATE_FIELDS:
-            hint = " (image input is not supported)" if name == "input_reference" else ""
-            raise ApiError(400, "unknown_parameter", f"unknown field {name!r}{hint}; fields: {', '.join(CREATE_FIELDS)}",
+            raise ApiError(400, "unknown_parameter", f"unknown field {name!r}; fields: {', '.join(CREATE_FIELDS)}",
                            param=name)
     prompt = _string(body, "prompt")
     if prompt is None:
@@ -189,8 +216,9 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, model_ids: tuple[str
         if len(text) > max_chars:  # before anything else touches a huge string
             raise _invalid(name, f"{name} has {len(text)} characters; the limit is {max_chars}")
     model = _string(body, "model") or default_model
-    if model not in model_ids:
-        raise ApiError(400, "unknown_model", f"unknown model {model!r}; models: {', '.join(model_ids)}", param="model")
+    if not catalogue.known(model):
+        raise ApiError(400, "unknown_model", f"unknown model {model!r}; models: {', '.join(catalogue.ids)}",
+                       param="model")
     tier = (_string(body, "tier") or tenant.tier).lower()
     if tier not in topics.TIERS:
         raise _invalid("tier", f"unknown tier {tier!r}; tiers: {', '.join(topics.TIERS)}")
@@ -225,16 +253,21 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, model_ids: tuple[str
             params[name] = value
     if "seed" in params and not 0 <= params["seed"] <= MAX_SEED:
         raise _invalid("seed", f"seed must be within 0..{MAX_SEED}, got {params['seed']}")
-    guidance = _number(body, "guidance_scale", form)
-    if guidance is not None:
-        params["guidance_scale"] = guidance
+    for name in ("guidance_scale", "guidance_scale_2"):  # _2: a two-expert model's low-noise expert (Wan 2.2 A14B)
+        guidance = _number(body, name, form)
+        if guidance is not None:
+            params[name] = guidance
 
     request = CreateRequest(prompt, negative_prompt, tier, model, preset, params, consent_ref)
+    # The image is read after these cheap checks (read_input_reference); here it only counts as present or not,
+    # which decides whether the model fits (text-to-video only, image-to-video only, or both).
+    image_ref = _IMAGE_NOT_YET_STORED if body.get("input_reference") is not None else None
     try:  # the prompt encoder's own check, on the event it will receive
-        check_request(request.event("validation", tenant), _CatalogueIds(model_ids))
+        check_request(request.event("validation", tenant, input_reference=image_ref), catalogue)
     except InvalidEvent as exc:
         message = str(exc)
-        param = _MESSAGE_PARAMS.get(message.split(" ", 1)[0], None)
+        param = ("input_reference" if "input_reference" in message
+                 else _MESSAGE_PARAMS.get(message.split(" ", 1)[0], None))
         if param == "frames" and "num_frames" not in body and frames is None and seconds is not None:
             param = "seconds"
         raise _invalid(param, message.replace("num_frames", "frames")) from None
@@ -252,8 +285,10 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
         body = {}
         for name, value in form.items():
             if not isinstance(value, str):
-                raise ApiError(400, "unknown_parameter" if name not in CREATE_FIELDS else "invalid_parameter",
-                               f"field {name!r}: file uploads are not supported", param=name)
+                if name != "input_reference":
+                    raise ApiError(400, "unknown_parameter" if name not in CREATE_FIELDS else "invalid_parameter",
+                                   f"field {name!r}: file uploads are not supported", param=name)
+                value = value.file.read()  # the image as uploaded; read_input_reference checks it
             body[name] = value
         return body, True
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith("+json"):
@@ -269,20 +304,55 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
     return body, False
 
 
+# -- the input image -----------------------------------------------------------------------------------------------
+def input_image_bytes(value) -> bytes:
+    """input_reference's bytes: a multipart file part's content as is, or a JSON data URL's base64 payload."""
+    if isinstance(value, bytes):
+        return value
+    usage = "an image file part (multipart/form-data) or a data URL: data:image/png;base64,..."
+    if not isinstance(value, str):
+        raise _invalid("input_reference", f"input_reference must be {usage}, got {json.dumps(value)[:40]}")
+    header, comma, payload = value.partition(",")
+    if not (comma and header.lower().startswith("data:") and header.lower().endswith(";base64")):
+        raise _invalid("input_reference", f"input_reference must be {usage} (a URL is never fetched)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as exc:
+        raise _invalid("input_reference", f"input_reference: the data URL's base64 is invalid ({exc})") from None
+
+
+async def read_input_reference(value) -> InputImage | None:
+    """The request's input image, checked off the event loop (decoding a large image takes a few hundred ms)."""
+    if value is None:
+        return None
+    data = input_image_bytes(value)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, read_input_image, data)
+    except InputImageError as exc:
+        raise ApiError(400, exc.code, f"input_reference: {exc}", param="input_reference") from None
+
+
 # -- idempotency -------------------------------------------------------------------------------------------------------
 def idempotent_job_id(tenant_id: str, key: str) -> str:
     return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id}\n{key}").hex
 
 
-def request_fingerprint(event: dict) -> str:
-    facts = {k: event[k] for k in ("prompt", "negative_prompt", "tier", "params", "consent_ref")}
+def request_facts(event: dict, image: InputImage | None) -> dict:
+    """What an Idempotency-Key binds, in the shape a job's public state shows it: the input image by its sha256 and
+    size (its blob is written only once the request is accepted)."""
+    image_ref = None if image is None else {"sha256": image.sha256, "bytes": len(image.data)}
+    return {**{k: event[k] for k in ("prompt", "negative_prompt", "tier", "consent_ref")},
+            "params": public_params({**event["params"], "input_reference": image_ref})}
+
+
+def request_fingerprint(facts: dict) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-def _same_request(event: dict, state: dict) -> bool:
+def _same_request(facts: dict, state: dict) -> bool:
     """Whether a job's state (from the platform) shows this request: what the state keeps of it must agree."""
-    return (state.get("prompt") == event["prompt"] and (state.get("tier") or "") == event["tier"].lower()
-            and (state.get("params") is None or state["params"] == event["params"]))
+    return (state.get("prompt") == facts["prompt"] and (state.get("tier") or "") == facts["tier"].lower()
+            and (state.get("params") is None or state["params"] == facts["params"]))
 
 
 class IdempotencyRecords:
@@ -415,18 +485,20 @@ def _publish_failed(exc: Exception) -> ApiError:
 async def create_video(request: web.Request) -> web.Response:
     app, tenant = request.app, request["tenant"]
     body, form = await read_body(request)
-    create = parse_create(body, tenant, form=form, model_ids=app["model_ids"],
+    create = parse_create(body, tenant, form=form, catalogue=app["catalogue"],
                           default_model=app["settings"].default_model)
+    image = await read_input_reference(body.get("input_reference"))  # after the cheap checks of the other fields
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
         raise ApiError(400, "invalid_parameter", "Idempotency-Key must be 1-255 printable characters",
                        param="Idempotency-Key")
     job_id = idempotent_job_id(tenant.id, key) if key else new_job_id()
     event = create.event(job_id, tenant)
+    facts = request_facts(event, image)
     jobs, records = app["jobs"], app["idempotency"]
 
     if key:
-        fingerprint = request_fingerprint(event)
+        fingerprint = request_fingerprint(facts)
         record = records.get(tenant.id, key)
         if record is not None:
             if record[0] != fingerprint:
@@ -441,7 +513,7 @@ async def create_video(request: web.Request) -> web.Response:
             return _replay(jobs, job_id)
         state = jobs.get(job_id)  # published by another gateway process, or before a restart
         if state is not None:
-            if state.get("tenant") != tenant.id or not _same_request(event, state):
+            if state.get("tenant") != tenant.id or not _same_request(facts, state):
                 raise ApiError(409, "idempotency_key_reused",
                                "this Idempotency-Key was used with a different request", param="Idempotency-Key")
             return _replay(jobs, job_id)
@@ -465,6 +537,10 @@ async def create_video(request: web.Request) -> web.Response:
             published.exception()  # marked retrieved: no warning when nobody else waited on it
 
     try:
+        if image is not None:  # its blob first: the event names it
+            stored = await asyncio.get_running_loop().run_in_executor(None, store_input_image, app["blobs"], job_id,
+                                                                      image)
+            event = create.event(job_id, tenant, input_reference=stored)
         await app["publisher"].publish_request(event)
     except PublishError as exc:
         error = _publish_failed(exc)
@@ -649,7 +725,8 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/videos", create_video, "createVideo", "Create a video job", request="CreateVideoRequest",
           headers=(_ID,),
           responses={200: ("the job (Idempotent-Replayed: true when an Idempotency-Key replayed it)", "Video"),
-                     400: ("invalid request; `param` names the field", "Error"),
+                     400: ("invalid request; `param` names the field (input_reference: invalid_image or "
+                           "image_too_large)", "Error"),
                      403: ("a tier above the tenant's", "Error"),
                      409: ("Idempotency-Key reused with a different request", "Error"),
                      415: ("unsupported content type", "Error"),
@@ -748,10 +825,11 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
 
     ``jobs.start/stop`` and ``publisher.start/stop`` (where they exist) run at the app's start-up and clean-up.
     """
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1024 * 1024)
-    _, _, _, builtin_ids = _pipeline_checks()
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_CREATE_BODY_BYTES)
+    _, _, _, builtin_ids, catalogue_class = _pipeline_checks()
     app["settings"], app["jobs"], app["tenants"], app["publisher"] = settings, jobs, tenants, publisher
     app["model_ids"] = tuple(model_ids or (*builtin_ids, *sorted(settings.model_dirs)))
+    app["catalogue"] = _CatalogueIds(app["model_ids"], catalogue_class(settings.model_dirs, device="cpu"))
     app["blobs"] = open_blob_store(settings.blob_url)
     app["static_dir"] = Path(static_dir or STATIC_DIR)
     app["limiter"] = limiter or RateLimiter()

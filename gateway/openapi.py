@@ -90,7 +90,19 @@ SCHEMAS: dict[str, dict] = {
             "preset": {"type": "string", "enum": ["quality", "fast"], "default": "quality",
                        "description": "quality: 50 steps, guidance 5; fast: 4 steps, guidance 1"},
             "guidance_scale": {"type": "number", "minimum": 0, "description": "default: the preset's"},
+            "guidance_scale_2": {"type": "number", "minimum": 0,
+                                 "description": "a two-expert model's low-noise expert (Wan 2.2 A14B); default: as "
+                                                "guidance_scale; refused for one-expert models"},
             "consent_ref": {"type": "string", "description": "consent record of a depicted person"},
+            "input_reference": {
+                "type": "string",
+                "description": ("image-to-video: the input image, a PNG, JPEG or WebP of at most 10 MiB and 4096×4096 "
+                                "pixels. In multipart/form-data a file part (what the openai SDK sends for "
+                                "input_reference=open(path, 'rb')); in JSON a base64 data URL "
+                                "(data:image/png;base64,...); a URL is never fetched. Anything else: 400 invalid_image "
+                                "or image_too_large. A human face in it sends the job to content review (or blocks "
+                                "it, as the platform's prompt policy says)."),
+            },
         },
     },
     "Video": {
@@ -134,7 +146,8 @@ SCHEMAS: dict[str, dict] = {
             "status": {"type": "string", "enum": ["requested", "queued", "running", "decoding", "review", "published",
                                                   "flagged", "failed", "cancelled"]},
             "terminal": {"type": "boolean"}, "prompt": _nullable({"type": "string"}),
-            "params": _nullable({"type": "object"}),
+            "params": _nullable({"type": "object", "description": "the generation parameters; input_reference (the "
+                                                                   "input image) only as {sha256, bytes}, or null"}),
             "step": {"type": "integer"}, "total_steps": _nullable({"type": "integer"}),
             "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
             "eta_ms": _nullable({"type": "integer"}),

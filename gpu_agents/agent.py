@@ -17,7 +17,9 @@ import time
 from collections import deque
 
 import torch
+from PIL import Image
 
+from compliance.input_image import InputImageError, read_input_image
 from streams import topics
 from streams.agent_runtime import AgentRuntime
 from streams.blobs import LocalBlobStore
@@ -26,7 +28,8 @@ from streams.settings import Settings
 from streams.stage import CancelledByRequest, InvalidEvent, JobInterrupted, Stage, StageContext
 
 from .checkpoint import capture, restore_scheduler
-from .denoise import StepInfo, denoise, prepare_latents
+from .denoise import StepInfo, denoise
+from .families.base import Guidance
 from .models import InvalidParamsError, ModelCatalogue, UnknownModelError, check_params, effective_guidance
 from .resume import CheckpointStore, CheckpointWriter
 from .video import split_latent_chunks
@@ -64,9 +67,11 @@ class DenoisingAgent:
         attempt = self.checkpoints.next_attempt(job_id)
         denoiser = self.models.denoiser(params["model"])
         device = self.models.device
-        guidance = effective_guidance(params)
+        guidance = Guidance(effective_guidance(params), params.get("guidance_scale_2"))
+        # An input image conditions every step; rebuilt from the image at every start and resume, never checkpointed.
+        condition = self.condition(params, denoiser, ctx)
         prompt_embeds = ctx.blobs.get_tensor(job["prompt_embeds"]).to(device)
-        negative_ref = job["negative_prompt_embeds"] if guidance > 1.0 else None
+        negative_ref = job["negative_prompt_embeds"] if guidance.enabled else None
         negative_embeds = ctx.blobs.get_tensor(negative_ref).to(device) if negative_ref else None
         total = params["steps"]
         self.progress = (0, total)
@@ -79,8 +84,8 @@ class DenoisingAgent:
             latents, start_step = resumed.latents.to(device), resumed.step
         else:
             resumed = None
-            latents = prepare_latents(denoiser, params["width"], params["height"], params["num_frames"],
-                                      params["seed"]).to(device)
+            latents = denoiser.prepare_latents(params["width"], params["height"], params["num_frames"],
+                                               params["seed"], fps=params["fps"]).to(device)
             start_step = 0
 
         def announce(ckpt, ref) -> None:
@@ -136,17 +141,35 @@ class DenoisingAgent:
 
         try:
             latents = denoise(denoiser, scheduler, latents, prompt_embeds, negative_embeds, guidance_scale=guidance,
-                              num_steps=total, on_step=after_step, start_step=start_step)
+                              num_steps=total, on_step=after_step, start_step=start_step, condition=condition)
         finally:
             self.writer.drain()  # every checkpoint announced before the job's outcome is flushed
 
-        self.emit_chunks(job, latents.cpu(), attempt, ctx)
+        video, other_outputs = denoiser.outputs(latents.cpu())
+        self.emit_chunks(job, video, other_outputs.get("audio"), attempt, ctx)
 
-    def emit_chunks(self, job: dict, latents: torch.Tensor, attempt: int, ctx: StageContext) -> None:
-        """All chunk blobs first, then the events, in order: a decoder never waits on a blob."""
+    def condition(self, params: dict, denoiser, ctx: StageContext):
+        """The job's input image encoded as its model's family conditions on it; None for text-to-video."""
+        ref = params.get("input_reference")
+        if ref is None:
+            return None
+        try:  # the gateway checks uploads, but events come from anywhere: the same checks again
+            image = read_input_image(ctx.blobs.get(ref))
+        except InputImageError as exc:
+            raise InvalidEvent(f"input_reference: {exc}") from exc
+        return denoiser.condition(Image.fromarray(image.rgb()), self.models.vae(params["model"]), params["width"],
+                                  params["height"], params["num_frames"])
+
+    def emit_chunks(self, job: dict, latents: torch.Tensor, audio: torch.Tensor | None, attempt: int,
+                    ctx: StageContext) -> None:
+        """All blobs first, then the events, in order: a decoder never waits on a blob. A family whose decode is not
+        causal gets the whole latent as one chunk; audio latents (a family that makes sound) go with the last."""
         job_id = job["job_id"]
-        chunks = split_latent_chunks(latents, self.chunk_frames)
+        frames_per_chunk = self.models.chunk_frames(job["params"]["model"], self.chunk_frames) or latents.shape[2]
+        chunks = split_latent_chunks(latents, frames_per_chunk)
         refs = [ctx.blobs.put_tensor(chunk, job_id, f"latent-{i:04d}.safetensors") for i, chunk in enumerate(chunks)]
+        audio_ref = None if audio is None else ctx.blobs.put_tensor(audio.contiguous(), job_id,
+                                                                     "audio-latents.safetensors")
         frame_start = 0
         for index, (chunk, ref) in enumerate(zip(chunks, refs)):
             ctx.emit(topics.LATENT_CHUNKS, ctx.event(
@@ -154,6 +177,7 @@ class DenoisingAgent:
                 tenant=job["tenant"], chunk_index=index, chunk_count=len(chunks),
                 latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=job["params"],
                 attempt=attempt, prompt_sha256=job.get("prompt_sha256", ""), requested_at=job.get("requested_at"),
+                audio_latents=audio_ref if index == len(chunks) - 1 else None,
             ))
             frame_start += chunk.shape[2]
 

@@ -15,6 +15,7 @@ import copy
 import os
 import socket
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from streams import topics
 from streams.blobs import LocalBlobStore
@@ -22,9 +23,9 @@ from streams.metrics import DECODE_CHUNK_SECONDS
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
 
+from .families.base import ChunkDecoder
 from .models import ModelCatalogue
 from .segments import HlsPlaylist, encode_init_and_segment, join_segments
-from .streaming_vae import CausalDecodeState, CausalVaeDecoder
 
 FINISHED_REMEMBERED = 10_000
 PLAYLIST = "playlist.m3u8"
@@ -46,7 +47,7 @@ def check_chunk(chunk: dict) -> None:
 class JobStream:
     """One job being decoded: its causal cache, what has been written, and chunks that came early."""
 
-    state: CausalDecodeState
+    state: Any  # the family decoder's state of this job (gpu_agents/streaming_vae.py for causal VAEs)
     chunk_count: int
     next_index: int = 0
     early: dict[int, dict] = field(default_factory=dict)
@@ -59,15 +60,12 @@ class JobStream:
 class VaeDecoder:
     def __init__(self, settings: Settings, blobs: LocalBlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
-        self.decoders: dict[str, CausalVaeDecoder] = {}  # model id → decoder over that model's VAE
         self.jobs: dict[str, JobStream] = {}
         self.finished: dict[str, None] = {}  # recently completed or failed jobs, oldest first
         self.decoder_id = f"{socket.gethostname()}-{os.getpid()}"
 
-    def decoder(self, model_id: str) -> CausalVaeDecoder:
-        if model_id not in self.decoders:
-            self.decoders[model_id] = CausalVaeDecoder(self.models.vae(model_id))
-        return self.decoders[model_id]
+    def decoder(self, model_id: str) -> ChunkDecoder:
+        return self.models.chunk_decoder(model_id)
 
     def handle(self, chunk: dict, ctx: StageContext) -> None:
         check_chunk(chunk)
@@ -77,8 +75,9 @@ class VaeDecoder:
             if job_id in self.finished:
                 return  # a late chunk of a job this decoder completed or gave up on (after a restart: the ledger)
             # HLS forbids a growing target duration: fix it from the longest segment a chunk can make (the
-            # first latent frame yields 1 video frame, every later one 4).
-            longest_s = 4 * chunk["latent_frames"] / chunk["params"]["fps"]
+            # first latent frame yields 1 video frame, every later one temporal_multiple, e.g. 4 for Wan).
+            frames_per_latent = self.models.facts(chunk["params"]["model"]).rules.temporal_multiple
+            longest_s = frames_per_latent * chunk["latent_frames"] / chunk["params"]["fps"]
             job = self.jobs[job_id] = JobStream(self.decoder(chunk["params"]["model"]).new_state(),
                                                 chunk["chunk_count"], playlist=HlsPlaylist(INIT_SEGMENT, longest_s))
         if chunk["chunk_count"] != job.chunk_count:
@@ -105,8 +104,11 @@ class VaeDecoder:
         state = replace(job.state)  # decode_chunk gives the copy a new cache list: job.state stays as it was
         first_frame = state.frames_decoded
         with DECODE_CHUNK_SECONDS.labels(params["model"]).time():
-            frames = self.decoder(params["model"]).decode_chunk(state, ctx.blobs.get_tensor(chunk["latent"]))
-            init, media = encode_init_and_segment(frames, params["fps"], first_frame)
+            decoder = self.decoder(params["model"])
+            frames = decoder.decode_chunk(state, ctx.blobs.get_tensor(chunk["latent"]))
+            waveform, sample_rate = self.audio_of(chunk, decoder, ctx)
+            init, media = encode_init_and_segment(frames, params["fps"], first_frame, audio=waveform,
+                                                  sample_rate=sample_rate)
         if job.init_ref is None:
             init_ref = ctx.blobs.put(init, job_id, INIT_SEGMENT, dtype="video/mp4")
         else:
@@ -129,6 +131,17 @@ class VaeDecoder:
             prompt_sha256=chunk.get("prompt_sha256", ""), requested_at=chunk.get("requested_at"),
         ))
         job.state, job.init, job.init_ref, job.segments, job.playlist = state, init, init_ref, segments, playlist
+
+    def audio_of(self, chunk: dict, decoder: ChunkDecoder, ctx: StageContext) -> tuple[object, int | None]:
+        """(waveform, sample rate) of a chunk that carries the job's audio latents (a model that makes sound), else
+        (None, None). The audio spans the whole video, so it comes with a job of one chunk (non-causal decode)."""
+        if chunk.get("audio_latents") is None:
+            return None, None
+        if chunk["chunk_count"] != 1 or not hasattr(decoder, "decode_audio"):
+            raise InvalidEvent(f"audio latents on chunk {chunk['chunk_index']} of {chunk['chunk_count']} of a "
+                               f"{chunk['params']['model']} job: audio comes with a one-chunk job of a model that "
+                               f"makes sound")
+        return decoder.decode_audio(ctx.blobs.get_tensor(chunk["audio_latents"]))
 
     def forget(self, job_ids: list[str]) -> None:
         """A rebalance moved these jobs' partitions away: their new owner replays them from chunk 0."""

@@ -1,7 +1,9 @@
-"""The Wan 2.1 denoising loop, taken out of WanPipeline so it can report progress and be resumed.
+"""The denoising loop, taken out of the diffusers pipelines so it can report progress and be resumed.
 
-Model (WanTransformer3DModel), scheduler and loop are kept apart: the caller owns the scheduler, so a
-run can stop after step k and continue later from (latents, scheduler) at `start_step=k`.
+Model, scheduler and loop are kept apart, as diffusers does: the model family's Denoiser says what the model
+predicts at a timestep (expert choice, conditioning, guidance: gpu_agents/families/), the caller owns the scheduler,
+and this loop is the same for every family. So a run can stop after step k and continue later from
+(latents, scheduler) at `start_step=k`, whatever the model.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 
-from .models import DenoiserParts
+from .families.base import Condition, Denoiser, Guidance
 
 # Schedulers whose `step` depends only on the step index (no history of model outputs), so a fresh
 # instance positioned at step k continues a run exactly. Multistep solvers such as
@@ -34,31 +35,19 @@ class StepInfo:
     latents: torch.Tensor  # latents after this step; with the scheduler, enough to resume
 
 
-def latent_shape(
-    parts: DenoiserParts, width: int, height: int, num_frames: int, batch_size: int = 1
-) -> tuple[int, int, int, int, int]:
-    """(batch, channels, latent_frames, latent_height, latent_width), as WanPipeline.prepare_latents."""
-    num_latent_frames = (num_frames - 1) // parts.vae_scale_factor_temporal + 1
-    return (
-        batch_size,
-        parts.transformer.config.in_channels,
-        num_latent_frames,
-        int(height) // parts.vae_scale_factor_spatial,
-        int(width) // parts.vae_scale_factor_spatial,
-    )
+def latent_shape(parts: Denoiser, width: int, height: int, num_frames: int, batch_size: int = 1) -> tuple[int, ...]:
+    """The shape of a job's latents (batch, channels, latent_frames, latent_height, latent_width)."""
+    return parts.latent_shape(width, height, num_frames, batch_size)
 
 
-def prepare_latents(
-    parts: DenoiserParts, width: int, height: int, num_frames: int, seed: int, batch_size: int = 1
-) -> torch.Tensor:
-    """Initial noise, identical to WanPipeline with `generator=torch.Generator().manual_seed(seed)`.
+def prepare_latents(parts: Denoiser, width: int, height: int, num_frames: int, seed: int, batch_size: int = 1
+                    ) -> torch.Tensor:
+    """Initial noise, identical to the family's pipeline with `generator=torch.Generator().manual_seed(seed)`.
 
     Always drawn on the CPU generator (then moved to the transformer's device) so a seed gives the
     same video on every machine.
     """
-    shape = latent_shape(parts, width, height, num_frames, batch_size)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return randn_tensor(shape, generator=generator, device=parts.transformer.device, dtype=torch.float32)
+    return parts.prepare_latents(width, height, num_frames, seed, batch_size)
 
 
 def position_scheduler(
@@ -99,31 +88,33 @@ def _check_resume_position(scheduler: SchedulerMixin, num_steps: int, start_step
 
 @torch.inference_mode()
 def denoise(
-    model: DenoiserParts | WanTransformer3DModel,
+    model: Denoiser,
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor | None,
-    guidance_scale: float,
+    guidance_scale: float | Guidance,
     num_steps: int,
     on_step: Callable[[StepInfo], None] | None = None,
     start_step: int = 0,
     end_step: int | None = None,
+    condition: Condition | None = None,
 ) -> torch.Tensor:
-    """Run steps start_step..end_step-1 of a num_steps schedule; WanPipeline's loop, step for step.
+    """Run steps start_step..end_step-1 of a num_steps schedule; the family's pipeline loop, step for step.
 
     end_step defaults to num_steps. Stopping early returns the latents after end_step steps, and the
-    scheduler then stands at end_step, ready for a later call with start_step=end_step.
+    scheduler then stands at end_step, ready for a later call with start_step=end_step. A run that reaches the last
+    step returns the family's final latents (``model.finish``).
     start_step == 0: the scheduler is (re)set for `num_steps`, so a fresh one works.
     start_step > 0: the scheduler must already stand at `start_step`: either the instance that ran the
     earlier steps, or (FlowMatchEulerDiscreteScheduler) a fresh one placed with position_scheduler.
 
-    Classifier-free guidance is on when guidance_scale > 1 and then needs negative_prompt_embeds
-    (WanPipeline encodes "" when no negative prompt is given).
+    Classifier-free guidance is on when the guidance scale is > 1 and then needs negative_prompt_embeds
+    (the pipelines encode "" when no negative prompt is given). ``condition``: the job's constant inputs besides the
+    prompt (an encoded input image: ``model.condition``), None for text-to-video.
     """
-    transformer = model.transformer if isinstance(model, DenoiserParts) else model
-    do_classifier_free_guidance = guidance_scale > 1.0
-    if do_classifier_free_guidance and negative_prompt_embeds is None:
+    guidance = guidance_scale if isinstance(guidance_scale, Guidance) else Guidance(float(guidance_scale))
+    if guidance.enabled and negative_prompt_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_prompt_embeds (encode '' for no negative prompt)")
     if prompt_embeds.shape[0] != latents.shape[0]:
         raise ValueError(f"batch mismatch: {prompt_embeds.shape[0]} prompt embeddings, {latents.shape[0]} latents")
@@ -136,38 +127,15 @@ def denoise(
     else:
         _check_resume_position(scheduler, num_steps, start_step)
 
-    transformer_dtype = transformer.dtype
-    prompt_embeds = prompt_embeds.to(transformer_dtype)
+    prompt_embeds = prompt_embeds.to(model.dtype)
     if negative_prompt_embeds is not None:
-        negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        negative_prompt_embeds = negative_prompt_embeds.to(model.dtype)
 
     timesteps = scheduler.timesteps
     for i in range(start_step, end_step):
         step_started = time.perf_counter()
         t = timesteps[i]
-        latent_model_input = latents.to(transformer_dtype)
-        timestep = t.expand(latents.shape[0])
-
-        with transformer.cache_context("cond"):
-            noise_pred = transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                return_dict=False,
-            )[0]
-
-        if do_classifier_free_guidance:
-            # Two calls rather than one batch of two, exactly as WanPipeline does, so the results
-            # match the pipeline's bit for bit.
-            with transformer.cache_context("uncond"):
-                noise_uncond = transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=negative_prompt_embeds,
-                    return_dict=False,
-                )[0]
-            noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
-
+        noise_pred = model.predict(latents, t, prompt_embeds, negative_prompt_embeds, guidance, condition)
         # x_t -> x_t-1
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
@@ -185,4 +153,4 @@ def denoise(
                 )
             )
 
-    return latents
+    return model.finish(latents, condition) if end_step == num_steps else latents

@@ -6,8 +6,19 @@ chunk's frames are stamped with their global frame indices, so the media segment
 timeline: init + segment 0 + segment 1 + ... is one valid fragmented MP4, and an HLS playlist listing the
 segments behind one EXT-X-MAP plays while later chunks are still being made.
 
-The init segment carries only settings that are equal for every chunk of a job (size, frame rate, CRF), so
-it comes out byte-identical each time and is stored once.
+The init segment carries only settings that are equal for every chunk of a job (size, frame rate, CRF, and the
+audio's sample rate and channels), so it comes out byte-identical each time and is stored once.
+
+Audio (AAC) cannot be cut at arbitrary samples the way the video is cut at frames: an AAC packet holds 1024
+samples and decodes only together with the packet before it (overlapping transforms), and a fresh encoder starts
+with a priming packet. Encoding each chunk's audio on its own would put a glitch (or a gap) at every chunk boundary.
+So each segment carries the very packets ONE continuous encode of the job's whole track has between its chunk's
+first frame and the next chunk's, both rounded to the nearest packet: the segments join gaplessly (the joined
+track equals the continuous encode byte for byte), and each segment's audio starts within half a packet (512
+samples, 21 ms at 24 kHz) of its frames. The priming packet is left out rather than hidden by an edit list (which
+would have to be in the init segment): FFmpeg applies such an edit list to whatever fragment it reads first, which
+shifts a segment played on its own by a packet. Without the priming packet the job's first half packet of sound (512
+samples, 21 ms at 24 kHz) decodes silent; after that the joined track decodes as the continuous encode does.
 """
 
 from __future__ import annotations
@@ -19,7 +30,8 @@ import struct
 import av
 import numpy as np
 
-from .video import DEFAULT_CRF, check_frames, mux_h264
+from .video import (AAC_FRAME_SAMPLES, DEFAULT_CRF, add_aac_stream, add_h264_stream, check_audio, check_frames,
+                    encode_aac, fit_length, mux_frames, mux_h264, sample_at_frame)
 
 # empty_moov: the moov comes first and holds no samples, so it does not depend on the chunk;
 # frag_keyframe: fragments start at keyframes (each chunk starts with one, being a fresh encoder);
@@ -47,24 +59,63 @@ class SegmentError(ValueError):
 
 
 def encode_init_and_segment(
-    frames: np.ndarray, fps: float, first_frame_index: int, crf: int = DEFAULT_CRF
+    frames: np.ndarray, fps: float, first_frame_index: int, crf: int = DEFAULT_CRF,
+    audio: np.ndarray | None = None, sample_rate: int | None = None,
 ) -> tuple[bytes, bytes]:
     """Encode one chunk of uint8 RGB frames (F, H, W, 3) as (init segment, media segment).
 
     H.264 (libx264, yuv420p, I and P frames only, starting with a keyframe). Frame i of the chunk is
     stamped first_frame_index + i in a 1/fps time base, so the job's segments follow one another.
+
+    `audio` is the JOB's whole audio track, not the chunk's part: float (samples, channels), 1 or 2 channels, in
+    [-1, 1], sample 0 playing with frame 0, with its `sample_rate`. Pass the same track for every chunk; the segment
+    gets an AAC track with this chunk's share of it (see the module's docstring). A track shorter than the video
+    is padded with silence; a longer one is cut where the last chunk ends.
     """
     check_frames(frames, fps)
     if first_frame_index < 0:
         raise ValueError(f"first_frame_index must be >= 0, got {first_frame_index}")
+    waveform = None if audio is None and sample_rate is None else check_audio(audio, sample_rate)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4", options=FRAGMENTED_MP4_OPTIONS) as container:
-        mux_h264(container, frames, fps, crf, first_pts=first_frame_index, encoder_options=SEGMENT_ENCODER_OPTIONS)
+        if waveform is None:
+            mux_h264(container, frames, fps, crf, first_pts=first_frame_index, encoder_options=SEGMENT_ENCODER_OPTIONS)
+        else:
+            video = add_h264_stream(container, frames, fps, crf, SEGMENT_ENCODER_OPTIONS)
+            aac = add_aac_stream(container, sample_rate, waveform.shape[1])
+            mux_frames(container, video, frames, first_pts=first_frame_index)
+            container.mux(chunk_aac_packets(aac, waveform, fps, first_frame_index, len(frames)))
     data = buffer.getvalue()
     media_start = next((offset for box_type, offset, _ in top_level_boxes(data) if box_type == b"moof"), None)
     if media_start is None:
         raise SegmentError("the muxer wrote no fragment")  # ffmpeg without fragmented-MP4 support
     return data[:media_start], data[media_start:]
+
+
+# How far past a chunk's last packet the continuous encode must run for that packet to come out as it would in
+# the encode of the whole track: its transform window reaches one packet further and the encoder's window-switching
+# looks one more ahead; one more to spare. (tests/test_audio_media.py checks the joined track against the whole.)
+AAC_LOOKAHEAD_SAMPLES = 3 * AAC_FRAME_SAMPLES
+
+
+def audio_packet_boundary(frame_index: int, fps: float, sample_rate: int) -> int:
+    """Where the audio of the chunk starting at `frame_index` starts: the packet start nearest to that frame's."""
+    return AAC_FRAME_SAMPLES * round(sample_at_frame(frame_index, fps, sample_rate) / AAC_FRAME_SAMPLES)
+
+
+def chunk_aac_packets(stream: av.AudioStream, waveform: np.ndarray, fps: float, first_frame_index: int,
+                      num_frames: int) -> list[av.Packet]:
+    """The packets of one continuous AAC encode of `waveform` that play with frames [first, first + num_frames).
+
+    Only the track's beginning is encoded, up to the lookahead those packets need, so a job of N chunks encodes
+    about N/2 times its whole track: little next to the video for clips of seconds (a minute of 24 kHz stereo
+    encodes in about 1 s on one core).
+    """
+    sample_rate = stream.codec_context.sample_rate
+    start = audio_packet_boundary(first_frame_index, fps, sample_rate)
+    stop = audio_packet_boundary(first_frame_index + num_frames, fps, sample_rate)
+    packets = encode_aac(stream, fit_length(waveform, stop + AAC_LOOKAHEAD_SAMPLES))
+    return [packet for packet in packets if start <= packet.pts < stop]
 
 
 def join_segments(init: bytes, segments: list[bytes]) -> bytes:

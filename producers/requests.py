@@ -6,12 +6,17 @@
 
 Requests are keyed by job_id (all of a job's events share a partition, so they stay in order) and carry W3C
 trace context. ``submit`` returns once the broker has acknowledged the request (acks=all, idempotent producer).
+
+Image-to-video: ``submit(prompt, image=png_bytes)`` checks the image (compliance/input_image.py), stores it as a blob
+under the job and names it in ``params.input_reference`` — the blob is written before the event that names it.
 """
 from __future__ import annotations
 
 from confluent_kafka import Producer
 
+from compliance.input_image import InputImage, read_input_image
 from streams import topics
+from streams.blobs import LocalBlobStore, open_blob_store
 from streams.events import new_event, new_job_id
 from streams.kafka import producer_config
 from streams.serde import encode_key, event_codec
@@ -49,8 +54,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standard", tenant: str = "default",
                   negative_prompt: str = "", consent_ref: str | None = None, model: str = "tiny-wan",
-                  preset: str = "quality", **params) -> dict:
-    """A VideoRequested event; unspecified generation parameters take the preset's, then DEFAULT_PARAMS."""
+                  preset: str = "quality", input_reference: dict | None = None, guidance_scale_2: float | None = None,
+                  **params) -> dict:
+    """A VideoRequested event; unspecified generation parameters take the preset's, then DEFAULT_PARAMS.
+
+    ``input_reference`` is the BlobRef of an image-to-video job's input image (``store_input_image``);
+    ``guidance_scale_2`` the guidance of a two-expert model's low-noise expert (None: as guidance_scale)."""
     unknown = set(params) - set(DEFAULT_PARAMS)
     if unknown:
         raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
@@ -65,9 +74,16 @@ def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standa
         prompt=prompt,
         negative_prompt=negative_prompt,
         tier=tier.upper(),
-        params={**DEFAULT_PARAMS, **PRESETS[preset], **params, "model": model, "preset": preset},
+        params={**DEFAULT_PARAMS, **PRESETS[preset], **params, "model": model, "preset": preset,
+                "input_reference": input_reference, "guidance_scale_2": guidance_scale_2},
         consent_ref=consent_ref,
     )
+
+
+def store_input_image(blobs: LocalBlobStore, job_id: str, image: InputImage) -> dict:
+    """The input image as a blob of its job; its BlobRef, for params.input_reference. Content-addressed: the same job
+    id with another image (an Idempotency-Key reused) never replaces a blob an accepted request names."""
+    return blobs.put(image.data, job_id, image.file_name, dtype=image.media_type, content_addressed=True)
 
 
 class VideoRequests:
@@ -75,6 +91,7 @@ class VideoRequests:
         self.settings = settings
         self.codec = event_codec(settings)
         self.producer = Producer(producer_config(settings, "vidgen-submit"))
+        self.blobs = open_blob_store(settings.blob_url)
 
     def publish(self, request: dict) -> str:
         """Publish a VideoRequested built with video_request(); returns its job id once acknowledged."""
@@ -94,8 +111,15 @@ class VideoRequests:
             raise SubmitError(f"{topic.name} event for job {event['job_id']} not acknowledged by the broker: "
                               f"{errors or 'timeout'}")
 
-    def submit(self, prompt: str, **kwargs) -> str:
+    def submit(self, prompt: str, *, image: bytes | InputImage | None = None, **kwargs) -> str:
+        """Publish a request; ``image`` (PNG, JPEG or WebP bytes, or an InputImage already read) makes it
+        image-to-video. Raises InputImageError for an image the platform does not accept, before anything is stored
+        or published."""
         kwargs.setdefault("model", self.settings.default_model)
+        if image is not None:
+            checked = image if isinstance(image, InputImage) else read_input_image(image)
+            kwargs["job_id"] = kwargs.get("job_id") or new_job_id()
+            kwargs["input_reference"] = store_input_image(self.blobs, kwargs["job_id"], checked)
         return self.publish(video_request(prompt, **kwargs))
 
     def cancel(self, job_id: str, reason: str = "", requested_by: str = "") -> None:

@@ -2,13 +2,19 @@
 the uninterrupted reference a resumed job must equal bit for bit."""
 from __future__ import annotations
 
+import io
 import time
 import uuid
 import zlib
 
 import torch
+from PIL import Image
 
+from bench.families import input_png
 from consumers.progress import LIFECYCLE, EventLog
+from gpu_agents.denoise import denoise
+from gpu_agents.encoding import encode_prompts
+from gpu_agents.families.base import Guidance
 from gpu_agents.models import ModelCatalogue
 from gpu_agents.video import join_latent_chunks
 from streams import topics
@@ -17,6 +23,17 @@ from streams.blobs import open_blob_store
 MODEL = "tiny-wan-5m"
 #: A job long enough to be interrupted mid-way: ~15-25 ms per CFG step with one torch thread, ~3-5 s in all.
 LONG_JOB = dict(model=MODEL, width=64, height=64, num_frames=9, steps=200, guidance_scale=5.0)
+#: Long jobs of the other families' layouts (~17 ms a CFG step at 256x256 with one thread, ~5 s in all): two experts
+#: with their own guidance, and image-to-video, whose condition a resuming agent rebuilds from the image.
+LONG_JOBS_BY_LAYOUT = {
+    "wan2.1": LONG_JOB,
+    "wan2.2-a14b": dict(model="tiny-wan2.2-a14b", width=256, height=256, num_frames=9, steps=300,
+                        guidance_scale=5.0, guidance_scale_2=3.0),
+    "wan2.2-i2v-a14b": dict(model="tiny-wan2.2-i2v-a14b", width=256, height=256, num_frames=9, steps=300,
+                            guidance_scale=5.0, image=input_png()),
+    # ~190 ms a step: video and audio latents in one packed tensor, one scheduler.
+    "ltx2": dict(model="tiny-ltx2", width=64, height=64, num_frames=9, steps=40, guidance_scale=5.0),
+}
 #: Two agents on two cores: one torch thread each (two each make every step several times slower).
 FLEET_ENV = {"VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000", "OMP_NUM_THREADS": "1"}
 #: Everything the fleet tests read back: the lifecycle, checkpoints, cancellation requests, the scheduler's log and
@@ -128,18 +145,24 @@ def final_latent(settings, log: EventLog, job_id: str) -> torch.Tensor:
 
 
 def reference_latent(prompt: str, seed: int, job: dict = LONG_JOB) -> torch.Tensor:
-    """The job's latent from an uninterrupted run of the diffusers pipeline, in this process, with one torch
-    thread as the agents run (FLEET_ENV)."""
-    catalogue = ModelCatalogue()
+    """The job's video latent from an uninterrupted run of the family's loop in this process, with one torch thread
+    as the agents run (FLEET_ENV). The loop equals diffusers' own pipeline of each family (tests/test_family_*.py)."""
+    catalogue, model = ModelCatalogue(), job["model"]
     threads = torch.get_num_threads()
     torch.set_num_threads(int(FLEET_ENV["OMP_NUM_THREADS"]))
     try:
         with torch.inference_mode():
-            return catalogue.pipeline(job["model"])(
-                prompt=prompt, negative_prompt="", height=job["height"], width=job["width"],
-                num_frames=job["num_frames"], num_inference_steps=job["steps"],
-                guidance_scale=job["guidance_scale"], generator=torch.Generator().manual_seed(seed),
-                output_type="latent", max_sequence_length=catalogue.max_sequence_length(job["model"]),
-            ).frames
+            denoiser = catalogue.denoiser(model)
+            embeds = encode_prompts(catalogue.text_encoder(model), [prompt, ""])
+            condition = None
+            if job.get("image"):
+                condition = denoiser.condition(Image.open(io.BytesIO(job["image"])).convert("RGB"),
+                                               catalogue.vae(model), job["width"], job["height"], job["num_frames"])
+            latents = denoiser.prepare_latents(job["width"], job["height"], job["num_frames"], seed,
+                                               fps=job.get("fps", 8))
+            latents = denoise(denoiser, denoiser.new_scheduler(), latents, embeds[:1], embeds[1:],
+                              Guidance(job["guidance_scale"], job.get("guidance_scale_2")), job["steps"],
+                              condition=condition)
+            return denoiser.outputs(latents)[0]
     finally:
         torch.set_num_threads(threads)

@@ -266,7 +266,7 @@ def _timestamp() -> st.SearchStrategy[int]:
 
 
 VALID_PARAMS = dict(width=32, height=32, num_frames=5, fps=8, steps=2, guidance_scale=1.0, seed=0, model="tiny-wan",
-                    preset="fast")
+                    preset="fast", input_reference=None)
 
 #: Each entry makes a request that check_request must refuse (field, value) or (request field, value).
 PARAM_POISON: dict[str, list] = {

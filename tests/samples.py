@@ -6,7 +6,7 @@ BLOB = {"uri": "file:///var/vidgen/blobs/j1/latent-0000.safetensors", "sha256": 
 MP4 = {"uri": "file:///var/vidgen/blobs/j1/video.mp4", "sha256": "cd" * 32, "bytes": 20480, "shape": [],
        "dtype": "video/mp4"}
 PARAMS = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 20, "guidance_scale": 5.0, "seed": 7,
-          "model": "tiny-wan", "preset": "quality"}
+          "model": "tiny-wan", "preset": "quality", "input_reference": None, "guidance_scale_2": None}
 
 
 def sample_events() -> dict[str, dict]:
@@ -23,7 +23,7 @@ def sample_events() -> dict[str, dict]:
         "LatentCheckpointed": new_event(job, step=10, total_steps=20, attempt=1, checkpoint=BLOB, agent_id="host-1"),
         "LatentChunk": new_event(job, tenant="acme", chunk_index=1, chunk_count=2, latent_frame_start=2,
                                  latent_frames=1, latent=BLOB, params=PARAMS, attempt=1, prompt_sha256="ef" * 32,
-                                 requested_at=1_700_000_000_000),
+                                 requested_at=1_700_000_000_000, audio_latents=BLOB),
         "VideoDecoded": new_event(job, tenant="acme", segment_index=0, is_last=True, segment=MP4, frame_start=0,
                                   frames=9, video=MP4, params=PARAMS, init_segment=MP4, playlist=None,
                                   decoder_id="host-2", prompt_sha256="ef" * 32,
@@ -74,3 +74,31 @@ def strict_detection_policy(path) -> str:
             .replace("review_threshold = ", "review_threshold = 0.0 #"))
     path.write_text(text)
     return str(path)
+
+#: A built-in model that takes an input image (gpu_agents/families/): image-to-video tests name it.
+I2V_MODEL = "tiny-wan2.2-ti2v-5b"
+
+
+def image_file(pixels, image_format: str = "PNG", **save_args) -> bytes:
+    """An (H, W, 3) uint8 array as the bytes of an image file, e.g. an input image of an image-to-video job."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, image_format, **save_args)
+    return out.getvalue()
+
+
+def no_face_png() -> bytes:
+    """scikit-image's cat (shipped with the wheel, no download): an image with no human face."""
+    from skimage import data
+
+    return image_file(data.chelsea())
+
+
+def face_png() -> bytes:
+    """scikit-image's astronaut (shipped with the wheel): a frontal human face."""
+    from skimage import data
+
+    return image_file(data.astronaut())

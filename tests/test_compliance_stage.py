@@ -1,19 +1,23 @@
 """The compliance handler on its own (no broker): what a published job carries, and what a flagged one does not."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from compliance.input_image import read_input_image
 from compliance.provenance import ensure_dev_chain, verify_video
 from compliance.watermark import payload_for_job, read_watermark
 from consumers.compliance_stage import ComplianceStage, parse_ladder
 from gpu_agents.segments import top_level_boxes
 from gpu_agents.video import encode_mp4, probe_mp4, read_mp4
+from producers.requests import store_input_image
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import SettingsError, load_settings
 from streams.stage import SourceMessage, StageContext
-from tests.samples import PARAMS, strict_detection_policy
+from tests.samples import PARAMS, no_face_png, strict_detection_policy
 
 
 
@@ -25,11 +29,14 @@ def clip(size: int, frames: int = 9) -> np.ndarray:
     return np.clip(video + rng.normal(0, 2, video.shape), 0, 255).astype(np.uint8)
 
 
-def run_stage(tmp_path, frames: np.ndarray, job_id: str = "job-c1", **env) -> list[tuple[str, dict]]:
+def run_stage(tmp_path, frames: np.ndarray, job_id: str = "job-c1", input_image: bytes | None = None,
+              **env) -> list[tuple[str, dict]]:
     settings = load_settings({"VIDGEN_VAR_DIR": str(tmp_path), **env})
     blobs = LocalBlobStore(tmp_path / "blobs")
     stage = ComplianceStage(settings, blobs)
     params = {**PARAMS, "width": frames.shape[2], "height": frames.shape[1], "num_frames": len(frames)}
+    if input_image is not None:
+        params["input_reference"] = store_input_image(blobs, job_id, read_input_image(input_image))
     video = blobs.put(encode_mp4(frames, params["fps"]), job_id, "video.mp4", dtype="video/mp4")
     decoded = dict(job_id=job_id, tenant="acme", segment_index=0, is_last=True, segment=video, frame_start=0,
                    frames=len(frames), video=video, params=params, init_segment=None, playlist=None,
@@ -127,6 +134,19 @@ def test_a_video_above_the_threshold_is_flagged_and_never_published(tmp_path):
     assert {"faces", "frequency", "temporal", "nsfw", "ensemble"} <= set(flagged["scores"])
     assert flagged["policy_version"].startswith("strict-")
     assert not (tmp_path / "blobs" / "job-c1" / "published").exists()
+
+
+def test_the_input_image_is_an_ingredient_of_every_signed_file(tmp_path):
+    image = no_face_png()
+    emitted, blobs, settings = run_stage(tmp_path, clip(128), input_image=image)
+    [(topic, event)] = emitted
+    assert topic == topics.PUBLISHED.name
+    root = ensure_dev_chain(settings.var_dir / "c2pa").root_pem
+    for media in (event["video"], *(r["media"] for r in event["renditions"])):
+        report = verify_video(blobs.get(media), trust_anchors_pem=root)
+        assert report.trusted, report.validation_errors
+        [ingredient] = report.ingredients
+        assert (ingredient["relationship"], ingredient["sha256"]) == ("inputTo", hashlib.sha256(image).hexdigest())
 
 
 def test_rendition_ladder_setting():

@@ -11,7 +11,7 @@ from streams.settings import load_settings
 from streams.stage import SourceMessage, StageContext
 
 PARAMS = {"width": 64, "height": 64, "num_frames": 9, "fps": 8, "steps": 2, "guidance_scale": 1.0, "seed": 0,
-          "model": "tiny-wan", "preset": "quality"}
+          "model": "tiny-wan", "preset": "quality", "input_reference": None, "guidance_scale_2": None}
 
 
 def _chunks(blobs, job_id, seed):

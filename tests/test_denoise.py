@@ -116,21 +116,6 @@ def test_denoise_equals_pipeline(catalogue, denoiser_parts, embeds, guidance_sca
     assert torch.equal(_full_run(denoiser_parts, embeds, guidance_scale), reference)
 
 
-def test_denoise_accepts_a_bare_transformer(denoiser_parts, embeds):
-    prompt_embeds, negative_prompt_embeds = embeds
-    latents = prepare_latents(denoiser_parts, WIDTH, HEIGHT, NUM_FRAMES, SEED)
-    result = denoise(
-        denoiser_parts.transformer,
-        denoiser_parts.new_scheduler(),
-        latents,
-        prompt_embeds,
-        negative_prompt_embeds,
-        5.0,
-        STEPS,
-    )
-    assert torch.equal(result, _full_run(denoiser_parts, embeds))
-
-
 def test_guidance_changes_the_result(denoiser_parts, embeds):
     # Guards the CFG comparisons above: guidance must actually be applied.
     assert not torch.equal(_full_run(denoiser_parts, embeds, 1.0), _full_run(denoiser_parts, embeds, 5.0))

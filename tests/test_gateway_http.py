@@ -113,9 +113,20 @@ async def test_post_creates_a_job_in_openai_shape_and_publishes_it(tmp_path):
         [event] = gw.publisher.requests
         assert event["job_id"] == video["id"] and event["tenant"] == "acme" and event["tier"] == "PREMIUM"
         assert event["params"] == {"width": 64, "height": 48, "num_frames": 5, "fps": 8, "steps": 2,
-                                   "guidance_scale": 1.0, "seed": 0, "model": "tiny-wan", "preset": "fast"}
+                                   "guidance_scale": 1.0, "seed": 0, "model": "tiny-wan", "preset": "fast",
+                                   "input_reference": None, "guidance_scale_2": None}
         response, again = await gw.get(f"/v1/videos/{video['id']}")
         assert response.status == 200 and again["id"] == video["id"]
+
+
+@async_test
+async def test_a_two_expert_model_takes_a_second_guidance_scale(tmp_path):
+    async with Gateway(tmp_path) as gw:
+        response, video = await gw.post({**BODY, "model": "tiny-wan2.2-a14b", "guidance_scale": 5.0,
+                                         "guidance_scale_2": 3.0, "preset": "quality"})
+        assert response.status == 200, video
+        [event] = gw.publisher.requests
+        assert (event["params"]["guidance_scale"], event["params"]["guidance_scale_2"]) == (5.0, 3.0)
 
 
 def test_frames_for_seconds_rounds_to_the_nearest_4k_plus_1():
@@ -146,9 +157,9 @@ async def test_form_bodies_as_openai_clients_send_them(tmp_path):
         assert gw.publisher.requests[-1]["params"]["steps"] == 3 and video["size"] == "32x32"
         form = FormData()
         form.add_field("prompt", "a boat")
-        form.add_field("input_reference", b"\x89PNG", filename="a.png", content_type="image/png")
+        form.add_field("steps", b"3", filename="steps.txt", content_type="text/plain")
         response = await gw.client.post("/v1/videos", data=form, headers=gw.auth())
-        assert_error(response, await _json(response), 400, "unknown_parameter", "input_reference")
+        assert_error(response, await _json(response), 400, "invalid_parameter", "steps")  # only the image is a file
 
 
 INVALID = [
@@ -172,6 +183,9 @@ INVALID = [
     ({"prompt": "p", "seed": -1}, "invalid_parameter", "seed"),
     ({"prompt": "p", "fps": 0}, "invalid_parameter", "fps"),
     ({"prompt": "p", "guidance_scale": -1}, "invalid_parameter", "guidance_scale"),
+    ({"prompt": "p", "guidance_scale_2": 3.0}, "invalid_parameter", "guidance_scale_2"),  # tiny-wan: one expert
+    ({"prompt": "p", "model": "tiny-wan2.2-a14b", "guidance_scale_2": -1}, "invalid_parameter", "guidance_scale_2"),
+    ({"prompt": "p", "model": "tiny-wan2.2-ti2v-5b", "size": "48x48"}, "invalid_parameter", "size"),  # 32s
     ({"prompt": "p", "model": "sora-2"}, "unknown_model", "model"),
     ({"prompt": "p", "model": "/etc"}, "unknown_model", "model"),
     ({"prompt": "p", "tier": "gold"}, "invalid_parameter", "tier"),

@@ -18,7 +18,7 @@ from streams import topics
 from streams.events import new_event
 from streams.kafka import producer_config
 from streams.serde import event_codec
-from tests.fleet import (LONG_JOB, chunked_once, decisions, final_latent, orders, pid_of, published_once,
+from tests.fleet import (LONG_JOB, LONG_JOBS_BY_LAYOUT, chunked_once, decisions, final_latent, orders, pid_of, published_once,
                          reference_latent, reports, running_fleet, steps_of, wait_for_idle_agents)
 
 pytestmark = pytest.mark.integration
@@ -54,10 +54,11 @@ def test_a_long_job_runs_once_on_one_agent_with_periodic_checkpoints(platform):
     assert len(decisions(log, "DONE", job_id)) == 1
 
 
-def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_identical(platform):
+@pytest.mark.parametrize("layout", sorted(LONG_JOBS_BY_LAYOUT))
+def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_identical(platform, layout):
     log, requests, processes = platform["log"], platform["requests"], platform["processes"]
-    prompt, seed = "a glacier calving into the sea", 2
-    job_id = requests.submit(prompt, tier="standard", seed=seed, **LONG_JOB)
+    prompt, seed, job = "a glacier calving into the sea", 2, LONG_JOBS_BY_LAYOUT[layout]
+    job_id = requests.submit(prompt, tier="standard", seed=seed, **job)
     first = log.wait_for(lambda l: l.of(job_id, topics.LATENT_CHECKPOINTED), 120, "a first checkpoint")[0]
     victim = _first_agent(log, job_id)
     processes.signal_stage(pid_of(victim), signal.SIGKILL)
@@ -67,7 +68,8 @@ def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_ident
     assert requeued["reason"] == "agent dead" and requeued["agent_id"] == victim and requeued["epoch"] == 1
     dead_after_s = requeued["timestamp"].timestamp() - killed_at
     assert AGENT_TIMEOUT_S - 1.5 < dead_after_s < AGENT_TIMEOUT_S + 5, f"declared dead after {dead_after_s:.1f} s"
-    dead = log.wait_for(lambda l: decisions(l, "AGENT_DEAD"), 10, "the agent to be declared dead")
+    dead = log.wait_for(lambda l: [d for d in decisions(l, "AGENT_DEAD") if d["timestamp"].timestamp() >= killed_at],
+                        10, "the agent to be declared dead")
     assert [d["agent_id"] for d in dead] == [victim]
     resumed = log.wait_for(lambda l: [s for s in steps_of(l, job_id) if s["attempt"] > 1], 60, "another agent")
     print(f"declared dead after {dead_after_s:.2f} s; resumed after "
@@ -79,7 +81,7 @@ def test_a_killed_agent_is_declared_dead_and_its_job_resumes_elsewhere_bit_ident
     assert resumed[0]["step"] == resumed[0]["resumed_from_step"] + 1
     published_once(log, job_id)
     chunked_once(log, job_id)
-    assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed))
+    assert torch.equal(final_latent(platform["settings"], log, job_id), reference_latent(prompt, seed, job))
     processes.add_stage("gpu-agent")  # back to two agents for the tests that follow
 
 
@@ -149,7 +151,7 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_the_fleet(platfor
     missing = {"uri": (settings.var_dir / "blobs" / bad_job / "gone.safetensors").as_uri(), "sha256": "0" * 64,
                "bytes": 10, "shape": [1, 32, 32], "dtype": "float32"}
     params = dict(width=32, height=32, num_frames=5, fps=8, steps=3, guidance_scale=1.0, seed=5, model="tiny-wan",
-                  preset="quality")
+                  preset="quality", input_reference=None)
     encoded = new_event(bad_job, tenant="t", tier="FREE", params=params, prompt_sha256="0" * 64, encoder="x",
                         prompt_embeds=missing, negative_prompt_embeds=None, requested_at=None)
     producer = Producer(producer_config(settings, "test-bad-job"))

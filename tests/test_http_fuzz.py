@@ -104,7 +104,7 @@ class Gateway:
     def seed_jobs(self):
         """A queued job, a published one (with files), a failed one, and another tenant's job."""
         params = dict(width=64, height=48, num_frames=5, fps=8, steps=2, guidance_scale=1.0, seed=0,
-                      model="tiny-wan", preset="fast")
+                      model="tiny-wan", preset="fast", input_reference=None)
 
         def request(job_id, tenant):
             self.jobs.fold(topics.REQUESTED.name, new_event(job_id, tenant=tenant, prompt="a fox", negative_prompt="",

@@ -403,7 +403,7 @@ def test_unknown_enum_symbol_reads_as_the_enum_default():
     next(f for f in writer["fields"] if f["name"] == "tier")["type"]["symbols"].append("ULTRA")
     event = dict(event_id="e", job_id="j", timestamp=0, tenant="t", prompt="p", negative_prompt="", tier="ULTRA",
                  params=dict(width=32, height=32, num_frames=5, fps=8, steps=2, guidance_scale=1.0, seed=0,
-                             model="tiny-wan", preset="fast"), consent_ref=None)
+                             model="tiny-wan", preset="fast", input_reference=None), consent_ref=None)
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, fastavro.parse_schema(writer), event)
     buf.seek(0)
@@ -423,7 +423,8 @@ def test_out_of_range_timestamp_is_a_decode_error(registry_url):
     codec = EventCodec(SchemaRegistryClient({"url": registry_url}), value_schemas())
     event = dict(event_id="e", job_id="j", timestamp=2**62, tenant="default", prompt="p", negative_prompt="",
                  tier="STANDARD", params=dict(width=32, height=32, num_frames=5, fps=8, steps=2, guidance_scale=1.0,
-                                              seed=0, model="tiny-wan", preset="fast"), consent_ref=None)
+                                              seed=0, model="tiny-wan", preset="fast", input_reference=None),
+                 consent_ref=None)
     data = codec.encode(topics.REQUESTED.name, event)  # fastavro writes it: it is a valid Avro long
     with pytest.raises(DecodeError):
         codec.decode(topics.REQUESTED.name, data)
@@ -452,7 +453,7 @@ def test_gpu_agent_refuses_params_the_encoder_would_refuse(tmp_path, case):
     agent = DenoisingAgent(Settings(var_dir=tmp_path, blob_url=(tmp_path / "blobs").as_uri()), blobs)
     embeds = blobs.put_tensor(torch.zeros(1, 32, 32), "fixtures", "embeds.safetensors")
     params = {**dict(width=32, height=32, num_frames=5, fps=8, steps=2, guidance_scale=1.0, seed=0, model="tiny-wan",
-                     preset="fast"), **AGENT_CASES[case]}
+                     preset="fast", input_reference=None), **AGENT_CASES[case]}
     job = dict(event_id="e", job_id=f"job-{case}", tier="STANDARD", tenant="default", params=params,
                prompt_embeds=embeds, negative_prompt_embeds=embeds, requested_at=None, prompt_sha256="")
     deadline = time.monotonic() + 5.0  # stop a run that would not end (steps=10**9) at a step boundary

@@ -88,13 +88,19 @@ def test_builtin_weights_identical_in_another_process():
 def test_builtin_models_are_eval_and_consistent():
     catalogue = ModelCatalogue()
     for model_id in BUILTIN_MODELS:
+        if catalogue.facts(model_id).family != "wan":
+            continue  # other families check their own components (tests/test_family_*.py)
         text_parts = catalogue.text_encoder(model_id)
         denoiser_parts = catalogue.denoiser(model_id)
         vae = catalogue.vae(model_id)
         assert not text_parts.text_encoder.training and not denoiser_parts.transformer.training and not vae.training
         assert text_parts.text_encoder.config.d_model == denoiser_parts.transformer.config.text_dim
-        assert vae.config.z_dim == denoiser_parts.transformer.config.in_channels
-        assert vae.config.z_dim == denoiser_parts.transformer.config.out_channels
+        # Image-to-video transformers also take the condition: a 4-channel mask and the image's latents.
+        i2v_only = catalogue.facts(model_id).needs_image
+        in_channels = 2 * vae.config.z_dim + 4 if i2v_only else vae.config.z_dim
+        for expert in denoiser_parts.modules():
+            assert not expert.training
+            assert expert.config.in_channels == in_channels and expert.config.out_channels == vae.config.z_dim
         assert text_parts.max_sequence_length == 32
         assert denoiser_parts.vae_scale_factor_temporal == vae.config.scale_factor_temporal
         assert denoiser_parts.vae_scale_factor_spatial == vae.config.scale_factor_spatial

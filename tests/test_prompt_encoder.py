@@ -4,15 +4,17 @@ from dataclasses import replace
 import pytest
 import torch
 
+from compliance.input_image import read_input_image
 from consumers import prompt_encoder as stage_module
 from consumers.embedding_cache import EmbeddingCache, cache_key
 from consumers.prompt_encoder import PromptEncoder
 from gpu_agents.encoding import encode_prompts
-from producers.requests import video_request
+from producers.requests import store_input_image, video_request
 from streams import topics
 from streams.blobs import LocalBlobStore
 from streams.settings import load_settings
-from streams.stage import SourceMessage, StageContext
+from streams.stage import InvalidEvent, SourceMessage, StageContext
+from tests.samples import I2V_MODEL, face_png, no_face_png
 
 PARAMS = dict(width=64, height=64, num_frames=5, steps=2, seed=1, model="tiny-wan")
 PROMPTS = ["a red fox in snow", "a lighthouse at night", "rain on a window", "a paper boat on a pond",
@@ -167,3 +169,31 @@ def test_a_valid_consent_for_the_person_lets_the_prompt_through(tmp_path):
     assert [t for t, _ in run(handler, {**request, "consent_ref": "C-42"})] == [topics.ENCODED["standard"].name]
     assert [t for t, _ in run(handler, {**request, "job_id": "job-d", "consent_ref": "C-41"})] == [
         topics.FLAGGED.name]
+
+
+def image_request(handler: PromptEncoder, job_id: str, image: bytes) -> dict:
+    """An image-to-video request whose input image is a blob, as the gateway or `vidgen submit --image` store it."""
+    ref = store_input_image(handler.cache.blobs, job_id, read_input_image(image))
+    return video_request("the scene comes to life", job_id=job_id, input_reference=ref,
+                         **{**PARAMS, "model": I2V_MODEL})
+
+
+def test_a_face_in_the_input_image_is_flagged_for_review_and_the_image_travels_on(tmp_path):
+    settings = load_settings({"VIDGEN_VAR_DIR": str(tmp_path), "VIDGEN_REVIEW_PROCEEDS": "true"})
+    handler = PromptEncoder(settings, LocalBlobStore(tmp_path / "blobs"))
+    emitted = run(handler, image_request(handler, "job-face", face_png()))
+    assert [topic for topic, _ in emitted] == [topics.FLAGGED.name, topics.ENCODED["standard"].name]
+    flagged = emitted[0][1]
+    assert (flagged["stage"], flagged["decision"], flagged["reasons"]) == ("PRE_GEN", "REVIEW", ["INPUT_FACE"])
+    request = image_request(handler, "job-cat", no_face_png())
+    [(topic, encoded)] = run(handler, request)
+    assert encoded["params"]["input_reference"] == request["params"]["input_reference"]  # for the GPU side
+
+
+def test_an_input_image_that_is_no_image_makes_the_request_invalid(encoder):
+    ref = encoder.cache.blobs.put(b"<html>not an image</html>", "job-bad", "input.png", dtype="image/png")
+    request = video_request("the scene comes to life", job_id="job-bad", input_reference=ref,
+                            **{**PARAMS, "model": I2V_MODEL})
+    with pytest.raises(InvalidEvent, match="input_reference: not a PNG, JPEG or WebP image"):
+        run(encoder, request)
+    assert encoder.passes == []

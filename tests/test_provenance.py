@@ -1,7 +1,9 @@
 """C2PA signing and verification of generated videos (compliance/provenance.py), on a real H.264 MP4."""
+import hashlib
 import multiprocessing
 import stat
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from compliance.provenance import (
     TRAINING_MINING_LABEL,
     DevCertificateAuthority,
     GenerationClaims,
+    InputIngredient,
     ecdsa_signature_to_raw,
     ensure_dev_chain,
     load_signing_material,
@@ -26,7 +29,9 @@ from compliance.provenance import (
     sign_video,
     verify_video,
 )
+from consumers.verify import VerifyReport
 from gpu_agents.video import encode_mp4, read_mp4
+from tests.samples import no_face_png
 
 MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 CLAIMS = GenerationClaims(job_id="job-42", prompt_sha256=prompt_sha256("a red fox in the snow"), seed=1234,
@@ -102,6 +107,25 @@ def test_manifest_carries_the_generation_claims(signed, material, video):
     # Auto-thumbnail off: no thumbnail in the manifest, and the manifest adds kilobytes, not hundreds of them.
     assert "thumbnail" not in signed.manifest_json
     assert len(signed.data) - len(video) < 20_000
+
+
+def test_the_input_image_of_an_image_to_video_job_is_an_ingredient_with_its_hash(material, video, tmp_path):
+    image = no_face_png()
+    claims = replace(CLAIMS, inputs=(InputIngredient(image, "image/png", "input.png"),))
+    with make_signer(material) as signer:
+        signed = sign_video(video, signer=signer, claims=claims)
+    report = verify_video(signed.data, trust_anchors_pem=material.root_pem)
+    assert report.trusted, report.validation_errors
+    assert report.ingredients == [{"title": "input.png", "format": "image/png", "relationship": "inputTo",
+                                   "sha256": hashlib.sha256(image).hexdigest(), "bytes": len(image)}]
+    (created,) = report.assertions[ACTIONS_LABEL]["actions"]
+    [link] = created["parameters"]["ingredients"]  # the creation names its input: a hashed link to the ingredient
+    assert "c2pa.ingredient" in link["url"] and link["hash"]
+    assert "inputs" not in report.assertions[GENERATION_LABEL]
+    assert "thumbnail" not in signed.manifest_json
+    rendered = VerifyReport("v.mp4", report, "dev root", None, watermark_error="not read").render()
+    assert f"ingredient input.png (image/png, inputTo), sha256 {hashlib.sha256(image).hexdigest()}" in rendered
+    assert verify_video(video, trust_anchors_pem=material.root_pem).ingredients == []  # unsigned: none
 
 
 def test_one_flipped_byte_in_the_media_data_is_invalid(signed, material):

@@ -85,6 +85,11 @@ def test_segments_are_reproducible():
     assert encode_init_and_segment(clip, FPS, 4) == encode_init_and_segment(clip, FPS, 4)
 
 
+def test_chunk_longer_than_the_encoders_lookahead():
+    frames, indices, _ = _decode(b"".join(encode_init_and_segment(_gradient_clip(48, 32, 32), FPS, 3)))
+    assert len(frames) == 48 and indices == list(range(3, 51))
+
+
 def test_join_segments_refuses_other_bytes():
     inits, media = _encode_chunks(_gradient_clip(5, 64, 64), [1, 4])
     with pytest.raises(SegmentError):

@@ -100,6 +100,14 @@ def test_mp4_keeps_frame_order():
     assert np.abs(decoded.mean(axis=(1, 2, 3)) - levels).max() < 3
 
 
+def test_mp4_longer_than_the_encoders_lookahead():
+    """libx264 holds back ~40 frames before its first packet; the frames after that keep their 1/fps stamps."""
+    clip = _gradient_clip(50, 32, 32)
+    data = encode_mp4(clip, fps=24)
+    assert probe_mp4(data)["frames"] == 50
+    assert np.abs(read_mp4(data).astype(np.int16) - clip.astype(np.int16)).mean() < 8
+
+
 def test_mp4_fractional_fps():
     data = encode_mp4(_gradient_clip(5, 32, 32), fps=24000 / 1001)
     assert probe_mp4(data)["fps"] == pytest.approx(23.976, abs=1e-3)

@@ -33,6 +33,19 @@ def test_round_trip(codec, event_name):
     assert _millis(decoded) == event
 
 
+def test_an_image_to_video_request_names_its_image_blob_in_every_stage_s_params(codec):
+    from producers.requests import video_request
+    from tests.samples import BLOB, sample_events
+
+    image = {**BLOB, "uri": "file:///var/vidgen/blobs/j1/input-0123456789abcdef.png", "shape": [],
+             "dtype": "image/png"}
+    request = video_request("the scene comes to life", job_id="j1", input_reference=image)
+    assert _millis(codec.decode("vidgen.requested", codec.encode("vidgen.requested", request))) == request
+    encoded = {**sample_events()["PromptEncoded"], "params": request["params"]}  # the params travel on unchanged
+    topic = _topic_of("PromptEncoded")
+    assert codec.decode(topic, codec.encode(topic, encoded))["params"]["input_reference"] == image
+
+
 def _millis(value):
     """Decoded timestamps (datetimes, also inside nested records) back to the milliseconds they were written as."""
     if isinstance(value, dict):

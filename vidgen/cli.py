@@ -26,6 +26,7 @@ BENCHMARKS = {
     "compliance": "bench.compliance", "intake": "bench.intake", "progress": "bench.progress",
     "fanout": "bench.fanout", "chaos": "bench.chaos", "dispatch": "bench.dispatch",
     "restart": "bench.restart",
+    "families": "bench.families",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -169,19 +170,51 @@ def cmd_submit(args) -> int:
     from producers.requests import VideoRequests
     from streams.settings import load_settings
 
+    image = read_image_file(args.image) if args.image else None  # before anything connects to the platform
     settings = load_settings()
     width, height = _parse_size(args.size)
     params = dict(width=width, height=height, num_frames=args.frames, steps=args.steps, seed=args.seed,
-                  guidance_scale=args.guidance, fps=args.fps, preset=args.preset)
+                  guidance_scale=args.guidance, guidance_scale_2=args.guidance_2, fps=args.fps, preset=args.preset)
+    params["model"] = settings.default_model
     if args.model:
         params["model"] = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    check_submission(settings, args.prompt, params, has_image=image is not None)
     submitted_ms = int(time.time() * 1000)
     with VideoRequests(settings) as requests:
-        job_id = requests.submit(args.prompt, tier=args.tier, negative_prompt=args.negative_prompt, **params)
+        job_id = requests.submit(args.prompt, tier=args.tier, negative_prompt=args.negative_prompt, image=image,
+                                 **params)
     print(f"job {job_id} submitted ({args.tier})", flush=True)
     if not args.follow:
         return 0
     return follow(settings, job_id, submitted_ms, args.timeout)
+
+
+def check_submission(settings, prompt: str, params: dict, has_image: bool) -> None:
+    """The prompt encoder's own check, against the model's facts (family, modalities, limits), before anything is
+    published: a request it would fail never leaves this machine. SystemExit with one line saying why."""
+    from consumers.prompt_encoder import check_request
+    from gpu_agents.models import ModelCatalogue
+    from producers.requests import video_request
+    from streams.stage import InvalidEvent
+
+    stand_in = {"uri": "", "sha256": "", "bytes": 0} if has_image else None  # stored only once the check passes
+    try:
+        check_request(video_request(prompt, input_reference=stand_in, **params),
+                      ModelCatalogue(settings.model_dirs, device="cpu"))
+    except InvalidEvent as exc:
+        raise SystemExit(f"vidgen submit: {exc}") from None
+
+
+def read_image_file(path: str):
+    """`submit --image`: the file as a checked InputImage; SystemExit with one line saying why not."""
+    from compliance.input_image import InputImageError, read_input_image
+
+    try:
+        return read_input_image(Path(path).read_bytes())
+    except OSError as exc:
+        raise SystemExit(f"--image {path}: cannot read it: {exc.strerror or exc}") from None
+    except InputImageError as exc:
+        raise SystemExit(f"--image {path}: {exc}") from None
 
 
 def cmd_cancel(args) -> int:
@@ -317,6 +350,38 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_models(args) -> int:
+    """Every model this platform serves: built in, and the local directories of VIDGEN_MODELS."""
+    import json
+
+    from gpu_agents.models import ModelCatalogue
+    from streams.settings import load_settings
+
+    catalogue = ModelCatalogue(load_settings().model_dirs, device="cpu")
+    listed, problems = [], []
+    for model_id in catalogue.model_ids():
+        try:
+            listed.append(catalogue.facts(model_id))
+        except (OSError, ValueError) as exc:  # a configured directory that is missing or of no known family
+            problems.append(f"{model_id}: {exc}")
+    if args.json:
+        print(json.dumps({"models": [facts.as_dict() for facts in listed], "problems": problems}, indent=2))
+        return 1 if problems else 0
+    rows = [("MODEL", "FAMILY", "MODALITIES", "STREAMS", "SIZE", "FRAMES", "SOURCE")]
+    for facts in listed:
+        rules = facts.rules
+        rows.append((facts.model_id, facts.family, ",".join(facts.modalities),
+                     "yes" if facts.streams_while_generating else "no",
+                     f"×{rules.spatial_multiple} ≤{rules.max_side}px",
+                     f"{rules.temporal_multiple}k+1 ≤{rules.max_frames}", facts.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for problem in problems:
+        print(f"cannot serve {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_verify(args) -> int:
     """Provenance of a video file: C2PA state and assertions, the watermark, and its job when the log is reachable."""
     from consumers.verify import verify_file
@@ -395,9 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--preset", choices=("quality", "fast"), default="quality",
                         help="quality: 50 steps with guidance 5; fast: 4 steps, no guidance (distilled checkpoints)")
     submit.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
+    submit.add_argument("--guidance-2", type=float, default=None,
+                        help="guidance of a two-expert model's low-noise expert (default: as --guidance)")
     submit.add_argument("--fps", type=int, default=8)
     submit.add_argument("--model", default=None,
                         help="model id, or the path of a local diffusers-format directory (default: tiny-wan)")
+    submit.add_argument("--image", default=None, metavar="FILE",
+                        help="image-to-video: the input image (PNG, JPEG or WebP, at most 10 MiB and 4096×4096)")
     submit.add_argument("--follow", action="store_true")
     generation_args(submit)
 
@@ -409,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("prompt", nargs="?", default=SAMPLE_PROMPT)
     # 256x256: the smallest size the invisible watermark fits in, so the demo's video carries one.
     generation_args(demo, frames=17, steps=30, size="256x256")
+
+    models = sub.add_parser("models", help="every model this platform serves: id, family, modalities (t2v, i2v, "
+                                           "audio), whether it streams while generating, parameter limits")
+    models.add_argument("--json", action="store_true")
 
     verify = sub.add_parser("verify", help="C2PA validation, watermark and job of a video file (exit 0: trusted "
                                            "and watermarked)")
@@ -440,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
-    "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify,
+    "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify, "models": cmd_models,
     "autoscale": cmd_autoscale, "audit": cmd_audit, "gateway": cmd_gateway, "simulate": cmd_simulate,
 }
 

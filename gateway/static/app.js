@@ -84,10 +84,12 @@
     el.hidden = false;
   }
 
-  // -- the H.264 codec string, from the init segment's avcC box -----------------------------------------------
+  // -- the codec strings, from the init segment's sample entries -----------------------------------------------
   // ISO-BMFF: moov > trak > mdia > minf > stbl > stsd > avc1 > avcC. avcC's payload starts with
   // configurationVersion, AVCProfileIndication, profile_compatibility, AVCLevelIndication: "avc1.PPCCLL".
+  // A video with sound also has an mp4a entry: the platform's AAC is always AAC-LC, "mp4a.40.2".
   const CONTAINERS = new Set(["moov", "trak", "mdia", "minf", "stbl"]);
+  const AAC_LC_CODEC = "mp4a.40.2";
 
   function boxes(bytes, start, end, visit) {
     const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -111,8 +113,9 @@
     return null;
   }
 
-  function avcCodecString(init) {
+  function codecStrings(init) {
     const hex = (b) => b.toString(16).padStart(2, "0");
+    const codecs = [];
     let entry = "avc1";
     const visit = (type, body, end) => {
       if (CONTAINERS.has(type)) return boxes(init, body, end, visit);
@@ -122,11 +125,13 @@
         return boxes(init, body + 78, end, visit);
       }
       if (type === "avcC" && end - body >= 4) {
-        return `${entry}.${hex(init[body + 1])}${hex(init[body + 2])}${hex(init[body + 3])}`;
+        codecs.push(`${entry}.${hex(init[body + 1])}${hex(init[body + 2])}${hex(init[body + 3])}`);
       }
-      return null;
+      if (type === "mp4a") codecs.push(AAC_LC_CODEC);
+      return null; // keep walking: every track counts
     };
-    return boxes(init, 0, init.length, visit);
+    boxes(init, 0, init.length, visit);
+    return codecs;
   }
 
   // -- playing while decoding: Media Source Extensions over the fMP4 segments ----------------------------------
@@ -154,7 +159,10 @@
       try {
         if (!window.MediaSource) throw new Error("this browser has no Media Source Extensions");
         const init = await fetchBytes(initUrl);
-        const codec = avcCodecString(init) || FALLBACK_CODEC;
+        // A SourceBuffer must be told of every track the segments carry (the sound too), or appending them fails.
+        const codecs = codecStrings(init);
+        if (!codecs.some((c) => c.startsWith("avc"))) codecs.unshift(FALLBACK_CODEC);
+        const codec = codecs.join(", ");
         const type = `video/mp4; codecs="${codec}"`;
         diag.live.codec = codec;
         if (!MediaSource.isTypeSupported(type)) throw new Error(`this browser cannot play ${type}`);
@@ -191,7 +199,7 @@
           this.pending.delete(this.next);
           this.next += 1;
           diag.live.appended += 1;
-          if (this.video.paused && !this.video.ended) this.video.play().catch(() => {});
+          if (this.video.paused && !this.video.ended) playWithSound(this.video);
           if (segment.is_last && this.mediaSource.readyState === "open") {
             this.mediaSource.endOfStream();
             diag.live.ended = true;
@@ -238,6 +246,16 @@
   }
 
   // -- the video element --------------------------------------------------------------------------------------
+  // With sound where the browser lets a page start it (the click on Generate usually counts); where it refuses,
+  // muted, and the player's own controls turn the sound on.
+  function playWithSound(video) {
+    video.play().catch((error) => {
+      if (!error || error.name !== "NotAllowedError") return; // e.g. the source changed: not about sound
+      video.muted = true;
+      video.play().catch(() => {});
+    });
+  }
+
   function watchVideo(video) {
     const stats = () => (mode === "final" ? diag.final : mode === "live" ? diag.live : null);
     video.addEventListener("playing", () => {
@@ -263,7 +281,7 @@
     diag.final.src = url;
     video.loop = true; // a generated clip is short: keep it going
     video.src = withKey(url);
-    video.play().catch(() => {}); // muted, so autoplay is allowed
+    playWithSound(video);
     $("player-caption").textContent = "The published video: watermarked and C2PA-signed.";
   }
 

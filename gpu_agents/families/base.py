@@ -1,0 +1,328 @@
+"""What a model family is: everything a stage needs to know about a kind of model, in one place.
+
+A family module (gpu_agents/families/<name>.py) declares, for the models of one diffusers pipeline family:
+
+1. **Where its models come from**: the tiny built-in variants (built in code with fixed seeds, nothing downloaded)
+   and which local diffusers directories it claims (by their model_index.json);
+2. **Its facts**: modalities (t2v, i2v, audio), whether it streams while generating, and its parameter rules (size
+   and frame multiples, limits) — known without loading a weight, so the gateway, `vidgen submit` and
+   `vidgen models` check against the same facts the GPU agent does;
+3. **Its parts, loaded per stage**: the text encoder (prompt encoder), the denoiser (GPU agent) and the VAE
+   (decoder, and the GPU agent for image conditioning);
+4. **Its explicit denoising step** (`Denoiser.predict`): the model call(s) of one step, guidance included. The
+   loop itself (gpu_agents/denoise.py) is shared, so progress, checkpoints, bit-identical resume, cancellation and
+   preemption work the same for every family;
+5. **Its decode**: a `ChunkDecoder` that turns the job's latent chunks, in order, into frames — causal chunk by
+   chunk where that is exact, or whole then cut where it is not (`causal_decode`).
+
+Stages talk to families only through these types (via gpu_agents/models.py's ModelCatalogue); none of them asks
+which family a model belongs to.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+T2V, I2V, AUDIO = "t2v", "i2v", "audio"
+
+
+class InvalidParamsError(ValueError):
+    """Raised when generation parameters cannot be used with a model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Facts: what is known of a model without loading it
+# --------------------------------------------------------------------------------------------------
+
+
+def _require_int(name: str, value: Any) -> int:
+    # bool is an int subclass; True as a frame count is a bug upstream, not a request for 1 frame.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidParamsError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ParamRules:
+    """Which sizes, frame counts and step counts a model can generate.
+
+    Pixel sides are multiples of ``spatial_multiple`` (VAE compression × transformer patch); frame counts have the
+    form ``temporal_multiple``·k + 1 (the causal VAE keeps the first frame and compresses the rest).
+    """
+
+    spatial_multiple: int = 16
+    temporal_multiple: int = 4
+    max_side: int = 1920
+    max_frames: int = 257
+    max_steps: int = 1000
+
+    def check(self, width: Any, height: Any, num_frames: Any, steps: Any, guidance_scale: Any) -> None:
+        """Raise InvalidParamsError naming the first parameter the model cannot use as given.
+
+        Unlike the diffusers pipelines, which silently round bad sizes, these are refused so the requester knows.
+        """
+        for name, value in (("width", width), ("height", height)):
+            value = _require_int(name, value)
+            if value <= 0 or value % self.spatial_multiple != 0:
+                raise InvalidParamsError(f"{name} must be a positive multiple of {self.spatial_multiple}, got {value}")
+            if value > self.max_side:
+                raise InvalidParamsError(f"{name} must be at most {self.max_side} pixels, got {value}")
+        num_frames = _require_int("num_frames", num_frames)
+        m = self.temporal_multiple
+        if num_frames < 1 or num_frames % m != 1 % m:
+            raise InvalidParamsError(
+                f"num_frames must have the form {m}k+1 (1, {m + 1}, {2 * m + 1}, ...), got {num_frames}")
+        if num_frames > self.max_frames:
+            raise InvalidParamsError(f"num_frames must be at most {self.max_frames}, got {num_frames}")
+        steps = _require_int("steps", steps)
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidParamsError(f"steps must be between 1 and {self.max_steps}, got {steps}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise InvalidParamsError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InvalidParamsError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+
+    def as_dict(self) -> dict:
+        return {"spatial_multiple": self.spatial_multiple, "temporal_multiple": self.temporal_multiple,
+                "max_side": self.max_side, "max_frames": self.max_frames, "max_steps": self.max_steps}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model as `vidgen models` lists it and as requests are checked against it."""
+
+    model_id: str
+    family: str
+    modalities: tuple[str, ...]  # T2V, I2V, AUDIO
+    rules: ParamRules
+    streams_while_generating: bool = False
+    experts: int = 1  # denoising models switched by timestep (Wan 2.2 A14B: 2), each with its guidance scale
+    source: str = "built-in"  # or the local directory
+    description: str = ""
+
+    @property
+    def needs_image(self) -> bool:
+        """Image-to-video only: a request without an input image cannot be generated."""
+        return I2V in self.modalities and T2V not in self.modalities
+
+    def check_image(self, has_image: bool) -> None:
+        if has_image and I2V not in self.modalities:
+            raise InvalidParamsError(f"model {self.model_id!r} is text-to-video only: it takes no input_reference")
+        if not has_image and self.needs_image:
+            raise InvalidParamsError(f"model {self.model_id!r} is image-to-video: it needs an input_reference image")
+
+    def check_guidance_2(self, guidance_scale_2: Any) -> None:
+        if guidance_scale_2 is None:
+            return
+        if self.experts < 2:
+            raise InvalidParamsError(f"guidance_scale_2 guides a second expert; model {self.model_id!r} has one")
+        if isinstance(guidance_scale_2, bool) or not isinstance(guidance_scale_2, numbers.Real) or \
+                not math.isfinite(guidance_scale_2) or guidance_scale_2 < 0:
+            raise InvalidParamsError(f"guidance_scale_2 must be a finite number >= 0, got {guidance_scale_2!r}")
+
+    def as_dict(self) -> dict:
+        return {"id": self.model_id, "family": self.family, "modalities": list(self.modalities),
+                "streams_while_generating": self.streams_while_generating, "experts": self.experts,
+                "limits": self.rules.as_dict(),
+                "source": self.source, "description": self.description}
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts handed to the stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEncoderParts:
+    """What the text-encoding stage needs; ``family.encode_prompts(parts, prompts)`` turns prompts into embeddings."""
+
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: PreTrainedModel
+    max_sequence_length: int
+    # Two models with the same encoder_id produce identical prompt embeddings, so embeddings can be reused between
+    # them (the tiny built-in models share one).
+    encoder_id: str
+    family: "ModelFamily" = field(compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance of one job: on when ``scale`` > 1. Two-expert models guide their second (low-noise)
+    expert with ``scale_2``."""
+
+    scale: float
+    scale_2: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0
+
+
+#: Constant inputs of a job besides its prompt (an encoded input image, masks), rebuilt from the job's inputs at
+#: every start and resume (deterministically), so a checkpoint need not hold them.
+Condition = Mapping[str, torch.Tensor]
+
+
+class Denoiser(ABC):
+    """A family's denoising model: one step's prediction, with the scheduler recipe and the latent geometry.
+
+    The shared loop (gpu_agents/denoise.py) owns the scheduler and the step order; a Denoiser only says what the
+    model predicts at timestep t. That split is what makes resume exact for every family: the loop's state is the
+    latents plus the scheduler's, and nothing else changes from step to step.
+    """
+
+    transformer: torch.nn.Module  # the (first) denoising model: its device and dtype are the job's
+    scheduler_class: type[SchedulerMixin]
+    scheduler_config: Mapping[str, Any]
+
+    def new_scheduler(self) -> SchedulerMixin:
+        """A fresh scheduler: schedulers carry per-run state, so every job needs its own."""
+        return self.scheduler_class.from_config(self.scheduler_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module to place on the agent's device."""
+        return [self.transformer]
+
+    @abstractmethod
+    def latent_shape(self, width: int, height: int, num_frames: int, batch_size: int = 1) -> tuple[int, ...]:
+        """The shape of the job's initial noise (batch first)."""
+
+    def prepare_latents(self, width: int, height: int, num_frames: int, seed: int, batch_size: int = 1, *,
+                        fps: float | None = None) -> torch.Tensor:
+        """Initial noise, as the family's pipeline draws it with ``generator=torch.Generator().manual_seed(seed)``:
+        always on the CPU generator (then moved), so a seed gives the same video on every machine.
+
+        ``fps``: the job's frame rate, for families whose latents depend on it (LTX-2: the audio's length and the
+        temporal positions); None means the family's default. Others ignore it."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return randn_tensor(self.latent_shape(width, height, num_frames, batch_size), generator=generator,
+                            device=self.device, dtype=torch.float32)
+
+    def condition(self, image: Any, vae: torch.nn.Module, width: int, height: int, num_frames: int
+                  ) -> Condition:
+        """The job's constant inputs from its input image (a PIL image); families without image input refuse."""
+        raise InvalidParamsError(f"{type(self).__name__} takes no input image")
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                negative_prompt_embeds: torch.Tensor | None, guidance: Guidance, condition: Condition | None
+                ) -> torch.Tensor:
+        """The model output the scheduler steps with, at timestep ``t`` (guidance applied).
+
+        A family whose guidance needs the step's sigma (LTX-2 guides in x0 space) may return instead an object its
+        own scheduler class (``scheduler_class``) finishes in ``step``; the loop only hands it over."""
+
+    def finish(self, latents: torch.Tensor, condition: Condition | None) -> torch.Tensor:
+        """The final latents from the last step's (e.g. a conditioning frame put back in place)."""
+        return latents
+
+    def outputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Final latents -> (video latents (B, C, T, H, W) to cut into chunks, other outputs by name). A family that
+        denoises more than video in one tensor (LTX-2: {"audio": audio latents}) separates them here."""
+        return latents, {}
+
+
+class ChunkDecoder(Protocol):
+    """Turns a job's latent chunks, in order, into uint8 frames (F, H, W, 3), one job state per job.
+
+    A state is a dataclass with a ``frames_decoded`` count; ``decode_chunk`` advances it only once the chunk has
+    decoded (a chunk that raises can be retried on the same state), and callers may advance a
+    ``dataclasses.replace`` copy to keep the old state until their own work has succeeded too.
+    """
+
+    def new_state(self) -> Any: ...
+
+    def decode_chunk(self, state: Any, latent_chunk: torch.Tensor) -> np.ndarray: ...
+
+
+class AudioDecoder(Protocol):
+    """What a family with AUDIO in its modalities adds to its ChunkDecoder: the ``"audio"`` output of
+    ``Denoiser.outputs`` -> (waveform float32 (samples, channels) in [-1, 1], sample rate)."""
+
+    def decode_audio(self, audio_latents: torch.Tensor) -> tuple[np.ndarray, int]: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# The family
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: its family, and the family's recipe for it (built in code, fixed seeds)."""
+
+    family: "ModelFamily"
+    recipe: Any
+    description: str = field(default="", compare=False)
+
+
+#: Where a model's parts come from: a family recipe (built in) or a local diffusers directory (a str path).
+Source = Any
+
+
+class ModelFamily(ABC):
+    """One diffusers pipeline family. Subclasses are stateless: the catalogue caches what they load."""
+
+    name: str
+
+    @abstractmethod
+    def builtins(self) -> dict[str, BuiltinModel]:
+        """The family's built-in models by id."""
+
+    @abstractmethod
+    def claims(self, model_index: Mapping[str, Any]) -> bool:
+        """Whether a local directory with this model_index.json is one of this family's."""
+
+    @abstractmethod
+    def facts(self, model_id: str, source: Source) -> ModelFacts:
+        """What is known of the model without loading weights (reads config files at most)."""
+
+    @abstractmethod
+    def max_sequence_length(self, source: Source) -> int:
+        """Text length prompts are padded/truncated to; cheap."""
+
+    @abstractmethod
+    def load_text_encoder(self, source: Source) -> TextEncoderParts: ...
+
+    @abstractmethod
+    def encode_prompts(self, parts: TextEncoderParts, prompts: list[str]) -> torch.Tensor:
+        """(B, sequence, dim) prompt embeddings, exactly as the family's pipeline encodes them."""
+
+    @abstractmethod
+    def token_counts(self, parts: TextEncoderParts, prompts: list[str]) -> list[int]:
+        """Tokens each prompt has before truncation, to tell which prompts encoding cuts."""
+
+    @abstractmethod
+    def load_denoiser(self, source: Source) -> Denoiser: ...
+
+    @abstractmethod
+    def load_vae(self, source: Source) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def chunk_decoder(self, vae: torch.nn.Module) -> ChunkDecoder:
+        """A decoder over ``vae`` for jobs' latent chunks."""
+
+    #: Whether decoding chunk by chunk equals a one-shot decode; where not, the agent emits one chunk per job.
+    causal_decode: bool = True
+
+    @abstractmethod
+    def pipeline(self, text: TextEncoderParts, denoiser: Denoiser, vae: torch.nn.Module, image: bool = False):
+        """The family's diffusers pipeline over the same modules (a reference for tests and benchmarks)."""
