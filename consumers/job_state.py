@@ -79,6 +79,8 @@ class JobState:
     attempt: int = 0  # 0 until a step has run; 1 for the first run, +1 per resume
     resumed_from_step: int | None = None
     agent_id: str | None = None
+    # A model that streams while generating: the chunk the newest step belongs to (its steps span all chunks).
+    generating_chunk: int | None = None
     # While the job waits in the fleet's queue (the scheduler's QueuePosition): None once it runs or has ended.
     queue_position: int | None = None  # 1 = starts next
     queue_waiting: int | None = None  # jobs waiting in the whole queue
@@ -203,6 +205,8 @@ def _apply_step(state: JobState, event: dict, at: int) -> None:
     state.step_ms = event.get("step_ms")
     state.resumed_from_step = event.get("resumed_from_step")
     state.agent_id = event.get("agent_id") or state.agent_id
+    if event.get("chunk_count") is not None:
+        state.generating_chunk, state.chunk_count = event.get("chunk_index"), event["chunk_count"]
 
 
 def _apply_checkpoint(state: JobState, event: dict, at: int) -> None:
@@ -426,6 +430,8 @@ def to_public(state: JobState | dict) -> dict:
         "queue_at": state.queue_at,
         "attempt": state.attempt,
         "resumed_from_step": state.resumed_from_step,
+        "generating_chunk": state.generating_chunk,
+        "chunk_count": state.chunk_count,
         "checkpoints": {"count": len(state.checkpoints),
                         "last_step": state.last_checkpoint["step"] if state.last_checkpoint else None},
         "segments": copy.deepcopy(state.segments),

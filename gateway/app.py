@@ -11,6 +11,8 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   GET    /v1/videos/{video_id}/published/{name}  files of the published set (rendition playlists and media)
   GET    /v1/videos/{video_id}/events        websocket: the job's state, then every change (gateway/events.py)
   GET    /v1/events                          websocket: all of the tenant's jobs (gateway/events.py)
+  GET    /v1/models                          the models this gateway serves (OpenAI list shape + `vidgen`: facts)
+  GET    /v1/models/{model_id}               one of them; 404 model_not_found for any other id
   GET    /openapi.json, /healthz, /, /static/{filename}   without authentication
 
 Tenancy and limits (gateway/tenants.py, gateway/limits.py):
@@ -684,6 +686,49 @@ async def tenant_events(request: web.Request) -> web.StreamResponse:
     return await handler(request)
 
 
+
+# -- models ----------------------------------------------------------------------------------------------------------
+def _model_ids_served(app: web.Application) -> list[str]:
+    """The gateway's model ids, its default model first (what the web page preselects)."""
+    default = app["settings"].default_model
+    ids = list(app["model_ids"])
+    return [default, *(i for i in ids if i != default)] if default in ids else ids
+
+
+#: What a model object's ``vidgen`` carries of ModelFacts.as_dict() (``source`` may name a server directory: never).
+MODEL_FACTS = ("family", "modalities", "streams_while_generating", "experts", "limits", "description")
+
+
+def model_object(app: web.Application, model_id: str) -> dict:
+    """The OpenAI model object, plus ``vidgen``: the model's facts (never its source directory)."""
+    facts = app["catalogue"].facts(model_id).as_dict()
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "vidgen",
+            "vidgen": {**{k: facts[k] for k in MODEL_FACTS}, "default": model_id == app["settings"].default_model}}
+
+
+
+async def list_models(request: web.Request) -> web.Response:
+    data = []
+    for model_id in _model_ids_served(request.app):
+        try:
+            data.append(model_object(request.app, model_id))
+        except Exception as exc:  # noqa: BLE001 - a broken model directory must not hide the other models
+            log.warning("model %s left out of /v1/models: %s", model_id, exc)
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    if model_id not in request.app["model_ids"]:
+        raise ApiError(404, "model_not_found", f"no model with id {model_id!r}; GET /v1/models lists them",
+                       param="model_id")
+    try:
+        return web.json_response(model_object(request.app, model_id))
+    except Exception as exc:  # noqa: BLE001 - e.g. its directory is gone: say so, without the path
+        log.warning("model %s: facts unavailable: %s", model_id, exc)
+        raise ApiError(503, "model_unavailable", f"model {model_id!r} cannot be read right now") from None
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app["openapi"])
 
@@ -777,6 +822,15 @@ ROUTES: list[Route] = [
           websocket=True, tag="events",
           responses={101: ("switching to the websocket protocol; messages are Envelope", {
               "application/json": {"schema": {"$ref": _V + "Envelope"}}})}),
+    Route("GET", "/v1/models", list_models, "listModels", "The models this gateway serves",
+          description=("OpenAI's model list; each model's `vidgen` says its family, modalities (t2v, i2v, audio), "
+                       "whether it streams while generating (chunk after chunk, playable before the last step) and "
+                       "its limits (sizes are multiples of spatial_multiple up to max_side; frames have the form "
+                       "temporal_multiple·k+1 up to max_frames). The gateway's default model comes first."),
+          tag="models", responses={200: ("the models", "ModelList")}),
+    Route("GET", "/v1/models/{model_id:.+}", get_model, "getModel", "One model the gateway serves", tag="models",
+          responses={200: ("the model", "Model"), 404: ("the gateway serves no model with this id", "Error"),
+                     503: ("the model's configuration cannot be read", "Error")}),
     Route("GET", "/openapi.json", openapi_json, "openapi", "This document", auth=False, tag="meta",
           responses={200: ("the OpenAPI 3.1 document", {"application/json": {"schema": {"type": "object"}}})}),
     Route("GET", "/healthz", healthz, "health", "Liveness", auth=False, tag="meta",

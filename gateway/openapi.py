@@ -159,6 +159,9 @@ SCHEMAS: dict[str, dict] = {
             "queue_at": _nullable({"type": "integer", "description": "epoch ms of the scheduler's estimate"}),
             "attempt": {"type": "integer"},
             "resumed_from_step": _nullable({"type": "integer"}),
+            "generating_chunk": _nullable({"type": "integer", "description": "a model that streams while "
+                                           "generating: the chunk being denoised (0-based)"}),
+            "chunk_count": _nullable({"type": "integer", "description": "the job's latent chunks, once known"}),
             "checkpoints": {"type": "object"},
             "segments": {"type": "array", "items": {"type": "object", "properties": {
                 "index": {"type": "integer"}, "url": {"type": "string"}, "frame_start": {"type": "integer"},
@@ -184,6 +187,44 @@ SCHEMAS: dict[str, dict] = {
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Video")},
                        "first_id": _nullable({"type": "string"}), "last_id": _nullable({"type": "string"}),
                        "has_more": {"type": "boolean"}},
+    },
+    "Model": {
+        "type": "object", "required": ["id", "object", "created", "owned_by", "vidgen"],
+        "description": "OpenAI's model object, plus `vidgen`: what requests to this model are checked against.",
+        "properties": {
+            "id": {"type": "string", "description": "the `model` of POST /v1/videos"},
+            "object": {"const": "model"},
+            "created": {"type": "integer", "description": "always 0"},
+            "owned_by": {"const": "vidgen"},
+            "vidgen": {
+                "type": "object",
+                "required": ["family", "modalities", "streams_while_generating", "experts", "limits", "default"],
+                "properties": {
+                    "family": {"type": "string", "description": "e.g. wan, ltx2"},
+                    "modalities": {"type": "array", "items": {"type": "string", "enum": ["t2v", "i2v", "audio"]},
+                                   "description": "t2v: text-to-video; i2v: needs or takes input_reference; "
+                                                  "audio: the video has a sound track"},
+                    "streams_while_generating": {
+                        "type": "boolean",
+                        "description": "true: chunk after chunk, each playable while later ones are denoised; "
+                                       "false: the segments come once the last step is done (while decoding)"},
+                    "experts": {"type": "integer", "minimum": 1,
+                                "description": "2: guidance_scale_2 guides the low-noise expert"},
+                    "limits": {"type": "object", "properties": {
+                        "spatial_multiple": {"type": "integer", "description": "width and height are multiples"},
+                        "temporal_multiple": {"type": "integer", "description": "frames = temporal_multiple·k+1"},
+                        "max_side": {"type": "integer"}, "max_frames": {"type": "integer"},
+                        "max_steps": {"type": "integer"}}},
+                    "description": {"type": "string"},
+                    "default": {"type": "boolean", "description": "the model used when a request names none"},
+                }},
+        },
+    },
+    "ModelList": {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"},
+                       "data": {"type": "array", "items": _ref("Model"),
+                                "description": "the default model first"}},
     },
     "Envelope": {
         "type": "object", "required": ["type", "data"],

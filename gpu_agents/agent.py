@@ -18,6 +18,7 @@ from collections import deque
 
 import torch
 from PIL import Image
+from safetensors.torch import load as safetensors_load
 
 from compliance.input_image import InputImageError, read_input_image
 from streams import topics
@@ -73,7 +74,10 @@ class DenoisingAgent:
         prompt_embeds = ctx.blobs.get_tensor(job["prompt_embeds"]).to(device)
         negative_ref = job["negative_prompt_embeds"] if guidance.enabled else None
         negative_embeds = ctx.blobs.get_tensor(negative_ref).to(device) if negative_ref else None
-        total = params["steps"]
+        # A family that streams while generating denoises chunk after chunk: its steps span all chunks, and each chunk
+        # leaves for the decoder the moment it is final. Others: chunk_count None, the chunks follow the last step.
+        chunk_count, total = denoiser.chunk_plan(params["width"], params["height"], params["num_frames"],
+                                                 params["steps"])
         self.progress = (0, total)
 
         scheduler = denoiser.new_scheduler()
@@ -100,6 +104,8 @@ class DenoisingAgent:
             # heard of. Announcing it again (same derived event id: a copy at worst) keeps "every resume starts at a
             # checkpointed step" true in the log, not only on disk.
             announce(resumed, resumed_ref)
+            if chunk_count is not None:
+                self.reemit_finished_chunks(job, start_step * chunk_count // total, chunk_count, attempt, ctx)
 
         def checkpoint(step: StepInfo) -> None:
             self.writer.submit(capture(
@@ -122,7 +128,13 @@ class DenoisingAgent:
                 step=step.step, total_steps=total, attempt=attempt,
                 resumed_from_step=start_step if resumed is not None else None,
                 step_ms=step.elapsed_s * 1000.0, agent_id=self.agent_id,
+                chunk_index=None if chunk_count is None else (step.step - 1) * chunk_count // total,
+                chunk_count=chunk_count,
             ))
+            if chunk_count is not None:
+                finished = denoiser.finished_chunk(step.latents)
+                if finished is not None:  # before any checkpoint of this step: a resume never skips an unsent chunk
+                    self.emit_chunk(job, *finished, chunk_count, attempt, ctx)
             # Before the result becomes final, make sure the scheduler has not given the job to another agent.
             stop = ctx.confirm() if step.step == total else ctx.stop_reason()
             if stop == "cancelled":
@@ -145,8 +157,9 @@ class DenoisingAgent:
         finally:
             self.writer.drain()  # every checkpoint announced before the job's outcome is flushed
 
-        video, other_outputs = denoiser.outputs(latents.cpu())
-        self.emit_chunks(job, video, other_outputs.get("audio"), attempt, ctx)
+        if chunk_count is None:
+            video, other_outputs = denoiser.outputs(latents.cpu())
+            self.emit_chunks(job, video, other_outputs.get("audio"), attempt, ctx)
 
     def condition(self, params: dict, denoiser, ctx: StageContext):
         """The job's input image encoded as its model's family conditions on it; None for text-to-video."""
@@ -162,24 +175,44 @@ class DenoisingAgent:
 
     def emit_chunks(self, job: dict, latents: torch.Tensor, audio: torch.Tensor | None, attempt: int,
                     ctx: StageContext) -> None:
-        """All blobs first, then the events, in order: a decoder never waits on a blob. A family whose decode is not
-        causal gets the whole latent as one chunk; audio latents (a family that makes sound) go with the last."""
-        job_id = job["job_id"]
+        """The final latent, cut into chunks, in order. A family whose decode is not causal gets the whole latent as
+        one chunk; audio latents (a family that makes sound) go with the last."""
         frames_per_chunk = self.models.chunk_frames(job["params"]["model"], self.chunk_frames) or latents.shape[2]
         chunks = split_latent_chunks(latents, frames_per_chunk)
-        refs = [ctx.blobs.put_tensor(chunk, job_id, f"latent-{i:04d}.safetensors") for i, chunk in enumerate(chunks)]
+        for index, chunk in enumerate(chunks):
+            self.emit_chunk(job, index, chunk, len(chunks), attempt, ctx, audio=audio if index == len(chunks) - 1
+                            else None, latent_frame_start=index * frames_per_chunk)
+
+    def emit_chunk(self, job: dict, index: int, latents: torch.Tensor, chunk_count: int, attempt: int,
+                   ctx: StageContext, audio: torch.Tensor | None = None, latent_frame_start: int | None = None
+                   ) -> None:
+        """One chunk: its blobs first, then its event (a decoder never waits on a blob). The event id derives from
+        the job and the chunk, so a chunk sent again (a resume) is a copy the decoder ignores."""
+        job_id = job["job_id"]
+        ref = ctx.blobs.put_tensor(latents, job_id, chunk_blob_name(index))
         audio_ref = None if audio is None else ctx.blobs.put_tensor(audio.contiguous(), job_id,
                                                                      "audio-latents.safetensors")
-        frame_start = 0
-        for index, (chunk, ref) in enumerate(zip(chunks, refs)):
-            ctx.emit(topics.LATENT_CHUNKS, ctx.event(
-                job_id, "chunk", index,
-                tenant=job["tenant"], chunk_index=index, chunk_count=len(chunks),
-                latent_frame_start=frame_start, latent_frames=chunk.shape[2], latent=ref, params=job["params"],
-                attempt=attempt, prompt_sha256=job.get("prompt_sha256", ""), requested_at=job.get("requested_at"),
-                audio_latents=audio_ref if index == len(chunks) - 1 else None,
-            ))
-            frame_start += chunk.shape[2]
+        ctx.emit(topics.LATENT_CHUNKS, ctx.event(
+            job_id, "chunk", index,
+            tenant=job["tenant"], chunk_index=index, chunk_count=chunk_count,
+            latent_frame_start=index * latents.shape[2] if latent_frame_start is None else latent_frame_start,
+            latent_frames=latents.shape[2], latent=ref, params=job["params"], attempt=attempt,
+            prompt_sha256=job.get("prompt_sha256", ""), requested_at=job.get("requested_at"), audio_latents=audio_ref,
+        ))
+
+    def reemit_finished_chunks(self, job: dict, finished: int, chunk_count: int, attempt: int,
+                               ctx: StageContext) -> None:
+        """A resumed streaming job: its chunks finished before the checkpoint, sent again from their blobs. The agent
+        that made them may have died before its events left; the decoder takes the first copy of each."""
+        for index in range(finished):
+            data = ctx.blobs.read(job["job_id"], chunk_blob_name(index))
+            if data is None:  # stored before any checkpoint after it: a checkpoint without it was not made here
+                raise JobInterrupted(f"chunk {index} of a checkpointed job has no blob")
+            self.emit_chunk(job, index, safetensors_load(data)["tensor"], chunk_count, attempt, ctx)
+
+
+def chunk_blob_name(index: int) -> str:
+    return f"latent-{index:04d}.safetensors"
 
 
 STAGE = Stage(

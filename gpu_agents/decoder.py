@@ -1,6 +1,7 @@
 """vae-decoder: LatentChunk × K → causal VAE decode, chunk by chunk → a playable fMP4 segment per chunk → VideoDecoded.
 
-Consumes vidgen.latent-chunks. Emits vidgen.decoded: one event per segment as soon as it is decoded, each naming
+Consumes vidgen.latent-chunks, and vidgen.cancelled / vidgen.failed to let go of a job that stopped before its last
+chunk (a model that streams while generating sends chunks as they finish). Emits vidgen.decoded: one event per segment as soon as it is decoded, each naming
 the segment, the job's init segment and the live HLS playlist (EVENT, then ENDLIST); the last also names the
 complete video. Each job keeps its own causal cache, so jobs interleaved on one decoder never mix, and the frames
 equal a one-shot decode of the whole latent. Early chunks wait for their turn (even ahead of chunk 0);
@@ -67,7 +68,21 @@ class VaeDecoder:
     def decoder(self, model_id: str) -> ChunkDecoder:
         return self.models.chunk_decoder(model_id)
 
-    def handle(self, chunk: dict, ctx: StageContext) -> None:
+    def handle(self, event: dict, ctx: StageContext) -> None:
+        if ctx.source.topic != topics.LATENT_CHUNKS.name:
+            self.end_early(event["job_id"], ctx)
+            return
+        self.decode_chunks(event, ctx)
+
+    def end_early(self, job_id: str, ctx: StageContext) -> None:
+        """The job was cancelled or failed. A model that streams while generating may have sent some of its chunks:
+        their segments stay playable, the rest never comes, so the held inputs are committed and later copies of
+        its chunks ignored."""
+        if self.jobs.pop(job_id, None) is not None:
+            ctx.release(job_id)
+        self._remember_finished(job_id)
+
+    def decode_chunks(self, chunk: dict, ctx: StageContext) -> None:
         check_chunk(chunk)
         job_id = chunk["job_id"]
         job = self.jobs.get(job_id)
@@ -78,8 +93,9 @@ class VaeDecoder:
             # first latent frame yields 1 video frame, every later one temporal_multiple, e.g. 4 for Wan).
             frames_per_latent = self.models.facts(chunk["params"]["model"]).rules.temporal_multiple
             longest_s = frames_per_latent * chunk["latent_frames"] / chunk["params"]["fps"]
-            job = self.jobs[job_id] = JobStream(self.decoder(chunk["params"]["model"]).new_state(),
-                                                chunk["chunk_count"], playlist=HlsPlaylist(INIT_SEGMENT, longest_s))
+            state = self.decoder(chunk["params"]["model"]).new_state(chunk["params"]["num_frames"])
+            job = self.jobs[job_id] = JobStream(state, chunk["chunk_count"],
+                                                playlist=HlsPlaylist(INIT_SEGMENT, longest_s))
         if chunk["chunk_count"] != job.chunk_count:
             raise InvalidEvent(f"chunk says {chunk['chunk_count']} chunks, the job's first said {job.chunk_count}")
         if chunk["chunk_index"] >= job.next_index:
@@ -161,7 +177,8 @@ class VaeDecoder:
 
 STAGE = Stage(
     name="vae-decoder",
-    consumes=(topics.LATENT_CHUNKS,),
+    # The end of a job that stopped early (cancelled, failed), so a partly streamed job does not hold its partition.
+    consumes=(topics.LATENT_CHUNKS, topics.CANCELLED, topics.FAILED),
     emits=(topics.DECODED,),
     build=VaeDecoder,
     doc=__doc__,

@@ -65,8 +65,8 @@ class CausalVaeDecoder:
         # diffusers counts the decoder's causal convs once, for clear_cache; a state has that many slots.
         self.cache_slots: int = vae._cached_conv_counts["decoder"]
 
-    def new_state(self) -> CausalDecodeState:
-        """The state of a job that has decoded nothing yet."""
+    def new_state(self, num_frames: int | None = None) -> CausalDecodeState:
+        """The state of a job that has decoded nothing yet (its length is in its latents: ``num_frames`` unused)."""
         return CausalDecodeState(feat_cache=[None] * self.cache_slots)
 
     @torch.inference_mode()

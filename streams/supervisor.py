@@ -25,7 +25,9 @@ SERVICE_NAMES = ("tracker", "archiver")
 #: On one machine the denoiser should win the cores: everything else only needs CPU between denoising steps, and
 #: on a small CPU box two torch threads stall whenever another process takes a core. (A real deployment puts the
 #: agents on their own GPU machines; this only shapes `vidgen up`, `demo`, the tests and the benchmarks.)
-FOREGROUND_STAGES = ("gpu-agent",)
+#: The decoder too: for a model that streams while generating it is on the path to the first frame, which must not
+#: wait for the last chunk's denoising (seen at nice 10 beside a browser: the first segment only after the last step).
+FOREGROUND_STAGES = ("gpu-agent", "vae-decoder")
 #: Stopped after every other process: the archiver keeps what they wrote last (streams/embedded.py restores it).
 STOPPED_LAST = ("archiver",)
 RESTORE_STATUS_FILE = "restore.json"  # written by the restore while `vidgen broker` starts (consumers/restore.py)

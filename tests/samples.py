@@ -19,7 +19,7 @@ def sample_events() -> dict[str, dict]:
                                     params=PARAMS, consent_ref=None),
         "PromptEncoded": encoded,
         "StepProgress": new_event(job, step=3, total_steps=20, attempt=2, resumed_from_step=2, step_ms=15.5,
-                                  agent_id="host-1"),
+                                  agent_id="host-1", chunk_index=0, chunk_count=4),
         "LatentCheckpointed": new_event(job, step=10, total_steps=20, attempt=1, checkpoint=BLOB, agent_id="host-1"),
         "LatentChunk": new_event(job, tenant="acme", chunk_index=1, chunk_count=2, latent_frame_start=2,
                                  latent_frames=1, latent=BLOB, params=PARAMS, attempt=1, prompt_sha256="ef" * 32,

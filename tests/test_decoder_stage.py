@@ -24,11 +24,28 @@ def _chunks(blobs, job_id, seed):
     return latent, chunks
 
 
-def _feed(decoder, blobs, chunk, emitted):
-    ctx = StageContext("vae-decoder", SourceMessage("vidgen.latent-chunks", 0, 0, chunk["job_id"]), blobs,
+def _feed(decoder, blobs, chunk, emitted, topic="vidgen.latent-chunks"):
+    ctx = StageContext("vae-decoder", SourceMessage(topic, 0, 0, chunk["job_id"]), blobs,
                        lambda topic, event, key, headers: emitted.append(event))
     decoder.handle(chunk, ctx)
     return ctx
+
+
+def test_a_job_that_ends_early_lets_go_of_its_chunks_and_keeps_its_segments(tmp_path):
+    """A model streaming while generating sent two chunks of three, then the job was cancelled: the two segments
+    stay, the held inputs are committed, and a late copy of a chunk decodes nothing."""
+    blobs = LocalBlobStore(tmp_path)
+    decoder = VaeDecoder(load_settings({"VIDGEN_VAR_DIR": str(tmp_path)}), blobs)
+    _, chunks = _chunks(blobs, "job-x", 4)
+    emitted = []
+    for chunk in chunks[:2]:
+        assert _feed(decoder, blobs, chunk, emitted).held == ["job-x"]
+    cancelled = new_event("job-x", "job-x-cancelled", reason="user asked", requested_by="t", stage="gpu-agent",
+                          stopped_at_step=3)
+    ctx = _feed(decoder, blobs, cancelled, emitted, topic="vidgen.cancelled")
+    assert ctx.released == ["job-x"] and "job-x" not in decoder.jobs
+    assert [e["segment_index"] for e in emitted] == [0, 1] and all(blobs.exists(e["segment"]) for e in emitted)
+    assert not _feed(decoder, blobs, chunks[2], emitted).held and len(emitted) == 2
 
 
 def test_out_of_order_duplicated_and_interleaved_chunks_make_the_right_videos(tmp_path):

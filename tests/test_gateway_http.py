@@ -414,7 +414,8 @@ async def test_a_waiting_job_shows_its_queue_position_and_eta_until_it_runs(tmp_
         _, video = await gw.post()
         job_id = video["id"]
         assert (video["queue_position"], video["queue_eta_seconds"]) == (None, None)  # not placed yet
-        gw.jobs.fold(topics.QUEUE.name, new_event(job_id, position=3, waiting=4, eta_s=12.25))
+        placed = new_event(job_id, position=3, waiting=4, eta_s=12.25)
+        gw.jobs.fold(topics.QUEUE.name, placed)
         _, waiting = await gw.get(f"/v1/videos/{job_id}")
         assert waiting["status"] == "queued"
         assert (waiting["queue_position"], waiting["queue_eta_seconds"]) == (3, 12.2)
@@ -423,7 +424,9 @@ async def test_a_waiting_job_shows_its_queue_position_and_eta_until_it_runs(tmp_
         _, listing = await gw.get("/v1/videos")
         assert [(v["id"], v["queue_position"], v["queue_eta_seconds"]) for v in listing["data"]] == [
             (job_id, 3, 12.2)]
-        gw.jobs.fold(topics.QUEUE.name, new_event(job_id, position=1, waiting=1, eta_s=None))
+        # A later position (the newest one counts: in the same millisecond the order would be the event ids').
+        moved = {**new_event(job_id, position=1, waiting=1, eta_s=None), "timestamp": placed["timestamp"] + 1}
+        gw.jobs.fold(topics.QUEUE.name, moved)
         _, unknown = await gw.get(f"/v1/videos/{job_id}")
         assert (unknown["queue_position"], unknown["queue_eta_seconds"]) == (1, None)
         gw.jobs.fold(topics.STEP_PROGRESS.name, new_event(job_id, step=1, total_steps=2, attempt=1, step_ms=10.0))
@@ -499,6 +502,69 @@ async def test_live_segments(tmp_path):
             assert response.status == 200 and await response.read() == data
         response, error = await gw.get(f"/v1/videos/{job_id}/segments/segment-00001.m4s")
         assert_error(response, error, 404, "file_not_found")
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+@async_test
+async def test_models_lists_what_the_gateway_serves_in_openai_shape(tmp_path):
+    from gateway.openapi import SCHEMAS
+    from gpu_agents.models import ModelCatalogue
+
+    async with Gateway(tmp_path) as gw:
+        response = await gw.client.get("/v1/models")
+        assert_error(response, await _json(response), 401, "missing_api_key")
+        response, models = await gw.get("/v1/models")
+        assert response.status == 200, models
+        assert models["object"] == "list"
+        ids = [m["id"] for m in models["data"]]
+        assert sorted(ids) == sorted(gw.app["model_ids"]) and ids[0] == gw.settings.default_model == "tiny-wan"
+        catalogue = ModelCatalogue(device="cpu")
+        for model in models["data"]:
+            facts = catalogue.facts(model["id"]).as_dict()
+            assert (model["object"], model["created"], model["owned_by"]) == ("model", 0, "vidgen")
+            assert model["vidgen"] == {**{k: facts[k] for k in ("family", "modalities", "streams_while_generating",
+                                                                  "experts", "limits", "description")},
+                                       "default": model["id"] == "tiny-wan"}, model
+            assert "source" not in model["vidgen"]
+            assert set(model) == set(SCHEMAS["Model"]["properties"])
+            assert set(model["vidgen"]) == set(SCHEMAS["Model"]["properties"]["vidgen"]["properties"])
+            assert set(model["vidgen"]["limits"]) == set(
+                SCHEMAS["Model"]["properties"]["vidgen"]["properties"]["limits"]["properties"])
+        by_id = {m["id"]: m for m in models["data"]}
+        assert by_id["tiny-wan2.2-i2v-a14b"]["vidgen"]["modalities"] == ["i2v"]
+        assert by_id["tiny-wan2.2-ti2v-5b"]["vidgen"]["limits"]["spatial_multiple"] == 32
+        assert by_id["tiny-wan2.2-a14b"]["vidgen"]["experts"] == 2
+
+        response, model = await gw.get("/v1/models/tiny-wan2.2-ti2v-5b", key=gw.other_key)
+        assert response.status == 200 and model == by_id["tiny-wan2.2-ti2v-5b"]
+        for unknown in ("nope", "tiny-wan/../etc", "%2Ftmp%2Fmodel"):
+            response, error = await gw.get(f"/v1/models/{unknown}")
+            assert_error(response, error, 404, "model_not_found", "model_id")
+        response = await gw.client.get("/v1/models/tiny-wan")
+        assert_error(response, await _json(response), 401, "missing_api_key")
+        response = await gw.client.get("/v1/models", params={"api_key": gw.acme_key})
+        assert response.status == 200  # as the web page asks
+
+
+@async_test
+async def test_models_put_the_default_first_and_never_show_a_directory(tmp_path):
+    from dataclasses import replace
+
+    gw = Gateway(tmp_path)
+    settings = replace(gw.settings, default_model="tiny-ltx2", model_dirs={"local-wan": str(tmp_path / "secret-dir")})
+    gw.app = build_app(settings, jobs=gw.jobs, tenants=gw.tenants, publisher=gw.publisher,
+                       static_dir=tmp_path / "static")
+    async with gw:
+        response, models = await gw.get("/v1/models")
+        assert response.status == 200, models
+        assert [m["id"] for m in models["data"] if m["vidgen"]["default"]] == ["tiny-ltx2"]
+        assert models["data"][0]["id"] == "tiny-ltx2"
+        # The directory does not exist: the model is left out of the list, and named without its path.
+        assert "local-wan" not in [m["id"] for m in models["data"]]
+        assert "secret-dir" not in json.dumps(models)
+        response, error = await gw.get("/v1/models/local-wan")
+        assert_error(response, error, 503, "model_unavailable")
+        assert "secret-dir" not in json.dumps(error)
 
 
 # -- errors and the document ------------------------------------------------------------------------------------------

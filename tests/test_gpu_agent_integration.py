@@ -14,7 +14,9 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
+from gpu_agents.video import read_mp4
 from streams import topics
+from streams.blobs import open_blob_store
 from streams.events import new_event
 from streams.kafka import producer_config
 from streams.serde import event_codec
@@ -143,6 +145,30 @@ def test_cancelling_a_waiting_job_and_a_running_one(platform):
     assert not log.of(job_id, topics.LATENT_CHUNKS)
     log.wait_for(lambda l: decisions(l, "DONE", job_id), 10, "the agent to be freed")
     assert [d["kind"] for d in decisions(log, job_id=job_id)] == ["QUEUED", "ASSIGNED", "DONE"]
+
+
+def test_cancelling_a_video_mid_stream_keeps_its_segments_and_ends_it_cancelled(platform):
+    """A model that streams while generating: chunks already out stay playable segments; the job stops at the next
+    step and ends cancelled, not published; the decoder lets go of it (a later job on the fleet is published)."""
+    log, requests, settings = platform["log"], platform["requests"], platform["settings"]
+    wait_for_idle_agents(log, 2)
+    job = dict(LONG_JOBS_BY_LAYOUT["helios"], steps=400)  # 5 chunks; cancelled during the second
+    job_id = requests.submit("a river delta from above", tier="standard", seed=8, **job)
+    log.wait_for(lambda l: [d for d in l.of(job_id, topics.DECODED) if d["segment_index"] == 0], 120,
+                 "the first segment")
+    requests.cancel(job_id, reason="seen enough", requested_by="test")
+    log.wait_for(lambda l: l.terminal(job_id), 30, "the cancellation")
+    [(topic, event)] = log.terminal(job_id)
+    assert topic == topics.CANCELLED.name and event["stage"] == "gpu-agent"
+    chunk_count = steps_of(log, job_id)[-1]["chunk_count"]
+    segments = {d["segment_index"]: d for d in log.of(job_id, topics.DECODED)}
+    assert 1 <= len(segments) < chunk_count and not log.of(job_id, topics.PUBLISHED)
+    blobs = open_blob_store(settings.blob_url)
+    first = segments[0]
+    frames = read_mp4(blobs.get(first["init_segment"]) + blobs.get(first["segment"]))
+    assert frames.shape == (first["frames"], job["height"], job["width"], 3), "a segment out stays playable"
+    after = requests.submit("the fleet goes on", tier="standard", seed=9, **dict(job, num_frames=33, steps=2))
+    log.wait_for(lambda l: l.of(after, topics.PUBLISHED), 120, "a later streaming job to be published")
 
 
 def test_a_failing_job_is_retried_then_failed_without_blocking_the_fleet(platform):

@@ -47,10 +47,14 @@ JOBS = [
          guidance_scale=4.0, seed=16, model="tiny-wan2.2-ti2v-5b", image=input_png()),
     dict(prompt="the picture comes alive", tier="free", steps=3, num_frames=5, width=32, height=48,
          guidance_scale=4.0, seed=17, model="tiny-wan2.2-i2v-a14b", image=input_png()),
+    # Helios: streams while generating, two chunks (33 frames each), each sent when final.
+    dict(prompt="a comet over a lake", tier="standard", steps=2, num_frames=37, width=32, height=32,
+         guidance_scale=4.0, seed=19, model="tiny-helios"),
     # LTX-2: video and audio together, decoded in one piece.
     dict(prompt="a drummer on a rooftop", tier="premium", steps=3, num_frames=9, width=64, height=32,
          guidance_scale=4.0, seed=18, model="tiny-ltx2"),
 ]
+STREAMING_JOB = len(JOBS) - 2
 AUDIO_JOB = len(JOBS) - 1
 GARBAGE = [b"this is not avro", b"\x00\x00\x00\x00\x63\x01\x02", b"\x00\xff\xff\xff\xff"]
 BLOCKED = dict(prompt="Abr4ham L1ncoln giving a speech", tier="premium", steps=2, num_frames=5, width=32, height=32,
@@ -142,22 +146,27 @@ def test_job_goes_through_every_stage_in_order(run, index):
 
     assert len(grouped[topics.REQUESTED.name]) == (2 if index == 0 else 1)  # job 0 was submitted twice
     assert len(grouped[encoded_topic]) == 1, "a repeated request is encoded once"
-    steps = [e.event["step"] for e in grouped[topics.STEP_PROGRESS.name]]
-    assert steps == list(range(1, job["steps"] + 1)), "one StepProgress per step, in order"
-    assert {e.event["total_steps"] for e in grouped[topics.STEP_PROGRESS.name]} == {job["steps"]}
-
-    # 1 latent frame per chunk here where the family decodes causally chunk by chunk; else the whole latent.
+    # A model that streams while generating takes `steps` per chunk: its steps span all chunks.
     catalogue, model = ModelCatalogue(), job.get("model", "tiny-wan")
+    streaming_chunks, total = catalogue.denoiser(model).chunk_plan(job["width"], job["height"], job["num_frames"],
+                                                                   job["steps"])
+    steps = [e.event["step"] for e in grouped[topics.STEP_PROGRESS.name]]
+    assert steps == list(range(1, total + 1)), "one StepProgress per step, in order"
+    assert {e.event["total_steps"] for e in grouped[topics.STEP_PROGRESS.name]} == {total}
+
+    # 1 latent frame per chunk here where the family decodes causally chunk by chunk; a streaming family's own
+    # chunks; else the whole latent.
     per_latent = catalogue.facts(model).rules.temporal_multiple
     latent_frames = (job["num_frames"] - 1) // per_latent + 1
-    count = latent_frames if catalogue.chunk_frames(model, 1) else 1
+    count = streaming_chunks or (latent_frames if catalogue.chunk_frames(model, 1) else 1)
     chunks = [e.event for e in grouped[topics.LATENT_CHUNKS.name]]
     assert [c["chunk_index"] for c in chunks] == list(range(count))
     assert all(c["chunk_count"] == count for c in chunks)
     segments = [e.event for e in grouped[topics.DECODED.name]]
     assert [d["segment_index"] for d in segments] == list(range(count)), "a segment per chunk, in order"
     assert [d["is_last"] for d in segments] == [False] * (count - 1) + [True]
-    assert [d["frame_start"] for d in segments] == [0] + [1 + per_latent * i for i in range(count - 1)]
+    assert [d["frame_start"] for d in segments] == [sum(d["frames"] for d in segments[:i]) for i in range(count)]
+    assert sum(d["frames"] for d in segments) == job["num_frames"]
     assert segments[-1]["video"] is not None and all(d["video"] is None for d in segments[:-1])
     assert len(grouped[topics.PUBLISHED.name]) == 1, "published exactly once"
     # A detector may annotate a job for review (random-weight models make noise); nothing may end it.
@@ -167,7 +176,8 @@ def test_job_goes_through_every_stage_in_order(run, index):
 
     # Causal order across stages: each stage's event was created after the one it came from.
     chain = [grouped[topics.REQUESTED.name][0], grouped[encoded_topic][0], grouped[topics.STEP_PROGRESS.name][0],
-             grouped[topics.STEP_PROGRESS.name][-1], grouped[topics.LATENT_CHUNKS.name][0],
+             grouped[topics.STEP_PROGRESS.name][-1],
+             max(grouped[topics.LATENT_CHUNKS.name], key=lambda e: e.event["chunk_index"]),
              grouped[topics.DECODED.name][-1], grouped[topics.PUBLISHED.name][0]]
     stamps = [e.event["timestamp"] for e in chain]
     assert stamps == sorted(stamps)
@@ -186,6 +196,21 @@ def test_published_mp4_decodes_to_the_requested_video(run, index):
     assert frames.shape == (job["num_frames"], job["height"], job["width"], 3)
     assert (published["frames"], published["width"], published["height"]) == (
         job["num_frames"], job["width"], job["height"])
+
+
+def test_a_model_that_streams_while_generating_sends_each_chunk_before_the_next_is_denoised(run):
+    job, job_id = JOBS[STREAMING_JOB], run["job_ids"][STREAMING_JOB]
+    grouped = _by_topic(run["events"][job_id])
+    steps = [e.event for e in grouped[topics.STEP_PROGRESS.name]]
+    chunk_count, total = ModelCatalogue().denoiser(job["model"]).chunk_plan(job["width"], job["height"],
+                                                                             job["num_frames"], job["steps"])
+    assert chunk_count >= 2 and [s["step"] for s in steps] == list(range(1, total + 1))
+    assert [(s["chunk_index"], s["chunk_count"]) for s in steps] == [
+        (i // job["steps"], chunk_count) for i in range(total)], "each step says its chunk"
+    first_chunk = min(e.event["timestamp"] for e in grouped[topics.LATENT_CHUNKS.name] if e.event["chunk_index"] == 0)
+    # Chunk 0 left when its own last step was done, before chunk 1's first step (how soon its segment plays while
+    # later chunks are denoised is timing: `vidgen bench streamgen` measures it).
+    assert first_chunk <= steps[job["steps"]]["timestamp"]
 
 
 def test_a_model_that_makes_sound_publishes_a_video_with_its_audio_track(run):

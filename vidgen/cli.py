@@ -27,6 +27,7 @@ BENCHMARKS = {
     "fanout": "bench.fanout", "chaos": "bench.chaos", "dispatch": "bench.dispatch",
     "restart": "bench.restart",
     "families": "bench.families",
+    "streamgen": "bench.streamgen",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 

@@ -1,5 +1,6 @@
-// vidgen web page: submit a prompt, follow the job over the gateway's websocket, play the fMP4 segments with
-// Media Source Extensions while the video is still decoding, then the final signed video and its provenance.
+// vidgen web page: pick a model, submit a prompt, follow the job over the gateway's websocket, play the fMP4 segments
+// with Media Source Extensions as they come (while the video is still decoding, and for a model that streams while
+// generating, while later chunks are still being denoised), then the final signed video and its provenance.
 // Plain browser JavaScript: no build step, no external scripts (the page works offline).
 "use strict";
 
@@ -15,13 +16,26 @@
     envelopes: [], // envelope types in arrival order
     progress: [], // [value, max] of every progress envelope
     marks: {}, // first time (ms since the page loaded) of: submitted, progress, segment, livePlaying, published
-    live: { codec: null, appended: 0, played: false, maxTime: 0, ended: false, error: null },
+    models: [], // the /v1/models entries the picker offers (id, vidgen facts)
+    modelsError: null,
+    model: null, // the model of the job submitted last (null: the gateway's default)
+    // firstAppendProgress / firstPlayProgress: the denoising progress [value, max] when the first media segment was
+    // appended to the live player / when it first played (currentTime > 0), and firstAppendIndex: how many progress
+    // envelopes had arrived by then. Below max: the video played while denoising was still going on.
+    live: { ...liveDefaults() },
     final: { src: null, played: false, maxTime: 0, error: null },
   });
 
   let apiKey = "";
   let job = null; // { id, terminal, ws, player, published, retries }
   let mode = "idle"; // which source the <video> shows: idle | live | final
+  let current = null; // the job's denoising progress as last heard: [value, max]
+
+  function liveDefaults() {
+    return { codec: null, appended: 0, played: false, maxTime: 0, ended: false, error: null,
+      firstAppendProgress: null, firstAppendIndex: null, firstAppendAt: null, firstPlayProgress: null,
+      firstPlayAt: null };
+  }
 
   // -- small helpers ----------------------------------------------------------------------------------------
   const authHeaders = () => ({ Authorization: `Bearer ${apiKey}` });
@@ -50,6 +64,9 @@
   function mark(name) { if (!(name in diag.marks)) diag.marks[name] = Math.round(performance.now()); }
 
   function setStatus(text) { $("status").textContent = text; }
+
+  // Denoising still going on: some step of the job is yet to come.
+  const generating = () => !!current && current[0] < current[1];
 
   function setProgress(value, max) {
     if (!(max > 0)) return;
@@ -199,6 +216,14 @@
           this.pending.delete(this.next);
           this.next += 1;
           diag.live.appended += 1;
+          if (diag.live.appended === 1) {
+            diag.live.firstAppendProgress = current ? [...current] : null;
+            diag.live.firstAppendIndex = diag.progress.length;
+            diag.live.firstAppendAt = Math.round(performance.now());
+            $("player-caption").textContent = generating()
+              ? `Playing while generating (${diag.live.codec}): later chunks are still being denoised…`
+              : `Playing while decoding (${diag.live.codec})…`;
+          }
           if (this.video.paused && !this.video.ended) playWithSound(this.video);
           if (segment.is_last && this.mediaSource.readyState === "open") {
             this.mediaSource.endOfStream();
@@ -266,6 +291,10 @@
     video.addEventListener("timeupdate", () => {
       const s = stats();
       if (s) s.maxTime = Math.max(s.maxTime, video.currentTime);
+      if (mode === "live" && video.currentTime > 0 && !diag.live.firstPlayAt) {
+        diag.live.firstPlayProgress = current ? [...current] : null;
+        diag.live.firstPlayAt = Math.round(performance.now());
+      }
     });
     video.addEventListener("error", () => {
       const s = stats();
@@ -423,7 +452,11 @@
   }
 
   function onState(d) {
-    if (d.total_steps) setProgress(d.status === "published" ? d.total_steps : d.step || 0, d.total_steps);
+    if (d.total_steps) {
+      const value = d.status === "published" ? d.total_steps : d.step || 0;
+      current = [value, d.total_steps];
+      setProgress(value, d.total_steps);
+    }
     const initUrl = (d.links && d.links.init) || `/v1/videos/${job.id}/segments/init.mp4`;
     if (d.status === "published") {
       onPublished({ url: d.links && d.links.content, manifest_label: (d.outputs || {}).manifest_label,
@@ -453,16 +486,21 @@
       case "started":
         setStatus(d.attempt > 1 ? `Resumed from step ${d.resumed_from_step} (attempt ${d.attempt})…` : "Denoising…");
         break;
-      case "progress":
+      case "progress": {
         diag.progress.push([d.value, d.max]);
+        current = [d.value, d.max];
         setProgress(d.value, d.max);
-        setStatus(`Denoising: step ${d.value} of ${d.max}${formatEta(d.eta_ms)}`);
+        const chunk = d.chunk_count ? ` (chunk ${(d.chunk_index ?? 0) + 1} of ${d.chunk_count})` : "";
+        setStatus(`Denoising: step ${d.value} of ${d.max}${chunk}${formatEta(d.eta_ms)}`);
         if (d.value >= d.max) setStatus("Denoised; decoding…");
         break;
+      }
       case "checkpoint": break;
       case "segment":
         addSegment(d);
-        setStatus(`Decoding: segment ${d.index + 1} ready${d.is_last ? " (the last)" : ""}; checking and signing next…`);
+        setStatus(generating()
+          ? `Segment ${d.index + 1} ready while denoising goes on (step ${current[0]} of ${current[1]})…`
+          : `Decoding: segment ${d.index + 1} ready${d.is_last ? " (the last)" : ""}; checking and signing next…`);
         break;
       case "flagged":
         if (d.terminal) onEnded("flagged", d);
@@ -503,6 +541,114 @@
     });
   }
 
+  // -- the model picker: /v1/models, and the size/frames/steps controls held to the chosen model's limits ----------
+  let sizeChoices = []; // [value, label] of the page's sizes; each model offers those its limits allow
+  let modelsFor = null; // the API key the list was loaded with
+  let modelsTimer = null;
+
+  function modelLabel(model) {
+    const v = model.vidgen || {};
+    const modalities = v.modalities || [];
+    const notes = [];
+    if (v.default) notes.push("default");
+    if (!modalities.includes("t2v")) notes.push("image-to-video only: needs an input image");
+    else if (v.streams_while_generating) notes.push("streams while generating");
+    if (modalities.includes("audio")) notes.push("with sound");
+    return notes.length ? `${model.id} — ${notes.join(", ")}` : model.id;
+  }
+
+  function scheduleModels() {
+    clearTimeout(modelsTimer);
+    modelsTimer = setTimeout(() => loadModels($("api-key").value.trim()), 300);
+  }
+
+  async function loadModels(key) {
+    if (!key || key === modelsFor) return;
+    modelsFor = key;
+    const select = $("model");
+    try {
+      const response = await fetch("/v1/models", { headers: { Authorization: `Bearer ${key}` }, cache: "no-store" });
+      if (!response.ok) throw new Error(await errorMessage(response));
+      const list = await response.json();
+      if (modelsFor !== key) return; // another key was entered meanwhile
+      const models = (list.data || []).filter((m) => m && typeof m.id === "string");
+      const previous = select.value;
+      select.replaceChildren();
+      for (const model of models) {
+        const option = document.createElement("option");
+        option.value = model.id;
+        option.textContent = modelLabel(model);
+        option.disabled = !((model.vidgen || {}).modalities || []).includes("t2v"); // this page uploads no image
+        select.appendChild(option);
+      }
+      const usable = models.filter((m) => ((m.vidgen || {}).modalities || []).includes("t2v"));
+      const chosen = usable.find((m) => m.id === previous) || usable.find((m) => (m.vidgen || {}).default) || usable[0];
+      diag.models = models;
+      diag.modelsError = null;
+      select.disabled = !chosen;
+      if (chosen) select.value = chosen.id;
+      applyModel();
+    } catch (error) {
+      if (modelsFor !== key) return;
+      modelsFor = null; // try again with the next key typed
+      diag.modelsError = error.message;
+      $("model-help").textContent = `Could not list the models: ${error.message}`;
+    }
+  }
+
+  function chosenModel() {
+    return diag.models.find((m) => m.id === $("model").value) || null;
+  }
+
+  // The chosen model's limits on the controls: sizes that are multiples of its spatial multiple, frame counts of
+  // the form temporal_multiple·k+1 up to its maximum, steps up to its maximum. A value that no longer fits moves to
+  // the nearest one that does.
+  function applyModel() {
+    const model = chosenModel();
+    if (!model) return;
+    const v = model.vidgen || {};
+    const limits = v.limits || {};
+    const spatial = limits.spatial_multiple || 16;
+    const maxSide = limits.max_side || 1920;
+    const temporal = limits.temporal_multiple || 4;
+    const maxFrames = limits.max_frames || 257;
+
+    const size = $("size");
+    const previous = size.value;
+    const fits = (value) => value.split("x").every((n) => Number(n) % spatial === 0 && Number(n) <= maxSide);
+    let choices = sizeChoices.filter(([value]) => fits(value));
+    if (!choices.length) {
+      const side = Math.min(maxSide - (maxSide % spatial), spatial * Math.max(1, Math.round(256 / spatial)));
+      choices = [[`${side}x${side}`, `${side}×${side}`]];
+    }
+    size.replaceChildren(...choices.map(([value, label]) => new Option(label, value)));
+    size.value = choices.some(([value]) => value === previous) ? previous : choices[0][0];
+
+    const frames = $("frames");
+    frames.min = "1";
+    frames.step = String(temporal);
+    frames.max = String(maxFrames);
+    const wanted = Number(frames.value) || 1;
+    const k = Math.max(0, Math.min(Math.floor((maxFrames - 1) / temporal), Math.round((wanted - 1) / temporal)));
+    if ((wanted - 1) % temporal !== 0 || wanted > maxFrames || wanted < 1) frames.value = String(temporal * k + 1);
+    const suggestions = [2, 4, 8, 16].map((n) => temporal * n + 1).filter((n) => n <= maxFrames);
+    $("frame-counts").replaceChildren(...suggestions.map((n) => new Option("", String(n))));
+    $("frames-help").textContent = `${temporal}k+1, at most ${maxFrames}`;
+
+    for (const option of $("steps").options) option.disabled = Number(option.value) > (limits.max_steps || 1000);
+
+    const modalities = v.modalities || [];
+    const description = (v.description || "").trim();
+    $("model-help").textContent = [
+      description && !/[.!?]$/.test(description) ? `${description}.` : description,
+      v.streams_while_generating
+        ? "Streams while generating: each chunk plays as soon as it is denoised, while the next ones are still "
+          + "being made."
+        : "Streams while decoding: the video plays once every step is done, while it is still being decoded.",
+      modalities.includes("audio") ? "With a sound track." : "",
+    ].filter(Boolean).join(" ");
+  }
+
   // -- the form -----------------------------------------------------------------------------------------------
   function resetJobView() {
     if (job) {
@@ -514,7 +660,8 @@
     const video = $("player");
     video.removeAttribute("src");
     video.load();
-    Object.assign(diag.live, { codec: null, appended: 0, played: false, maxTime: 0, ended: false, error: null });
+    Object.assign(diag.live, liveDefaults());
+    current = null;
     Object.assign(diag.final, { src: null, played: false, maxTime: 0, error: null });
     diag.envelopes = [];
     diag.marks = {};
@@ -536,8 +683,11 @@
     $("job").hidden = false;
     $("job-id").textContent = "";
     setStatus("Submitting…");
+    const model = $("model").value || null; // none chosen (the list is not loaded): the gateway's default
+    diag.model = model;
     const body = {
       prompt: $("prompt").value,
+      ...(model ? { model } : {}),
       size: $("size").value,
       frames: Number($("frames").value),
       steps: Number($("steps").value),
@@ -570,7 +720,14 @@
   function main() {
     const stored = localStorage.getItem(KEY_STORAGE);
     if (stored) $("api-key").value = stored;
-    $("api-key").addEventListener("change", () => localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()));
+    $("api-key").addEventListener("change", () => {
+      localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+      scheduleModels();
+    });
+    $("api-key").addEventListener("input", scheduleModels);
+    sizeChoices = [...$("size").options].map((o) => [o.value, o.textContent]);
+    $("model").addEventListener("change", applyModel);
+    if (stored) loadModels(stored.trim());
     $("job-form").addEventListener("submit", submit);
     watchVideo($("player"));
   }

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import ltx2, wan
+from . import helios, ltx2, wan
 from .base import ModelFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, ltx2.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, ltx2.FAMILY, helios.FAMILY)
 
 
 def family_for(model_index: Mapping[str, Any], where: str) -> ModelFamily:

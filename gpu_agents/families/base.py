@@ -230,6 +230,18 @@ class Denoiser(ABC):
         A family whose guidance needs the step's sigma (LTX-2 guides in x0 space) may return instead an object its
         own scheduler class (``scheduler_class``) finishes in ``step``; the loop only hands it over."""
 
+    def chunk_plan(self, width: int, height: int, num_frames: int, steps: int) -> tuple[int | None, int]:
+        """(chunk count, total denoising steps) of a job. A family that streams while generating denoises its video
+        chunk after chunk, ``steps`` steps each: (chunks, chunks × steps), chunk k taking steps k·steps + 1 ..
+        (k + 1)·steps. Others denoise the whole latent at once: (None, steps)."""
+        return None, steps
+
+    def finished_chunk(self, latents: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """After a step of a family that streams while generating, given the step's latents: (chunk index, that
+        chunk's video latents (B, C, T, H, W), normalised as ``outputs`` gives video latents) when this very step
+        finished the chunk, else None. Each chunk is reported once, by the step that finished it. Others: None."""
+        return None
+
     def finish(self, latents: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         """The final latents from the last step's (e.g. a conditioning frame put back in place)."""
         return latents
@@ -248,7 +260,9 @@ class ChunkDecoder(Protocol):
     ``dataclasses.replace`` copy to keep the old state until their own work has succeeded too.
     """
 
-    def new_state(self) -> Any: ...
+    def new_state(self, num_frames: int | None = None) -> Any:
+        """A job's state before its first chunk; ``num_frames``: the job's requested frames (the decoder stage always
+        passes it; a family whose chunks decode to more frames than asked cuts the last one)."""
 
     def decode_chunk(self, state: Any, latent_chunk: torch.Tensor) -> np.ndarray: ...
 

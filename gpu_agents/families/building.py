@@ -41,3 +41,23 @@ def read_vidgen_file(model_dir: str) -> dict[str, Any]:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def read_config(model_dir: str, subfolder: str) -> dict:
+    """A component's config.json in a diffusers directory."""
+    with open(os.path.join(model_dir, subfolder, "config.json")) as f:
+        return json.load(f)
+
+
+def load_text_encoder(model_dir: str) -> torch.nn.Module:
+    """The text encoder of a diffusers directory, of the class its config names (`architectures`): UMT5EncoderModel
+    for real Wan and Helios, Gemma 3 for LTX-2, T5EncoderModel for tiny ones. AutoModel would map a T5 config to the
+    full encoder-decoder T5Model."""
+    import transformers
+    from transformers import AutoConfig
+
+    subfolder = os.path.join(model_dir, "text_encoder")
+    config = AutoConfig.from_pretrained(subfolder, local_files_only=True)
+    if not config.architectures:
+        raise ValueError(f"{subfolder}/config.json has no 'architectures' entry naming the encoder class")
+    return getattr(transformers, config.architectures[0]).from_pretrained(subfolder, local_files_only=True).eval()

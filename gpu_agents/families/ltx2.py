@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline,
                        LTX2VideoTransformer3DModel)
 from diffusers.pipelines.ltx2 import vocoder as ltx2_vocoders
@@ -59,11 +58,11 @@ from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, Gemma3TextConfig, Gemma3TextModel, PreTrainedModel
+from transformers import AutoTokenizer, ByT5Tokenizer, Gemma3TextConfig, Gemma3TextModel, PreTrainedModel
 
 from .base import (AUDIO, T2V, BuiltinModel, Denoiser, Guidance, InvalidParamsError, ModelFacts, ModelFamily,
                    ParamRules, TextEncoderParts)
-from .building import build_seeded, read_model_index, read_vidgen_file
+from .building import build_seeded, load_text_encoder, read_config, read_model_index, read_vidgen_file
 
 # LTX2Pipeline's default `max_sequence_length`; used for local directories that do not say otherwise.
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024
@@ -495,7 +494,7 @@ class Ltx2Decoder:
     def __init__(self, vaes: Ltx2Vaes) -> None:
         self.vaes = vaes
 
-    def new_state(self) -> Ltx2DecodeState:
+    def new_state(self, num_frames: int | None = None) -> Ltx2DecodeState:
         return Ltx2DecodeState()
 
     @torch.inference_mode()
@@ -561,7 +560,7 @@ class Ltx2Family(ModelFamily):
     def _configs(self, source) -> tuple[dict, dict, dict]:
         if isinstance(source, Ltx2Recipe):
             return dict(source.vae_kwargs), dict(source.audio_vae_kwargs), dict(source.transformer_kwargs)
-        return _read_config(source, "vae"), _read_config(source, "audio_vae"), _read_config(source, "transformer")
+        return read_config(source, "vae"), read_config(source, "audio_vae"), read_config(source, "transformer")
 
     def facts(self, model_id: str, source) -> ModelFacts:
         builtin = isinstance(source, Ltx2Recipe)
@@ -592,7 +591,7 @@ class Ltx2Family(ModelFamily):
             encoder_id = f"{source.encoder_id}@{length}"
         else:
             tokenizer = AutoTokenizer.from_pretrained(os.path.join(source, "tokenizer"), local_files_only=True)
-            gemma = _load_text_encoder(source)
+            gemma = load_text_encoder(source)
             connectors = LTX2TextConnectors.from_pretrained(source, subfolder="connectors",
                                                             local_files_only=True).eval()
             encoder_id = f"dir:{os.path.abspath(source)}@{length}"
@@ -635,7 +634,7 @@ class Ltx2Family(ModelFamily):
             transformer = LTX2VideoTransformer3DModel.from_pretrained(source, subfolder="transformer",
                                                                       local_files_only=True).eval()
             scheduler_config = _load_scheduler_config(source)
-            connectors = _read_config(source, "connectors")
+            connectors = read_config(source, "connectors")
         vae, audio_vae, _ = self._configs(source)
         return Ltx2Denoiser(transformer=transformer, scheduler_config=scheduler_config,
                             geometry=_geometry(vae, audio_vae, dict(transformer.config)),
@@ -684,20 +683,6 @@ def _connector_dims(config: Mapping[str, Any]) -> tuple[int, int]:
     config = {**defaults, **config}
     return (config["video_connector_num_attention_heads"] * config["video_connector_attention_head_dim"],
             config["audio_connector_num_attention_heads"] * config["audio_connector_attention_head_dim"])
-
-
-def _read_config(model_dir: str, subfolder: str) -> dict:
-    with open(os.path.join(model_dir, subfolder, "config.json")) as f:
-        return json.load(f)
-
-
-def _load_text_encoder(model_dir: str) -> PreTrainedModel:
-    """The class the config names: Gemma3ForConditionalGeneration for real LTX-2, Gemma3TextModel for tiny ones."""
-    subfolder = os.path.join(model_dir, "text_encoder")
-    config = AutoConfig.from_pretrained(subfolder, local_files_only=True)
-    if not config.architectures:
-        raise ValueError(f"{subfolder}/config.json has no 'architectures' entry naming the encoder class")
-    return getattr(transformers, config.architectures[0]).from_pretrained(subfolder, local_files_only=True).eval()
 
 
 def _load_scheduler_config(model_dir: str) -> Mapping[str, Any]:

@@ -28,19 +28,14 @@ from typing import Any
 
 import diffusers
 import torch
-import transformers
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.video_processor import VideoProcessor
-from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, PreTrainedModel, T5Config, T5EncoderModel
 
 from ..streaming_vae import CausalVaeDecoder
 from .base import (I2V, T2V, BuiltinModel, Condition, Denoiser, Guidance, InvalidParamsError, ModelFacts,
                    ModelFamily, ParamRules, TextEncoderParts)
-from .building import build_seeded, read_model_index, read_vidgen_file
-
-# WanPipeline's default `max_sequence_length`; used for local directories that do not say otherwise.
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
+from .building import build_seeded, read_config, read_model_index
+from .t5_text import TINY_T5_KWARGS, TINY_TEXT_DIM, T5TextSide
 
 
 @dataclass(frozen=True)
@@ -62,27 +57,6 @@ class WanRecipe:
     vae_seed: int = 0
     text_encoder_seed: int = 0
 
-
-# ByT5Tokenizer needs no vocabulary file: 256 bytes + 3 special tokens + 125 extra ids.
-_TINY_TOKENIZER_VOCAB_SIZE = 384
-_TINY_TEXT_DIM = 32
-
-_TINY_TEXT_ENCODER_KWARGS = {
-    # Saved into config.json; loading a directory picks the encoder class from it.
-    "architectures": ["T5EncoderModel"],
-    "vocab_size": _TINY_TOKENIZER_VOCAB_SIZE,
-    "d_model": _TINY_TEXT_DIM,
-    "d_kv": 8,
-    "d_ff": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "relative_attention_num_buckets": 8,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
 
 # Sizes from diffusers' tests/pipelines/wan/test_wan.py.
 _TINY_VAE_KWARGS = {
@@ -117,7 +91,7 @@ _TINY_TRANSFORMER_KWARGS = {
     "patch_size": (1, 2, 2),
     "in_channels": 16,
     "out_channels": 16,
-    "text_dim": _TINY_TEXT_DIM,
+    "text_dim": TINY_TEXT_DIM,
     "freq_dim": 256,
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",
@@ -134,7 +108,7 @@ _TINY_EULER = ("FlowMatchEulerDiscreteScheduler", {"shift": 7.0})
 # Wan 2.2's sampler (and diffusers' Wan 2.2 tests'): a multistep solver whose history a checkpoint must carry.
 _TINY_UNIPC = ("UniPCMultistepScheduler", {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
                                            "flow_shift": 3.0})
-_TINY_ENCODER = {"text_encoder_kwargs": _TINY_TEXT_ENCODER_KWARGS, "max_sequence_length": 32,
+_TINY_ENCODER = {"text_encoder_kwargs": TINY_T5_KWARGS, "max_sequence_length": 32,
                  "encoder_id": "builtin:tiny-t5"}
 
 
@@ -284,7 +258,7 @@ class WanDenoiser(Denoiser):
 # --------------------------------------------------------------------------------------------------
 
 
-class WanFamily(ModelFamily):
+class WanFamily(T5TextSide, ModelFamily):
     name = "wan"
     causal_decode = True
 
@@ -307,9 +281,9 @@ class WanFamily(ModelFamily):
             if (index.get("image_encoder") or [None])[0] is not None:
                 raise ValueError(f"model {model_id!r}: Wan 2.1 image-to-video with a CLIP image encoder is not "
                                  f"supported (Wan 2.2 I2V A14B and TI2V-5B are)")
-            transformer = _read_config(source, "transformer" if (index.get("transformer") or [None])[0] else
+            transformer = read_config(source, "transformer" if (index.get("transformer") or [None])[0] else
                                        "transformer_2")
-            vae, expand = _read_config(source, "vae"), bool(index.get("expand_timesteps"))
+            vae, expand = read_config(source, "vae"), bool(index.get("expand_timesteps"))
             experts = sum(1 for name in ("transformer", "transformer_2") if (index.get(name) or [None])[0])
             description = f"local Wan directory ({index.get('_class_name')})"
         z_dim = vae.get("z_dim", 16)
@@ -325,47 +299,6 @@ class WanFamily(ModelFamily):
         return ModelFacts(model_id=model_id, family=self.name, modalities=modalities, rules=rules, experts=experts,
                           source="built-in" if isinstance(source, WanRecipe) else str(source),
                           description=description)
-
-    def max_sequence_length(self, source) -> int:
-        if isinstance(source, WanRecipe):
-            return source.max_sequence_length
-        return int(read_vidgen_file(source).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
-
-    # -- text ---------------------------------------------------------------------------------------
-
-    def load_text_encoder(self, source) -> TextEncoderParts:
-        length = self.max_sequence_length(source)
-        if isinstance(source, WanRecipe):
-            config = T5Config(**source.text_encoder_kwargs)
-            return TextEncoderParts(tokenizer=ByT5Tokenizer(model_max_length=length),
-                                    text_encoder=build_seeded(lambda: T5EncoderModel(config),
-                                                              source.text_encoder_seed),
-                                    max_sequence_length=length, encoder_id=f"{source.encoder_id}@{length}",
-                                    family=self)
-        return TextEncoderParts(
-            tokenizer=AutoTokenizer.from_pretrained(os.path.join(source, "tokenizer"), local_files_only=True),
-            text_encoder=_load_text_encoder(source), max_sequence_length=length,
-            encoder_id=f"dir:{os.path.abspath(source)}@{length}", family=self)
-
-    @torch.inference_mode()
-    def encode_prompts(self, parts: TextEncoderParts, prompts: list[str]) -> torch.Tensor:
-        """(B, max_sequence_length, d_model), as WanPipeline._get_t5_prompt_embeds: positions past each prompt's
-        last token are zeros, not the encoder's output for padding (Wan was trained that way)."""
-        text_encoder, length = parts.text_encoder, parts.max_sequence_length
-        inputs = parts.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=length,
-                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
-                                 return_tensors="pt")
-        input_ids = inputs.input_ids.to(text_encoder.device)
-        attention_mask = inputs.attention_mask.to(text_encoder.device)
-        seq_lens = attention_mask.gt(0).sum(dim=1).long()
-        hidden_states = text_encoder(input_ids, attention_mask).last_hidden_state.to(dtype=text_encoder.dtype)
-        real_tokens = [states[:n] for states, n in zip(hidden_states, seq_lens)]
-        return torch.stack([torch.cat([u, u.new_zeros(length - u.size(0), u.size(1))]) for u in real_tokens], dim=0)
-
-    def token_counts(self, parts: TextEncoderParts, prompts: list[str]) -> list[int]:
-        """Tokens each prompt has before truncation (special tokens included)."""
-        ids = parts.tokenizer([prompt_clean(p) for p in prompts], add_special_tokens=True, truncation=False).input_ids
-        return [len(token_ids) for token_ids in ids]
 
     # -- denoiser and VAE ---------------------------------------------------------------------------
 
@@ -418,21 +351,6 @@ def _vae_config(recipe: WanRecipe) -> dict:
                 inspect.signature(AutoencoderKLWan.__init__).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
     return {**defaults, **recipe.vae_kwargs}
-
-
-def _read_config(model_dir: str, subfolder: str) -> dict:
-    with open(os.path.join(model_dir, subfolder, "config.json")) as f:
-        return json.load(f)
-
-
-def _load_text_encoder(model_dir: str) -> PreTrainedModel:
-    """The class the config names (UMT5EncoderModel for real Wan, T5EncoderModel for tiny ones): AutoModel would map a
-    T5 config to the full encoder-decoder T5Model."""
-    subfolder = os.path.join(model_dir, "text_encoder")
-    config = AutoConfig.from_pretrained(subfolder, local_files_only=True)
-    if not config.architectures:
-        raise ValueError(f"{subfolder}/config.json has no 'architectures' entry naming the encoder class")
-    return getattr(transformers, config.architectures[0]).from_pretrained(subfolder, local_files_only=True).eval()
 
 
 def _load_scheduler_recipe(model_dir: str) -> tuple[type, Mapping[str, Any]]:
