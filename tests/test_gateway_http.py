@@ -429,7 +429,8 @@ async def test_a_waiting_job_shows_its_queue_position_and_eta_until_it_runs(tmp_
         gw.jobs.fold(topics.QUEUE.name, moved)
         _, unknown = await gw.get(f"/v1/videos/{job_id}")
         assert (unknown["queue_position"], unknown["queue_eta_seconds"]) == (1, None)
-        gw.jobs.fold(topics.STEP_PROGRESS.name, new_event(job_id, step=1, total_steps=2, attempt=1, step_ms=10.0))
+        gw.jobs.fold(topics.STEP_PROGRESS.name, {**new_event(job_id, step=1, total_steps=2, attempt=1, step_ms=10.0),
+                                                 "timestamp": moved["timestamp"] + 1})  # it runs after the last move
         _, running = await gw.get(f"/v1/videos/{job_id}")
         assert running["status"] == "in_progress"
         assert (running["queue_position"], running["queue_eta_seconds"]) == (None, None)
