@@ -297,13 +297,19 @@ class ModelFamily(ABC):
 
     name: str
 
-    @abstractmethod
+    #: The diffusers pipeline classes (model_index.json `_class_name`) of the local directories this family serves.
+    pipeline_classes: tuple[str, ...] = ()
+    #: Built-in models: id → (recipe, description).
+    recipes: Mapping[str, tuple[Any, str]] = {}
+
     def builtins(self) -> dict[str, BuiltinModel]:
         """The family's built-in models by id."""
+        return {model_id: BuiltinModel(self, recipe, description)
+                for model_id, (recipe, description) in self.recipes.items()}
 
-    @abstractmethod
     def claims(self, model_index: Mapping[str, Any]) -> bool:
         """Whether a local directory with this model_index.json is one of this family's."""
+        return model_index.get("_class_name") in self.pipeline_classes
 
     @abstractmethod
     def facts(self, model_id: str, source: Source) -> ModelFacts:

@@ -62,7 +62,7 @@ from diffusers.schedulers.scheduling_helios import HeliosSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..video import video_to_uint8
-from .base import (T2V, BuiltinModel, Denoiser, Guidance, InvalidParamsError, ModelFacts, ModelFamily, ParamRules,
+from .base import (T2V, Denoiser, Guidance, InvalidParamsError, ModelFacts, ModelFamily, ParamRules,
                    TextEncoderParts)
 from .building import build_seeded, read_config, read_model_index, read_vidgen_file
 from .t5_text import TINY_T5_KWARGS, TINY_TEXT_DIM, T5TextSide
@@ -600,12 +600,8 @@ class HeliosFamily(T5TextSide, ModelFamily):
     # emits the model's own chunks (finished_chunk) as they finish, not cuts of a final latent.
     causal_decode = True
 
-    def builtins(self) -> dict[str, BuiltinModel]:
-        return {model_id: BuiltinModel(self, recipe, description) for model_id, (recipe, description) in
-                _RECIPES.items()}
-
-    def claims(self, model_index: Mapping[str, Any]) -> bool:
-        return model_index.get("_class_name") == "HeliosPipeline"
+    pipeline_classes = ("HeliosPipeline",)
+    recipes = _RECIPES
 
     # -- facts --------------------------------------------------------------------------------------
 

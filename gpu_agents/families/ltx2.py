@@ -60,7 +60,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, ByT5Tokenizer, Gemma3TextConfig, Gemma3TextModel, PreTrainedModel
 
-from .base import (AUDIO, T2V, BuiltinModel, Denoiser, Guidance, InvalidParamsError, ModelFacts, ModelFamily,
+from .base import (AUDIO, T2V, Denoiser, Guidance, InvalidParamsError, ModelFacts, ModelFamily,
                    ParamRules, TextEncoderParts)
 from .building import build_seeded, load_text_encoder, read_config, read_model_index, read_vidgen_file
 
@@ -548,12 +548,8 @@ class Ltx2Family(ModelFamily):
     name = "ltx2"
     causal_decode = False
 
-    def builtins(self) -> dict[str, BuiltinModel]:
-        return {model_id: BuiltinModel(self, recipe, description) for model_id, (recipe, description) in
-                _RECIPES.items()}
-
-    def claims(self, model_index: Mapping[str, Any]) -> bool:
-        return model_index.get("_class_name") == "LTX2Pipeline"
+    pipeline_classes = ("LTX2Pipeline",)
+    recipes = _RECIPES
 
     # -- facts --------------------------------------------------------------------------------------
 

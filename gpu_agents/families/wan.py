@@ -32,7 +32,7 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.video_processor import VideoProcessor
 
 from ..streaming_vae import CausalVaeDecoder
-from .base import (I2V, T2V, BuiltinModel, Condition, Denoiser, Guidance, InvalidParamsError, ModelFacts,
+from .base import (I2V, T2V, Condition, Denoiser, Guidance, InvalidParamsError, ModelFacts,
                    ModelFamily, ParamRules, TextEncoderParts)
 from .building import build_seeded, read_config, read_model_index
 from .t5_text import TINY_T5_KWARGS, TINY_TEXT_DIM, T5TextSide
@@ -262,12 +262,8 @@ class WanFamily(T5TextSide, ModelFamily):
     name = "wan"
     causal_decode = True
 
-    def builtins(self) -> dict[str, BuiltinModel]:
-        return {model_id: BuiltinModel(self, recipe, description) for model_id, (recipe, description) in
-                _RECIPES.items()}
-
-    def claims(self, model_index: Mapping[str, Any]) -> bool:
-        return model_index.get("_class_name") in ("WanPipeline", "WanImageToVideoPipeline")
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
+    recipes = _RECIPES
 
     # -- facts --------------------------------------------------------------------------------------
 
