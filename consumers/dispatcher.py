@@ -62,7 +62,7 @@ class AgentRecord:
         r = self.report
         return AgentView(self.agent_id, frozenset(r.get("models") or ()), idle_since=self.last_seen,
                          job_id=r.get("job_id") or None, tier=tier, step=r.get("step", 0),
-                         total_steps=r.get("total_steps", 0))
+                         total_steps=r.get("total_steps", 0), devices=r.get("devices", 1))
 
 
 @dataclass
@@ -90,8 +90,9 @@ def _ms(value) -> float:
 
 class Dispatcher:
     def __init__(self, policy: QueuePolicy, scheduler_id: str, agent_timeout_s: float = 10.0, grace_s: float = 2.5,
-                 position_interval_s: float = 1.0):
+                 position_interval_s: float = 1.0, model_devices: dict[str, int] | None = None):
         self.policy = policy
+        self.model_devices = dict(model_devices or {})  # devices a job of the model needs (others: 1)
         self.scheduler_id = scheduler_id
         self.agent_timeout_s = agent_timeout_s
         self.grace_s = grace_s
@@ -151,7 +152,8 @@ class Dispatcher:
     def _waiting(self, record: JobRecord) -> WaitingJob:
         params = record.job["params"]
         return WaitingJob(record.job["job_id"], record.tier, record.job.get("tenant", "default"), params["model"],
-                          params["steps"], record.queued_at, payload=record.job)
+                          params["steps"], record.queued_at, payload=record.job,
+                          devices=self.model_devices.get(params["model"], 1))
 
     @staticmethod
     def _remember(table: OrderedDict, key: str, value, limit: int) -> None:

@@ -18,6 +18,10 @@ Placement (model affinity): the job goes to an idle agent that has its model loa
 with no model loaded, then to the one idle longest. A job is never held back for affinity: an idle agent always
 takes the next job, loading the model if it must.
 
+Devices: a job that needs N devices (its model's setting; 1 by default) runs only on an agent of N devices (an agent
+group, gpu_agents/group.py), and an agent of N takes only such jobs. The order above is kept among the jobs that fit
+the idle agents; a job no idle agent fits keeps its place for the next one that does, without holding others back.
+
 Preemption: when an overdue job waits and no agent is idle, the running job of the lowest tier below it, least
 advanced (fewest steps done), is asked to yield at its next step boundary; one preemption per overdue job.
 """
@@ -25,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import heapq
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from streams.scheduling import DEFAULT_TIER_WEIGHTS, WeightedTierScheduler, validate_weights
 
@@ -45,6 +49,7 @@ class WaitingJob:
     queued_at: float  # seconds on the caller's clock: when the job (first) entered the queue
     steps_done: int = 0  # progress kept in its checkpoint, for a job that comes back (an estimate)
     payload: Any = None  # what the caller needs to start it (the PromptEncoded event)
+    devices: int = 1  # the size of agent it runs on
 
 
 @dataclass
@@ -58,6 +63,7 @@ class AgentView:
     tier: str | None = None
     step: int = 0
     total_steps: int = 0
+    devices: int = 1  # an agent group's size
 
 
 class TierQueue:
@@ -78,15 +84,25 @@ class TierQueue:
         else:
             self.tenants.setdefault(job.tenant, deque()).append(job)  # a new tenant waits one turn of each other
 
-    def pop(self) -> WaitingJob:
-        if self.front:
-            return self.front.popleft()
-        tenant, jobs = next(iter(self.tenants.items()))
-        job = jobs.popleft()
-        del self.tenants[tenant]
-        if jobs:
-            self.tenants[tenant] = jobs  # to the back of the turn
-        return job
+    def pop(self, fits: Callable[[WaitingJob], bool] | None = None) -> WaitingJob | None:
+        """The next job (that ``fits``; None if none does)."""
+        for job in self.front:
+            if fits is None or fits(job):
+                self.front.remove(job)
+                return job
+        for tenant, jobs in self.tenants.items():
+            job = next((job for job in jobs if fits is None or fits(job)), None)
+            if job is None:
+                continue  # this tenant keeps its turn
+            jobs.remove(job)
+            del self.tenants[tenant]
+            if jobs:
+                self.tenants[tenant] = jobs  # to the back of the turn
+            return job
+        return None
+
+    def has(self, fits: Callable[[WaitingJob], bool] | None) -> bool:
+        return bool(len(self)) if fits is None else any(fits(job) for job in self.in_order())
 
     def remove(self, job_id: str) -> WaitingJob | None:
         if (found := _remove_from(self.front, job_id)) is not None:
@@ -133,6 +149,7 @@ class QueuePolicy:
         self.picker = WeightedTierScheduler(self.tier_weights)
         self.tiers = {tier: TierQueue() for tier in self.tier_weights}
         self.by_id: dict[str, WaitingJob] = {}
+        self.sizes: Counter[int] = Counter()  # waiting jobs by devices needed
 
     # -- the queue ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -148,11 +165,13 @@ class QueuePolicy:
             return
         self.tiers[job.tier].push(job, front)
         self.by_id[job.job_id] = job
+        self.sizes[job.devices] += 1
 
     def remove(self, job_id: str) -> WaitingJob | None:
-        job = self.by_id.pop(job_id, None)
+        job = self.by_id.get(job_id)
         if job is not None:
             self.tiers[job.tier].remove(job_id)
+            self._forget(job)
         return job
 
     def waiting_by_tier(self) -> dict[str, int]:
@@ -174,17 +193,32 @@ class QueuePolicy:
                     late.append(job)
         return sorted(late, key=lambda job: (job.queued_at, -self.tier_weights[job.tier]))
 
-    def next_job(self, now: float) -> WaitingJob | None:
-        """Take the job that starts next (see the module doc for the order)."""
-        late = self.overdue(now)
+    def next_job(self, now: float, devices: Iterable[int] | None = None) -> WaitingJob | None:
+        """Take the job that starts next (see the module doc for the order); only jobs needing one of ``devices``
+        (the sizes of the idle agents; None: any)."""
+        fits = self._fitting(devices)
+        late = [job for job in self.overdue(now) if fits is None or fits(job)]
         if late:
             return self.remove(late[0].job_id)
-        tier = self.picker.pick(tier for tier, queue in self.tiers.items() if len(queue))
+        tier = self.picker.pick(tier for tier, queue in self.tiers.items() if queue.has(fits))
         if tier is None:
             return None
-        job = self.tiers[tier].pop()
-        del self.by_id[job.job_id]
+        job = self.tiers[tier].pop(fits)
+        self._forget(job)
         return job
+
+    def _fitting(self, devices: Iterable[int] | None) -> Callable[[WaitingJob], bool] | None:
+        """A filter on device counts, or None when every waiting job fits (the common case: no scan)."""
+        if devices is None:
+            return None
+        sizes = set(devices)
+        if sizes.issuperset(size for size, count in self.sizes.items() if count):
+            return None
+        return lambda job: job.devices in sizes
+
+    def _forget(self, job: WaitingJob) -> None:
+        del self.by_id[job.job_id]
+        self.sizes[job.devices] -= 1
 
     def take(self, job_id: str, now: float) -> WaitingJob | None:
         """Take a job that started elsewhere (a new leader folding the log) as next_job(now) took it: with the
@@ -192,12 +226,14 @@ class QueuePolicy:
         job = self.by_id.get(job_id)
         if job is None or self.overdue(now):
             return self.remove(job_id)  # an overdue job (or none): next_job() makes no pick for it either
-        self.picker.pick(tier for tier, queue in self.tiers.items() if len(queue))
+        # The idle agents' sizes at that start are not in the log: those of the job's own size is the usual case.
+        fits = self._fitting((job.devices,))
+        self.picker.pick(tier for tier, queue in self.tiers.items() if queue.has(fits))
         queue = self.tiers[job.tier]
-        if next(queue.in_order()) is not job:
+        if next(j for j in queue.in_order() if fits is None or fits(j)) is not job:
             return self.remove(job_id)  # not the job that pick would have taken (a log from other settings)
-        queue.pop()
-        del self.by_id[job_id]
+        queue.pop(fits)
+        self._forget(job)
         return job
 
     @staticmethod
@@ -211,8 +247,8 @@ class QueuePolicy:
         """Start as many waiting jobs as there are idle agents; returns (job, agent) pairs, in start order."""
         idle = list(idle)
         starts = []
-        while idle and (job := self.next_job(now)) is not None:
-            agent = self.place(job, idle)
+        while idle and (job := self.next_job(now, {agent.devices for agent in idle})) is not None:
+            agent = self.place(job, [agent for agent in idle if agent.devices == job.devices])
             idle.remove(agent)
             starts.append((job, agent))
         return starts
@@ -224,8 +260,10 @@ class QueuePolicy:
         late = self.overdue(now)
         if len(late) <= len(asked):
             return None
-        waiting_weight = self.tier_weights[late[len(asked)].tier]
+        waiting = late[len(asked)]
+        waiting_weight = self.tier_weights[waiting.tier]
         candidates = [agent for agent in running if agent.job_id and agent.job_id not in asked
+                      and agent.devices == waiting.devices
                       and agent.tier in self.tier_weights and self.tier_weights[agent.tier] < waiting_weight]
         if not candidates:
             return None
@@ -239,6 +277,7 @@ class QueuePolicy:
         shadow.picker = copy.deepcopy(self.picker)
         shadow.tiers = {tier: _copy_tier(queue) for tier, queue in self.tiers.items()}
         shadow.by_id = dict(self.by_id)
+        shadow.sizes = Counter(self.sizes)
         order = []
         while (limit is None or len(order) < limit) and (job := shadow.next_job(now)) is not None:
             order.append(job)

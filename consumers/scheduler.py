@@ -76,7 +76,8 @@ class Scheduler:
     def new_dispatcher(self) -> Dispatcher:
         s = self.settings
         policy = QueuePolicy(s.tier_weights, preempt_after_s=s.preempt_after_s, preempting_tiers=s.preempting_tiers)
-        return Dispatcher(policy, self.scheduler_id, agent_timeout_s=s.agent_timeout_s, grace_s=s.scheduler_grace_s)
+        return Dispatcher(policy, self.scheduler_id, agent_timeout_s=s.agent_timeout_s, grace_s=s.scheduler_grace_s,
+                          model_devices=s.model_devices)
 
     def handle(self, job: dict, ctx: StageContext) -> None:
         from gpu_agents.models import InvalidParamsError, UnknownModelError, check_params

@@ -213,7 +213,7 @@ class AgentRuntime(StageRuntime):
         outcome = job.outcome or Outcome(job.msg, interrupted=True)
         if outcome.interrupted:
             self.counters.interrupted += 1
-            self.finished = (job.job_id, job.epoch, "INTERRUPTED", job.stop or "worker stopped")
+            self.finished = (job.job_id, job.epoch, "INTERRUPTED", job.stop or outcome.why_interrupted or "worker stopped")
         else:
             if outcome.dedupe_key is not None:
                 self.ledger.mark(outcome.dedupe_key)
@@ -260,7 +260,7 @@ class AgentRuntime(StageRuntime):
             agent_id=self.agent_id, state=state, epoch=job.epoch if job else 0,
             step=status.get("step", 0) if job else 0, total_steps=status.get("total_steps", 0) if job else 0,
             tier=job.tier if job else None,
-            models=status.get("models", []), device=status.get("device", "cpu"),
+            models=status.get("models", []), device=status.get("device", "cpu"), devices=status.get("devices", 1),
             free_memory_bytes=status.get("free_memory_bytes"), step_s=status.get("step_s"),
             last_assignment=self.last_assignment, leader_epoch=self.leader_epoch, finished_job_id=finished_job,
             finished_epoch=finished_epoch, finished_outcome=outcome, finished_reason=reason,

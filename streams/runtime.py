@@ -63,6 +63,7 @@ class Outcome:
     dedupe_key: str | None = None  # None: nothing to mark (undecodable input)
     ctx: StageContext | None = None
     interrupted: bool = False
+    why_interrupted: str = ""  # the JobInterrupted message (the scheduler's REQUEUED reason)
     failed_job: str | None = None  # the job this input's dead letter failed
 
 
@@ -220,7 +221,8 @@ class StageRuntime:
             return outcome
         source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
         with consume_span(self.stage.name, msg.topic(), msg.headers()):
-            outcome.ctx, outcome.interrupted = self._handle_with_retries(msg, event, source, stop_reason, confirm)
+            outcome.ctx, interrupted = self._handle_with_retries(msg, event, source, stop_reason, confirm)
+            outcome.interrupted, outcome.why_interrupted = interrupted is not None, interrupted or ""
         if outcome.ctx is None and not outcome.interrupted:  # dead-lettered, which fails the job it names
             outcome.failed_job = event.get("job_id") or None
         return outcome
@@ -270,8 +272,8 @@ class StageRuntime:
 
     def _handle_with_retries(self, msg: Message, event: dict, source: SourceMessage,
                              stop_reason: Callable[[], str | None] | None,
-                             confirm: Callable[[], str | None] | None = None) -> tuple[StageContext | None, bool]:
-        """(context of the successful try or None, interrupted?)"""
+                             confirm: Callable[[], str | None] | None = None) -> tuple[StageContext | None, str | None]:
+        """(context of the successful try or None, why the job was interrupted or None)"""
         headers = current_trace_headers()
         for attempt in range(1, HANDLER_ATTEMPTS + 1):
             ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
@@ -284,31 +286,31 @@ class StageRuntime:
                 self.handler.handle(event, ctx)
                 self._flush()
                 self.counters.handled += 1
-                return ctx, False
-            except JobInterrupted:
+                return ctx, None
+            except JobInterrupted as exc:
                 self._flush_quietly()  # its checkpoint and progress are worth keeping
-                return None, True
+                return None, str(exc)
             except CancelledByRequest as exc:
                 self.end_cancelled(event, exc.step, headers)
-                return ctx, False
+                return ctx, None
             except InvalidEvent as exc:
                 self._flush_quietly()
                 self.dead_letter(msg, "INVALID", str(exc), event)
-                return None, False
+                return None, None
             except Exception as exc:  # noqa: BLE001 - a stage must survive any one bad job
                 self._flush_quietly()
                 if attempt == HANDLER_ATTEMPTS:
                     log.exception("%s: giving up on %s after %d attempts", self.stage.name, event.get("job_id"), attempt)
                     self.dead_letter(msg, "HANDLER", f"{type(exc).__name__}: {exc}", event, attempts=attempt)
-                    return None, False
+                    return None, None
                 self.counters.retries += 1
                 log.warning("%s: attempt %d for job %s failed: %s", self.stage.name, attempt, event.get("job_id"), exc)
                 if self._sleep(RETRY_BACKOFF_S[attempt - 1]):
-                    return None, True  # stopping: leave the job to the next owner
+                    return None, "stopping"  # stopping: leave the job to the next owner
             finally:
                 self.counters.handle_seconds += time.perf_counter() - started
                 self._handling_since = None
-        return None, False
+        return None, None
 
     def end_cancelled(self, event: dict, step: int | None, headers: list) -> None:
         """The terminal event of a job stopped by a JobCancelled request."""

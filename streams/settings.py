@@ -58,6 +58,12 @@ class Settings:
     preempting_tiers: tuple[str, ...] = ("premium",)
     agent_timeout_s: float = 10.0
     scheduler_grace_s: float = 2.5
+    #: Devices a job of each model needs (model id -> N; others 1): the scheduler places it only on agent groups of N.
+    model_devices: dict[str, int] = field(default_factory=dict)
+    #: An agent group's parallel mode (auto | ulysses | cfg) and the deadline of its collectives (a rank that stays
+    #: silent that long breaks the group: gpu_agents/parallel.py).
+    parallel_mode: str = "auto"
+    group_timeout_s: float = 120.0
     #: Checkpoint a running job every N steps, and at least every S seconds (0 = never by time).
     checkpoint_every_steps: int = 10
     checkpoint_every_s: float = 60.0
@@ -127,6 +133,17 @@ def _parse_model_dirs(text: str) -> dict[str, str]:
     return dirs
 
 
+def _parse_model_devices(text: str) -> dict[str, int]:
+    """"tiny-wan=2,wan-14b=4" -> {"tiny-wan": 2, "wan-14b": 4}."""
+    devices = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = (part.strip() for part in item.partition("="))
+        if not sep or not name or not count:
+            raise ValueError(f"model_devices entry {item!r} is not model=N")
+        devices[name] = int(count)
+    return devices
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
     file_settings: dict = {}
@@ -173,8 +190,23 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
                                               if t.strip())
         settings.agent_timeout_s = float(env.get("VIDGEN_AGENT_TIMEOUT_S") or scheduler.get("agent_timeout_s") or 10.0)
         settings.scheduler_grace_s = float(env.get("VIDGEN_SCHEDULER_GRACE_S") or scheduler.get("grace_s") or 2.5)
+        devices = env.get("VIDGEN_MODEL_DEVICES") or scheduler.get("model_devices") or {}
+        settings.model_devices = _parse_model_devices(devices) if isinstance(devices, str) else {
+            str(model): int(n) for model, n in devices.items()}
     except ValueError as exc:
         raise SettingsError(f"scheduler settings: {exc}") from exc
+    if any(n < 1 for n in settings.model_devices.values()):
+        raise SettingsError(f"model_devices: every model needs at least 1 device, got {settings.model_devices}")
+    agents = file_settings.get("agents", {})
+    settings.parallel_mode = (env.get("VIDGEN_PARALLEL_MODE") or agents.get("parallel_mode") or "auto").strip().lower()
+    if settings.parallel_mode not in ("auto", "ulysses", "cfg"):
+        raise SettingsError(f"parallel_mode must be auto, ulysses or cfg, got {settings.parallel_mode!r}")
+    try:
+        settings.group_timeout_s = float(env.get("VIDGEN_GROUP_TIMEOUT_S") or agents.get("group_timeout_s") or 120.0)
+    except ValueError as exc:
+        raise SettingsError(f"agent settings: {exc}") from exc
+    if settings.group_timeout_s <= 0:
+        raise SettingsError("group_timeout_s must be positive")
     if settings.preempt_after_s is not None and settings.preempt_after_s < 0:
         raise SettingsError("preempt_after_s must be at least 0 (or off)")
     if settings.agent_timeout_s <= 0:

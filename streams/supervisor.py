@@ -55,9 +55,10 @@ class PlatformProcesses:
         self.stages: dict[str, list[subprocess.Popen]] = {}
         self.log_dir = self.var_dir / "log"
 
-    def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
+               foreground: bool = False) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        background = args[-1] not in FOREGROUND_STAGES  # the broker (and Tansu, its child) and the CPU stages
+        background = not foreground  # the broker (and Tansu, its child) and the CPU stages
         with open(self.log_dir / f"{log_name}.log", "ab") as log_file:
             return subprocess.Popen(
                 [sys.executable, "-m", "vidgen", *args], env={**self.env, **(env or {})}, stdout=log_file,
@@ -103,9 +104,11 @@ class PlatformProcesses:
             self.add_stage(name)
         return self.settings()
 
-    def add_stage(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start one more process of a stage; ``env`` adds settings for this process only."""
-        process = self._spawn(["stage", name], f"{name}-{len(self.stages.get(name, []))}", env)
+    def add_stage(self, name: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start one more process of a stage; ``env`` adds settings for this process only, ``args`` options of
+        `vidgen stage` (``("--devices", "2")``: an agent group)."""
+        process = self._spawn(["stage", name, *args], f"{name}-{len(self.stages.get(name, []))}", env,
+                              foreground=name in FOREGROUND_STAGES)
         self.stages.setdefault(name, []).append(process)
         return process
 

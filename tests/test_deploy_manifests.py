@@ -13,8 +13,12 @@ What is checked, and how:
 * custom resources (Strimzi Kafka/KafkaNodePool/KafkaTopic, KEDA ScaledObject, Prometheus PodMonitor) have no
   schemas offline: a hand-written check of the fields these manifests rely on;
 * cross-checks: every topic of streams.topics.CATALOGUE has a KafkaTopic with its name, partitions and retention,
-  and nothing else does; every ``vidgen stage NAME`` is a stage ``vidgen stage`` accepts and every stage runs;
-  references (ConfigMaps, PVCs, scale targets, PDB and PodMonitor selectors, ports) resolve;
+  and nothing else does; every ``vidgen stage NAME [options]`` parses with the CLI's own parser, names a stage, and
+  every stage runs; references (ConfigMaps, PVCs, scale targets, PDB and PodMonitor selectors, ports) resolve;
+  the settings every container gets load with streams.settings; agent groups (``gpu-agent --devices N``): N is the
+  pod's GPU count, /dev/shm is a Memory emptyDir, the drain fits the grace period (torchrun's shutdown timeout
+  covers the one-GPU agent's drain allowance, the grace period 30 s more), and every model of VIDGEN_MODEL_DEVICES
+  maps to a size some gpu-agent Deployment provides;
   the compose file has KRaft Kafka, a registry, the one-shot ``vidgen topics`` and the same stages.
 What cannot be checked here: that a cluster with Strimzi, KEDA and the Prometheus Operator accepts the custom
 resources (their CRDs' full schemas are not available offline), that images exist, and anything at run time
@@ -31,8 +35,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from streams.settings import load_settings
 from streams.topics import CATALOGUE, ENCODED
-from vidgen.cli import STAGES
+from vidgen.cli import STAGES, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -154,6 +159,49 @@ def commands(docs):
     for doc, pod in pod_specs(docs):
         for container in pod["containers"]:
             yield doc, container, list(container.get("command", [])) + list(container.get("args", []))
+
+
+def stage_args(argv: list[str]):
+    """`vidgen stage NAME [--devices N ...]` parsed by the CLI's own parser (None for any other command)."""
+    if argv[:2] != ["vidgen", "stage"]:
+        return None
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"`vidgen` rejects the arguments {argv[1:]}")
+
+
+def gpu_agents(docs):
+    """(Deployment, pod spec, container, devices) of every container running the gpu-agent stage."""
+    for doc, container, argv in commands(docs):
+        args = stage_args(argv)
+        if args is not None and args.name == "gpu-agent":
+            yield doc, doc["spec"]["template"]["spec"], container, args.devices
+
+
+def quantity(text) -> float:
+    """A Kubernetes quantity ("32Gi", "500M", "2") in bytes or units."""
+    match = re.fullmatch(r"([0-9.]+)([KMGTPE]i?|m)?", str(text))
+    assert match, f"not a quantity: {text!r}"
+    number, suffix = float(match.group(1)), match.group(2) or ""
+    if suffix == "m":
+        return number / 1000
+    power = "KMGTPE".index(suffix[0]) + 1 if suffix else 0
+    return number * (1024 if suffix.endswith("i") else 1000) ** power
+
+
+#: torchrun's wait between passing SIGTERM to the ranks and SIGKILLing them (torch.distributed.run
+#: --shutdown-timeout; the environment: PET_SHUTDOWN_TIMEOUT, then TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30 s). It runs
+#: from the SIGTERM, not from the end of a drain: the ranks' whole drain must fit in it.
+TORCHRUN_DEFAULT_SHUTDOWN_S = 30
+#: What the pod's grace period must add to torchrun's shutdown timeout: its SIGKILL, its exit and the preStop loop.
+GROUP_EXIT_MARGIN_S = 30
+
+
+def torchrun_shutdown_s(container: dict) -> int:
+    env = {e["name"]: e.get("value") for e in container.get("env") or []}
+    value = env.get("PET_SHUTDOWN_TIMEOUT") or env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    return int(value) if value else TORCHRUN_DEFAULT_SHUTDOWN_S
 
 
 # -- parsing and building -----------------------------------------------------------------------------------------
@@ -334,11 +382,15 @@ def test_every_vidgen_stage_command_names_a_real_stage_and_every_stage_runs(over
     name, docs = overlay
     ran = set()
     for doc, container, argv in commands(docs):
-        if argv[:2] == ["vidgen", "stage"]:
-            assert len(argv) == 3, argv
-            stage = argv[2]
+        args = stage_args(argv)  # options such as --devices N are parsed, not taken for the stage
+        if args is not None:
+            stage = args.name
             assert stage in STAGES, f"{doc['metadata']['name']}: unknown stage {stage}"
-            assert doc["metadata"]["name"] == stage
+            if args.devices == 1:
+                assert doc["metadata"]["name"] == stage
+            else:  # an agent group: `vidgen stage gpu-agent --devices N` (only that stage runs across devices)
+                assert stage == "gpu-agent", f"{doc['metadata']['name']}: --devices on the {stage} stage"
+                assert doc["metadata"]["name"].startswith(f"{stage}-group"), doc["metadata"]["name"]
             ran.add(stage)
     assert set(STAGES) <= ran, f"{name}: stages without a Deployment: {set(STAGES) - ran}"
     assert ("gateway" in by_kind(docs, "Deployment")
@@ -387,6 +439,102 @@ def test_settings_references_and_the_gpu_agent(overlay):
         assert env["VIDGEN_SIGNING_KEY"].startswith(mount["mountPath"] + "/")
     else:
         assert "VIDGEN_SIGNING_CHAIN" not in env  # dev signs with the development chain under var/c2pa
+
+
+def test_gpu_agent_groups(overlay):
+    """An agent group (`vidgen stage gpu-agent --devices N`, gpu_agents/group.py) is one pod of N GPUs running
+    torchrun, which starts one rank per GPU."""
+    name, docs = overlay
+    deployments = by_kind(docs, "Deployment")
+    single = deployments["gpu-agent"]["spec"]["template"]["spec"]
+    single_container = single["containers"][0]
+    groups = [(doc, pod, c, n) for doc, pod, c, n in gpu_agents(docs) if n > 1]
+    assert "gpu-agent-group" in {doc["metadata"]["name"] for doc, *_ in groups}, f"{name}: no agent group"
+    for doc, pod, container, devices in groups:
+        where = f"{name}: {doc['metadata']['name']}"
+        # One rank per GPU: torchrun starts --devices ranks, each takes one of the GPUs the pod was given.
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == devices, f"{where}: --devices {devices}, GPUs {resources}"
+        assert resources["requests"].get("nvidia.com/gpu", devices) == devices, where
+        assert len(pod["containers"]) == 1, f"{where}: a group's pod is its one container (torchrun and its ranks)"
+        # NCCL between the ranks needs shared memory: /dev/shm from a Memory emptyDir with a sizeLimit, below the
+        # container's memory limit (tmpfs pages count against it).
+        mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), None)
+        assert mount, f"{where}: /dev/shm is not mounted"
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume.get("emptyDir", {}).get("medium") == "Memory", f"{where}: /dev/shm is not a Memory emptyDir"
+        size = volume["emptyDir"].get("sizeLimit")
+        assert size, f"{where}: the /dev/shm emptyDir has no sizeLimit"
+        assert quantity(size) < quantity(resources["limits"]["memory"]), f"{where}: /dev/shm {size} >= memory limit"
+        # Draining. The rule: torchrun's shutdown timeout >= the one-GPU agent's drain allowance (its grace period),
+        # and the group's grace period >= that timeout + 30 s (so >= 30 s + the one-GPU agent's allowance).
+        drain_allowance = single["terminationGracePeriodSeconds"]
+        shutdown = torchrun_shutdown_s(container)
+        assert shutdown >= drain_allowance, (
+            f"{where}: torchrun SIGKILLs the ranks {shutdown} s after passing on SIGTERM, a one-GPU agent gets "
+            f"{drain_allowance} s to drain: set TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace >= shutdown + GROUP_EXIT_MARGIN_S, f"{where}: grace {grace} s < {shutdown} + {GROUP_EXIT_MARGIN_S}"
+        assert container["lifecycle"]["preStop"] == single_container["lifecycle"]["preStop"], where
+        # The rest as for the one-GPU agents: same settings, volumes, placement.
+        assert container["envFrom"] == single_container["envFrom"], where
+        single_mounts = {(m["name"], m["mountPath"]) for m in single_container["volumeMounts"]}
+        assert single_mounts <= {(m["name"], m["mountPath"]) for m in container["volumeMounts"]}, where
+        single_volumes = {v["name"]: v for v in single["volumes"]}
+        assert all(v == single_volumes[v["name"]] for v in pod["volumes"] if v["name"] in single_volumes), where
+        assert pod.get("nodeSelector") == single.get("nodeSelector"), where
+        assert pod.get("tolerations") == single.get("tolerations"), where
+        assert [p["name"] for p in container["ports"]] == ["metrics"]  # rank 0's; the other ranks serve none
+        # A PodDisruptionBudget like the one-GPU agents'.
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        budgets = [b["spec"] for b in by_kind(docs, "PodDisruptionBudget").values()
+                   if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert [b["maxUnavailable"] for b in budgets] == [by_kind(docs, "PodDisruptionBudget")["gpu-agent"]["spec"]
+                                                         ["maxUnavailable"]], where
+        # Fixed size: the scheduler's queue gauge does not split waiting jobs by devices, so no autoscaler can see a
+        # group's backlog (autoscaling.yaml).
+        targets = {s["spec"]["scaleTargetRef"]["name"] for s in by_kind(docs, "ScaledObject").values()}
+        targets |= {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
+        assert doc["metadata"]["name"] not in targets, f"{where}: autoscaled on a queue it takes few jobs of"
+    # The one-GPU agents' utilisation trigger must not average in the groups' GPUs (pods gpu-agent-group-...).
+    query = next(t["metadata"]["query"] for t in by_kind(docs, "ScaledObject")["gpu-agent"]["spec"]["triggers"]
+                 if "DCGM_FI_DEV_GPU_UTIL" in t["metadata"].get("query", ""))
+    matchers = re.findall(r'\bpod\s*(=~|!~|!=|=)\s*"([^"]*)"', query)
+    assert matchers, query
+
+    def selects(pod_name):  # PromQL label matchers; regular expressions are fully anchored
+        ops = {"=": lambda v: pod_name == v, "!=": lambda v: pod_name != v,
+               "=~": lambda v: re.fullmatch(v, pod_name) is not None, "!~": lambda v: re.fullmatch(v, pod_name) is None}
+        return all(ops[op](value) for op, value in matchers)
+
+    assert selects("gpu-agent-7d9f8b6c5d-x2k4q"), query
+    for doc, *_ in groups:
+        assert not selects(f"{doc['metadata']['name']}-7d9f8b6c5d-x2k4q"), f"{name}: {query} counts group pods"
+
+
+def test_model_devices_map_to_agents_that_exist(overlay):
+    """VIDGEN_MODEL_DEVICES (the scheduler's: a job of a listed model runs only on an agent of exactly N devices)
+    names known models and sizes some gpu-agent Deployment provides; every container's settings load."""
+    name, docs = overlay
+    config = by_kind(docs, "ConfigMap")["vidgen-settings"]["data"]
+    for doc, container, argv in commands(docs):
+        if any(s.get("configMapRef", {}).get("name") == "vidgen-settings" for s in container.get("envFrom", [])):
+            env = {**config, **{e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}}
+            load_settings(env)  # raises SettingsError on what the code would refuse at start-up
+    settings = load_settings(config)
+    sizes = {devices for doc, pod, container, devices in gpu_agents(docs) if doc["spec"].get("replicas", 1) > 0}
+    assert 1 in sizes, f"{name}: no one-GPU agents (every model not in VIDGEN_MODEL_DEVICES needs one)"
+    for model, devices in settings.model_devices.items():
+        assert devices in sizes, f"{name}: {model} needs {devices} devices, the gpu-agents have {sorted(sizes)}"
+    for size in sizes - {1}:
+        assert size in settings.model_devices.values(), f"{name}: no model is mapped to the {size}-GPU groups: idle"
+    # Listing the default model would send every job that names no model to the groups, past the one-GPU fleet.
+    assert settings.model_devices.get(settings.default_model, 1) == 1, f"{name}: the default model needs a group"
+    unknown = set(settings.model_devices) - set(settings.model_dirs)
+    if unknown:  # built-in models (tiny stand-ins) are known without a directory
+        from gpu_agents.models import BUILTIN_MODELS
+
+        assert unknown <= set(BUILTIN_MODELS), f"{name}: unknown models in VIDGEN_MODEL_DEVICES: {unknown}"
 
 
 # -- compose ------------------------------------------------------------------------------------------------------

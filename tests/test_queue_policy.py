@@ -337,3 +337,45 @@ def test_start_estimates_unknown_step_times():
     assert start_estimates([j1, j2, j3], [now], {"m1": 2.0}, now, None) == [0.0, None, None]
     # With a default step time it is used instead.
     assert start_estimates([j1, j2, j3], [now], {"m1": 2.0}, now, 3.0) == [0.0, 20.0, 50.0]
+
+
+# -- devices: jobs that need an agent group of N run only on agents of N --------------------------------------------
+def sized(job_: WaitingJob, devices: int) -> WaitingJob:
+    job_.devices = devices
+    return job_
+
+
+def test_jobs_go_only_to_agents_of_the_size_they_need():
+    policy = QueuePolicy()
+    big = [policy.add(j) or j for j in (sized(job("premium", model="big"), 2), sized(job("premium", model="big"), 2))]
+    small = [policy.add(j) or j for j in (job("free", model="m1"), job("free", model="m1"))]
+    group = AgentView("group", devices=2, idle_since=T0)
+    single = AgentView("single", idle_since=T0)
+    placed = {agent.agent_id: j.job_id for j, agent in policy.dispatch([single, group], T0)}
+    # premium goes first by weight, but only the group can take it; the single agent still gets a free job at once
+    assert placed == {"group": big[0].job_id, "single": small[0].job_id}
+    assert [j.job_id for j, _ in policy.dispatch([single], T0)] == [small[1].job_id]
+    assert policy.dispatch([single], T0) == [], "a job for a group never lands on a single device"
+    assert [j.job_id for j, _ in policy.dispatch([group], T0)] == [big[1].job_id]
+
+
+def test_a_job_no_idle_agent_fits_keeps_its_place_and_tenants_keep_their_turns():
+    policy = QueuePolicy()
+    first = sized(job("standard", tenant="a"), 2)
+    policy.add(first)
+    second, third = job("standard", tenant="b"), job("standard", tenant="a")
+    policy.add(second), policy.add(third)
+    assert policy.next_job(T0, devices={1}) is third, "tenant a's turn: its next job that fits"
+    assert policy.next_job(T0, devices={1}) is second
+    assert policy.next_job(T0, devices={1}) is None and first.job_id in policy
+    assert policy.next_job(T0, devices={2}) is first and len(policy) == 0
+
+
+def test_preemption_only_asks_an_agent_of_the_overdue_jobs_size():
+    policy = QueuePolicy(preempt_after_s=30)
+    late = sized(job("premium", queued_at=T0), 2)
+    policy.add(late)
+    on_single = running("single", "f1", "free", step=1)
+    on_group = AgentView("group", job_id="f2", tier="free", step=5, total_steps=10, devices=2)
+    assert policy.preemption([on_single, on_group], set(), T0 + 31).agent_id == "group"
+    assert policy.preemption([on_single], set(), T0 + 31) is None

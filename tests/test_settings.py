@@ -56,3 +56,17 @@ def test_embedded_platform_file_is_used_only_while_its_process_lives(tmp_path):
 def test_bad_model_list_is_a_clear_error(tmp_path):
     with pytest.raises(SettingsError, match="name=/path"):
         load_settings({"VIDGEN_VAR_DIR": str(tmp_path), "VIDGEN_MODELS": "just-a-path"})
+
+
+def test_agent_group_settings(tmp_path):
+    settings = load_settings({"VIDGEN_VAR_DIR": str(tmp_path), "VIDGEN_MODEL_DEVICES": "wan-14b=2, big=4",
+                              "VIDGEN_PARALLEL_MODE": "Ulysses", "VIDGEN_GROUP_TIMEOUT_S": "30"})
+    assert settings.model_devices == {"wan-14b": 2, "big": 4}
+    assert settings.parallel_mode == "ulysses" and settings.group_timeout_s == 30.0
+    defaults = load_settings({"VIDGEN_VAR_DIR": str(tmp_path)})
+    assert defaults.model_devices == {} and defaults.parallel_mode == "auto" and defaults.group_timeout_s == 120.0
+    for bad in ({"VIDGEN_MODEL_DEVICES": "wan-14b"}, {"VIDGEN_MODEL_DEVICES": "wan=0"},
+                {"VIDGEN_MODEL_DEVICES": "wan=two"}, {"VIDGEN_PARALLEL_MODE": "tensor"},
+                {"VIDGEN_GROUP_TIMEOUT_S": "0"}):
+        with pytest.raises(SettingsError):
+            load_settings({"VIDGEN_VAR_DIR": str(tmp_path), **bad})

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "restart": "bench.restart",
     "families": "bench.families",
     "streamgen": "bench.streamgen",
+    "parallel": "bench.parallel",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -104,6 +105,14 @@ def cmd_stage(args) -> int:
         from consumers.archiver import run_archiver
 
         return run_archiver(load_settings())
+    if args.devices > 1:
+        if args.name != "gpu-agent":
+            raise SystemExit(f"--devices: only the gpu-agent stage runs across devices, not {args.name}")
+        from gpu_agents import group
+
+        if group.is_rank():  # one of the ranks torchrun started
+            return group.main(load_settings())
+        group.launch(args.devices, args.restarts)  # does not return: torchrun takes over this process
     run_stage(load_stage(args.name), load_settings())
     return 0
 
@@ -442,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("topics", help="create the catalogue's topics and register the schemas on the configured cluster")
     stage = sub.add_parser("stage", help="run one stage process (scale out by running more)")
     stage.add_argument("name", choices=sorted(STAGES))
+    stage.add_argument("--devices", type=int, default=1,
+                       help="gpu-agent: an agent group of N processes, one per device, running each job together "
+                            "(Ulysses or CFG parallelism; launched with torchrun)")
+    stage.add_argument("--restarts", type=int, default=3,
+                       help="an agent group: times torchrun restarts all ranks after one fails, before giving up")
     up = sub.add_parser("up", help="run the broker, the registry, one process per stage, the tracker, the archiver "
                                    "and the gateway until interrupted")
     up.add_argument("--port", type=int, default=8080, help="the gateway's port")

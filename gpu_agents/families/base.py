@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,6 +109,9 @@ class ModelFacts:
     experts: int = 1  # denoising models switched by timestep (Wan 2.2 A14B: 2), each with its guidance scale
     source: str = "built-in"  # or the local directory
     description: str = ""
+    #: How one job of this model can run across an agent group's devices (gpu_agents/parallel.py): "ulysses", "cfg";
+    #: empty: on one device only.
+    parallel_modes: tuple[str, ...] = ()
 
     @property
     def needs_image(self) -> bool:
@@ -133,7 +136,7 @@ class ModelFacts:
     def as_dict(self) -> dict:
         return {"id": self.model_id, "family": self.family, "modalities": list(self.modalities),
                 "streams_while_generating": self.streams_while_generating, "experts": self.experts,
-                "limits": self.rules.as_dict(),
+                "parallel_modes": list(self.parallel_modes), "limits": self.rules.as_dict(),
                 "source": self.source, "description": self.description}
 
 
@@ -172,6 +175,17 @@ class Guidance:
 #: every start and resume (deterministically), so a checkpoint need not hold them.
 Condition = Mapping[str, torch.Tensor]
 
+#: One pass of the denoising model with the given text embeddings; the label names its cache context.
+ModelPass = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def local_passes(run: ModelPass, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A guided step's conditional and unconditional passes, one after the other on this device (no negative
+    embeddings: the conditional pass alone)."""
+    cond = run(prompt_embeds, "cond")
+    return cond, None if negative_prompt_embeds is None else run(negative_prompt_embeds, "uncond")
+
 
 class Denoiser(ABC):
     """A family's denoising model: one step's prediction, with the scheduler recipe and the latent geometry.
@@ -184,6 +198,19 @@ class Denoiser(ABC):
     transformer: torch.nn.Module  # the (first) denoising model: its device and dtype are the job's
     scheduler_class: type[SchedulerMixin]
     scheduler_config: Mapping[str, Any]
+
+    #: How a guided step runs its two passes: one after the other here; a device group in CFG mode sets a runner that
+    #: runs them on two ranks at once (gpu_agents/parallel.py). The same operations either way: the same numbers.
+    passes: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = staticmethod(local_passes)
+
+    def guided_passes(self, run: ModelPass, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None,
+                      guidance: Guidance) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditional, unconditional or None) outputs of ``run`` for a step: both passes when guidance is on."""
+        return self.passes(run, prompt_embeds, negative_prompt_embeds if guidance.enabled else None)
+
+    def context_parallel_plan(self, module: torch.nn.Module) -> dict | None:
+        """The diffusers context-parallel plan for one of ``modules()`` (None: the model class's own ``_cp_plan``)."""
+        return None
 
     def new_scheduler(self) -> SchedulerMixin:
         """A fresh scheduler: schedulers carry per-run state, so every job needs its own."""
@@ -296,6 +323,8 @@ class ModelFamily(ABC):
     """One diffusers pipeline family. Subclasses are stateless: the catalogue caches what they load."""
 
     name: str
+    #: How a job of this family's models can run across several devices (ModelFacts.parallel_modes).
+    parallel_modes: tuple[str, ...] = ()
 
     #: The diffusers pipeline classes (model_index.json `_class_name`) of the local directories this family serves.
     pipeline_classes: tuple[str, ...] = ()

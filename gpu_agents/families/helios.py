@@ -517,13 +517,23 @@ class HeliosDenoiser(Denoiser):
                       latents_history_short=short.to(dtype), latents_history_mid=mid.to(dtype),
                       latents_history_long=long.to(dtype), return_dict=False,
                       **{name: index.to(latents.device) for name, index in self._indices.items()})
-        with transformer.cache_context("cond"):
-            noise_pred = transformer(encoder_hidden_states=prompt_embeds, **inputs)[0]
-        if guidance.enabled:  # two calls, as the pipeline, so results match bit for bit
-            with transformer.cache_context("uncond"):
-                noise_uncond = transformer(encoder_hidden_states=negative_prompt_embeds, **inputs)[0]
+
+        def run(embeds: torch.Tensor, label: str) -> torch.Tensor:
+            with transformer.cache_context(label):
+                return transformer(encoder_hidden_states=embeds, **inputs)[0]
+
+        # Two calls when guided, as the pipeline, so results match bit for bit.
+        noise_pred, noise_uncond = self.guided_passes(run, prompt_embeds, negative_prompt_embeds, guidance)
+        if noise_uncond is not None:
             noise_pred = noise_uncond + guidance.scale * (noise_pred - noise_uncond)
         return noise_pred
+
+    def context_parallel_plan(self, module: torch.nn.Module) -> dict:
+        """diffusers' Helios plan names the gathers of blocks 0..39 (the released model's depth): a model of
+        another depth gets the plan of the blocks it has."""
+        depth = len(module.blocks)
+        return {key: value for key, value in module._cp_plan.items()
+                if not key.startswith("blocks.") or key.split(".")[1] == "*" or int(key.split(".")[1]) < depth}
 
     def finished_chunk(self, latents: torch.Tensor) -> tuple[int, torch.Tensor] | None:
         """(index, video latents (B, C, T, h, w)) of the chunk the step that made ``latents`` finished, else None.
@@ -596,6 +606,7 @@ class HeliosChunkDecoder:
 
 class HeliosFamily(T5TextSide, ModelFamily):
     name = "helios"
+    parallel_modes = ("ulysses", "cfg")
     # A Helios chunk decodes alone and its frames are final (the pipeline decodes chunk by chunk itself); the agent
     # emits the model's own chunks (finished_chunk) as they finish, not cuts of a final latent.
     causal_decode = True
@@ -622,7 +633,8 @@ class HeliosFamily(T5TextSide, ModelFamily):
                            temporal_multiple=vae["scale_factor_temporal"], max_frames=MAX_FRAMES)
         return ModelFacts(model_id=model_id, family=self.name, modalities=(T2V,), rules=rules,
                           streams_while_generating=True, source="built-in" if builtin else str(source),
-                          description="" if builtin else "local Helios directory (HeliosPipeline)")
+                          description="" if builtin else "local Helios directory (HeliosPipeline)",
+                          parallel_modes=self.parallel_modes)
 
     # -- denoiser and VAE ---------------------------------------------------------------------------
 

@@ -546,6 +546,9 @@ class Ltx2Decoder:
 
 class Ltx2Family(ModelFamily):
     name = "ltx2"
+    # Ulysses: diffusers' LTX-2 plan splits "interleaved" rotary embeddings only (this family's are "split": the
+    # shapes disagree); CFG: the pipeline runs both passes as one batch, which two ranks would not reproduce.
+    parallel_modes = ()
     causal_decode = False
 
     pipeline_classes = ("LTX2Pipeline",)

@@ -202,14 +202,15 @@ class WanDenoiser(Denoiser):
             model_input = torch.cat([latents, condition["latents"]], dim=1) if condition else latents
             timestep = t.expand(latents.shape[0])
         model_input = model_input.to(dtype)
-        with model.cache_context("cond"):
-            noise_pred = model(hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds,
-                               return_dict=False)[0]
-        if guidance.enabled:
-            # Two calls rather than one batch of two, exactly as the pipelines do, so results match bit for bit.
-            with model.cache_context("uncond"):
-                noise_uncond = model(hidden_states=model_input, timestep=timestep,
-                                     encoder_hidden_states=negative_prompt_embeds, return_dict=False)[0]
+
+        def run(embeds: torch.Tensor, label: str) -> torch.Tensor:
+            with model.cache_context(label):
+                return model(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
+                             return_dict=False)[0]
+
+        # Two calls rather than one batch of two, exactly as the pipelines do, so results match bit for bit.
+        noise_pred, noise_uncond = self.guided_passes(run, prompt_embeds, negative_prompt_embeds, guidance)
+        if noise_uncond is not None:
             noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
         return noise_pred
 
@@ -260,6 +261,7 @@ class WanDenoiser(Denoiser):
 
 class WanFamily(T5TextSide, ModelFamily):
     name = "wan"
+    parallel_modes = ("ulysses", "cfg")
     causal_decode = True
 
     pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
@@ -294,7 +296,7 @@ class WanFamily(T5TextSide, ModelFamily):
                            temporal_multiple=vae.get("scale_factor_temporal", 4) * patch[0])
         return ModelFacts(model_id=model_id, family=self.name, modalities=modalities, rules=rules, experts=experts,
                           source="built-in" if isinstance(source, WanRecipe) else str(source),
-                          description=description)
+                          description=description, parallel_modes=self.parallel_modes)
 
     # -- denoiser and VAE ---------------------------------------------------------------------------
 
