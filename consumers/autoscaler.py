@@ -1,4 +1,8 @@
-"""`vidgen autoscale`: desired replicas per stage from the fleet's own reports, with the seed's policy.
+"""`vidgen autoscale`: desired replicas per stage from the fleet's own reports.
+
+The GPU agents are scaled with the demand policy by default (streams/autoscale.py DemandPolicy: GPU-seconds arriving,
+running and waiting per tier against wait objectives; `--policy seed` for the seed's rule), the stages that consume
+a topic with the seed's rule on their consumer lag. The same policy objects run in `vidgen simulate`.
 
 Consumes vidgen.stats (StageStats: every stage process reports its consumer lag, taken from librdkafka's
 statistics, and how busy it was, every VIDGEN_STATS_INTERVAL_S; the active scheduler adds the fleet's queue).
@@ -12,9 +16,9 @@ share when it has no GPU; replicas = instances heard from within three report in
 
 The GPU agents consume no topic: their work waits in the scheduler's queue (the scheduler commits the tier topics'
 records as soon as it has logged them, so their lag stays near zero whatever waits). For them everything comes from
-the newest queue the active scheduler reported: waiting = jobs waiting for an agent, summed over the tiers (jobs
-already running are not waiting: counting them would grow a busy fleet without end); replicas = live agents;
-utilisation = the share of them not idle.
+the newest queue the active scheduler reported: waiting = jobs waiting for an agent per tier, and the GPU-seconds
+they hold; the GPU-seconds queued since the previous round (the difference of the scheduler's cumulative count);
+running jobs; replicas = live agents (divided by --gpus-per-replica); utilisation = the share of them not idle.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import Gauge
 
 from streams import topics
-from streams.autoscale import AutoscalePolicy, Autoscaler, Decision, Observation
+from streams.autoscale import AutoscalePolicy, Autoscaler, Decision, DemandPolicy, Observation
 from streams.kafka import consumer_config
 from streams.metrics import serve_metrics
 from streams.serde import event_codec
+from streams.scheduling import parse_weights
 from streams.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class FleetView:
 
     stale_after_s: float
     reports: dict[str, dict[str, dict]] = field(default_factory=lambda: defaultdict(dict))  # stage → instance → report
+    arrived_gpu_s: dict[str, float] = field(default_factory=dict)  # stage → the scheduler's count at the last round
 
     def add(self, report: dict) -> None:
         known = self.reports[report["stage"]].get(report["instance"])
@@ -68,10 +74,10 @@ class FleetView:
         reports = [r for r in self.live(SCHEDULED[stage], now_s) if r.get("queue") is not None]
         return max(reports, key=lambda r: _seconds(r["timestamp"]))["queue"] if reports else None
 
-    def instances(self, stage: str, now_s: float) -> int:
+    def instances(self, stage: str, now_s: float, gpus_per_replica: int = 1) -> int:
         if stage in SCHEDULED:
             queue = self.queue(stage, now_s)
-            return sum(queue["agents"].values()) if queue else 0
+            return -(-sum(queue["agents"].values()) // gpus_per_replica) if queue else 0
         return len(self.live(stage, now_s))
 
     def observation(self, stage: str, now_s: float) -> Observation:
@@ -79,8 +85,15 @@ class FleetView:
             queue = self.queue(stage, now_s) or {"waiting": {}, "agents": {}}  # no scheduler heard: nothing known
             agents = sum(queue["agents"].values())
             busy = agents - queue["agents"].get("IDLE", 0)
+            total = queue.get("arrived_gpu_s") or 0.0
+            # A new scheduler leader (or a restarted one) counts from zero: that round's arrivals are unknown, not
+            # negative.
+            arrived = max(0.0, total - self.arrived_gpu_s.get(stage, total))
+            self.arrived_gpu_s[stage] = total
             return Observation(at_s=now_s, waiting=dict(queue["waiting"]),
-                               gpu_util=(busy / agents,) if agents else ())
+                               gpu_util=(busy / agents,) if agents else (), arrived_gpu_s=arrived,
+                               running_gpus=float(queue.get("running") or 0),
+                               waiting_gpu_s=dict(queue.get("waiting_gpu_s") or {}))
         newest_lag: dict[tuple[str, int], tuple[float, int]] = {}  # a partition moves: its newest reporter counts
         for report in self.live(stage, now_s):
             for entry in report["lag"]:
@@ -99,11 +112,14 @@ def _seconds(timestamp) -> float:
 
 
 class AutoscaleController:
-    """One Autoscaler per stage, fed by the fleet view every round; returns the round's decisions."""
+    """One Autoscaler per stage, fed by the fleet view every round; returns the round's decisions. The GPU agents get
+    ``agent_policy`` (the demand policy by default), the other stages ``policy``."""
 
-    def __init__(self, stages: list[str], policy: AutoscalePolicy, stale_after_s: float):
+    def __init__(self, stages: list[str], policy: AutoscalePolicy, stale_after_s: float,
+                 agent_policy: AutoscalePolicy | DemandPolicy | None = None):
         self.stages = stages
         self.policy = policy
+        self.agent_policy = agent_policy or policy
         self.fleet = FleetView(stale_after_s)
         self.scalers: dict[str, Autoscaler] = {}
         self.instances: dict[str, int] = {}  # instances seen last round, per stage
@@ -111,10 +127,11 @@ class AutoscaleController:
     def round(self, now_s: float) -> list[tuple[str, Observation, Decision]]:
         decisions = []
         for stage in self.stages:
-            instances = self.fleet.instances(stage, now_s)
+            policy = self.agent_policy if stage in SCHEDULED else self.policy
+            instances = self.fleet.instances(stage, now_s, getattr(policy, "gpus_per_replica", 1))
             scaler = self.scalers.get(stage)
             if scaler is None:
-                scaler = self.scalers[stage] = Autoscaler(self.policy, max(instances, 1))
+                scaler = self.scalers[stage] = Autoscaler(policy, max(instances, 1))
             elif instances and instances != self.instances.get(stage):
                 # The fleet changed (it followed a decision, a pod died, someone scaled by hand): go on from what
                 # runs. While it has not changed, a decision not yet carried out stands.
@@ -183,12 +200,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cooldown-down", type=float, default=defaults.cooldown_down_s, help="seconds")
     parser.add_argument("--min", type=int, default=defaults.min_replicas)
     parser.add_argument("--max", type=int, default=defaults.max_replicas)
+    demand = DemandPolicy()
+    parser.add_argument("--policy", choices=("demand", "seed"), default="demand",
+                        help="the GPU agents' policy: demand (default) or the seed's queue-threshold rule")
+    parser.add_argument("--gpus-per-replica", type=int, default=1, help="GPUs (agents) per gpu-agent pod")
+    parser.add_argument("--lead-s", type=float, default=demand.lead_s,
+                        help="a new gpu-agent pod's time to take work: pod start + model load (default 300)")
+    parser.add_argument("--safety", type=float, default=demand.safety, help="square-root staffing factor")
+    parser.add_argument("--wait-objectives", type=parse_weights, default=dict(demand.wait_objectives_s),
+                        help="p99 wait objective per tier, seconds (default premium=10,standard=60,free=600)")
     args = parser.parse_args(argv)
     settings = load_settings()
     policy = AutoscalePolicy(scale_up_waiting=args.scale_up_waiting, scale_down_util=args.scale_down_util,
                              scale_down_after_s=args.scale_down_after, cooldown_up_s=args.cooldown_up,
                              cooldown_down_s=args.cooldown_down, min_replicas=args.min, max_replicas=args.max)
+    agent_policy = policy if args.policy == "seed" else DemandPolicy(
+        gpus_per_replica=args.gpus_per_replica, lead_s=args.lead_s, safety=args.safety,
+        wait_objectives_s=args.wait_objectives, min_replicas=args.min, max_replicas=args.max)
     # An instance counts as running while its reports keep coming: three report intervals of silence and it is gone.
     controller = AutoscaleController(args.stage or ["gpu-agent"], policy,
-                                     stale_after_s=3 * max(settings.stats_interval_s, 1.0))
+                                     stale_after_s=3 * max(settings.stats_interval_s, 1.0), agent_policy=agent_policy)
     return run_autoscale(settings, controller, args.interval, args.rounds)

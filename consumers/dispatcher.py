@@ -93,6 +93,7 @@ class Dispatcher:
                  position_interval_s: float = 1.0, model_devices: dict[str, int] | None = None):
         self.policy = policy
         self.model_devices = dict(model_devices or {})  # devices a job of the model needs (others: 1)
+        self.arrived_steps: dict[str, int] = {}  # denoising steps of the jobs queued since this process started
         self.scheduler_id = scheduler_id
         self.agent_timeout_s = agent_timeout_s
         self.grace_s = grace_s
@@ -195,6 +196,8 @@ class Dispatcher:
         topic, partition, offset = source
         self._decide(orders, self.decision("QUEUED", job_id, topic, partition, offset, job=job, source_topic=topic,
                                            source_partition=partition, source_offset=offset), now)
+        model = job["params"]["model"]  # live arrivals only (not a log replayed): the autoscaler's demand signal
+        self.arrived_steps[model] = self.arrived_steps.get(model, 0) + job["params"]["steps"]
         if job_id in self.cancellations:  # its cancellation came first
             orders.extend(self._cancel_waiting(job_id, now))
         return orders
@@ -340,19 +343,12 @@ class Dispatcher:
     def positions(self, now: float) -> list[dict]:
         """QueuePosition events for waiting jobs whose position or ETA moved (noticeably) since last shown."""
         order = self.policy.predicted_order(now, POSITIONS_SHOWN)
-        step_s: dict[str, list[float]] = {}
         busy_until = []
-        for agent in self.agents.values():
-            if agent.state in ("DRAINING", "STOPPED"):
-                continue
+        for agent in self._working_agents():
             r = agent.report
-            if r.get("step_s"):
-                for model in r.get("models") or ():
-                    step_s.setdefault(model, []).append(r["step_s"])
             remaining = max(0, r.get("total_steps", 0) - r.get("step", 0)) if r.get("job_id") else 0
             busy_until.append(now + remaining * (r.get("step_s") or 0.0))
-        means = {model: sum(values) / len(values) for model, values in step_s.items()}
-        default = sum(means.values()) / len(means) if means else None
+        means, default = self.step_seconds()
         etas = start_estimates(order, busy_until, means, now, default)
         out = []
         for position, (job, eta) in enumerate(zip(order, etas), start=1):
@@ -361,6 +357,33 @@ class Dispatcher:
                 continue
             out.append(self._position(job.job_id, self.jobs[job.job_id], position, eta))
         return out
+
+    def _working_agents(self) -> list[AgentRecord]:
+        return [agent for agent in self.agents.values() if agent.state not in ("DRAINING", "STOPPED")]
+
+    def step_seconds(self) -> tuple[dict[str, float], float | None]:
+        """Seconds per denoising step by model (the mean of the agents' recent medians with it loaded), and the mean
+        over models (None until an agent has reported a step time)."""
+        step_s: dict[str, list[float]] = {}
+        for agent in self._working_agents():
+            r = agent.report
+            if r.get("step_s"):
+                for model in r.get("models") or ():
+                    step_s.setdefault(model, []).append(r["step_s"])
+        means = {model: sum(values) / len(values) for model, values in step_s.items()}
+        return means, sum(means.values()) / len(means) if means else None
+
+    def gpu_seconds(self, default_step_s: float) -> tuple[dict[str, float], float]:
+        """The autoscaler's demand signal in GPU-seconds: the work waiting per tier (steps left × the model's step
+        time), and the work queued since this process started (cumulative)."""
+        means, default = self.step_seconds()
+        default = default or default_step_s
+        waiting = {tier: 0.0 for tier in self.policy.tiers}
+        for job in self.policy.by_id.values():
+            waiting[job.tier] += max(0, job.steps - job.steps_done) * means.get(job.model, default) * job.devices
+        arrived = sum(steps * means.get(model, default) * self.model_devices.get(model, 1)
+                      for model, steps in self.arrived_steps.items())
+        return waiting, arrived
 
     def _position(self, job_id: str, record: JobRecord | None, position: int, eta: float | None) -> dict:
         self._shown[job_id] = (position, eta)

@@ -257,10 +257,14 @@ class SchedulerRuntime(StageRuntime):
         agents: dict[str, int] = {}
         for agent in dispatcher.agents.values():
             agents[agent.state] = agents.get(agent.state, 0) + 1
+        waiting_gpu_s, arrived_gpu_s = dispatcher.gpu_seconds(DEFAULT_STEP_S)
         return {"waiting": dispatcher.policy.waiting_by_tier(),
                 "running": sum(record.state == "assigned" for record in dispatcher.jobs.values()),
-                "agents": agents}
+                "agents": agents, "waiting_gpu_s": waiting_gpu_s, "arrived_gpu_s": arrived_gpu_s}
 
+
+#: Seconds per step assumed for the autoscaler's GPU-seconds until an agent has reported a step time.
+DEFAULT_STEP_S = 1.0
 
 STAGE = Stage(
     name="scheduler",

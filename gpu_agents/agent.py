@@ -6,6 +6,15 @@ vidgen.agents (streams/agent_runtime.py); follows vidgen.control for cancellatio
 path) and, when the latent is final, vidgen.latent-chunks (k latent frames each, in order, keyed by job). A job
 that was interrupted — its agent killed, preempted by a premium job, drained — resumes from its newest checkpoint
 on whichever agent gets it next, and ends bit-identical to an uninterrupted run.
+
+An agent may span several devices (an agent group, gpu_agents/group.py): this module's DenoisingAgent is its rank 0,
+and ``follow_leader`` runs on the others. Handling a job, step by step:
+1. check the job's parameters against its model, and the model against the group (gpu_agents/parallel.py);
+2. load the model on every rank (each sets up its parallel mode);
+3. plan the run (JobRun: the seed's noise or the newest checkpoint, embeddings, image condition) and hand it to
+   every rank;
+4. run the steps on every rank; after each, rank 0 reports it, checkpoints, and tells all ranks to go on or stop;
+5. emit the final latent in chunks (a family that streams while generating sent them as they finished).
 """
 from __future__ import annotations
 

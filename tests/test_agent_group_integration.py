@@ -132,26 +132,6 @@ def test_a_cancellation_stops_every_rank_at_the_same_step(platform):
     wait_for_three_idle_agents(platform)
 
 
-def test_sigterm_drains_every_rank_and_the_job_resumes_on_the_other_group(platform):
-    log, requests = platform["log"], platform["requests"]
-    prompt, seed = "a hot air balloon over hills", 8
-    job_id = requests.submit(prompt, tier="free", seed=seed, **GROUP_JOB)
-    log.wait_for(lambda l: len(steps_of(l, job_id)) >= 13, 120, "step 13")
-    first_agent = steps_of(log, job_id)[0]["agent_id"]
-    launcher, leader, follower = group_running(platform, job_id)
-    platform["processes"].signal_stage(launcher.pid, signal.SIGTERM)
-    launcher.wait(60)
-    for pid in (leader, follower):
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    drain = [c for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1][-1]
-    assert drain["step"] == [s["step"] for s in steps_of(log, job_id) if s["attempt"] == 1][-1]
-    assert decisions(log, "REQUEUED", job_id)[0]["reason"] == "drained"
-    assert_resumed_on_the_other_group(platform, job_id, prompt, seed, GROUP_JOB, first_agent)
-    platform["groups"].remove(launcher)
-    platform["groups"].append(add_group(platform))
-    wait_for_three_idle_agents(platform)
-
-
 def test_a_hung_rank_breaks_the_group_at_its_deadline_and_the_job_resumes_elsewhere(platform):
     log, requests = platform["log"], platform["requests"]
     prompt, seed = "a frozen waterfall", 9
@@ -168,3 +148,22 @@ def test_a_hung_rank_breaks_the_group_at_its_deadline_and_the_job_resumes_elsewh
         assert_resumed_on_the_other_group(platform, job_id, prompt, seed, GROUP_JOB, first_agent)
     finally:
         os.kill(follower, signal.SIGKILL)  # torchrun would wait 30 s on a stopped process before killing it
+
+
+def test_sigterm_drains_every_rank_and_the_job_resumes_on_the_other_group(platform):
+    """Last of the module: the drained group is not started again."""
+    log, requests = platform["log"], platform["requests"]
+    wait_for_three_idle_agents(platform)  # the group the hang test broke is back
+    prompt, seed = "a hot air balloon over hills", 8
+    job_id = requests.submit(prompt, tier="free", seed=seed, **GROUP_JOB)
+    log.wait_for(lambda l: len(steps_of(l, job_id)) >= 13, 120, "step 13")
+    first_agent = steps_of(log, job_id)[0]["agent_id"]
+    launcher, leader, follower = group_running(platform, job_id)
+    platform["processes"].signal_stage(launcher.pid, signal.SIGTERM)
+    launcher.wait(60)
+    for pid in (leader, follower):
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    drain = [c for c in log.of(job_id, topics.LATENT_CHECKPOINTED) if c["attempt"] == 1][-1]
+    assert drain["step"] == [s["step"] for s in steps_of(log, job_id) if s["attempt"] == 1][-1]
+    assert decisions(log, "REQUEUED", job_id)[0]["reason"] == "drained"
+    assert_resumed_on_the_other_group(platform, job_id, prompt, seed, GROUP_JOB, first_agent)

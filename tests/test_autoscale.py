@@ -123,3 +123,93 @@ def test_decide_is_pure():
 def test_invalid_policies_are_refused(kwargs):
     with pytest.raises(ValueError):
         AutoscalePolicy(**kwargs)
+
+
+# -- the demand policy ----------------------------------------------------------------------------------------------
+from streams.autoscale import DemandPolicy  # noqa: E402
+
+TICK_S = 30.0
+
+
+def demand_trace(gpus_busy_by_tick, waiting_gpu_s=None) -> list[Observation]:
+    """Observations every TICK_S of a fleet whose arriving work keeps ``gpus`` GPUs busy (Little's law: GPU-seconds
+    arriving per second), with that many running; ``waiting_gpu_s``: tick → {tier: GPU-seconds waiting}."""
+    waiting_gpu_s = waiting_gpu_s or {}
+    return [Observation(at_s=i * TICK_S, arrived_gpu_s=gpus * TICK_S, running_gpus=gpus,
+                        waiting_gpu_s=waiting_gpu_s.get(i, {})) for i, gpus in enumerate(gpus_busy_by_tick)]
+
+
+def needed_pods(gpus: float, policy: DemandPolicy) -> int:
+    return -(-int(gpus + policy.safety * gpus ** 0.5) // policy.gpus_per_replica)
+
+
+def test_demand_policy_sizes_a_steady_fleet_by_square_root_staffing():
+    policy = DemandPolicy()
+    history = replay(policy, 1, demand_trace([800.0] * 40))
+    assert history[-1][1] == needed_pods(800, policy) == 106  # 800 + 1.5·√800 = 842 GPUs in pods of 8: 94% busy
+    assert {replicas for _, replicas, _ in history} == {106}, "the right size at the first look, then steady"
+
+
+def test_demand_policy_answers_a_burst_at_once_and_clears_a_backlog_within_the_objectives():
+    policy = DemandPolicy()
+    trace = demand_trace([400.0] * 20, waiting_gpu_s={10: {"premium": 30_000.0}})  # 30k GPU-s arrive waiting
+    history = replay(policy, needed_pods(400, policy), trace)
+    before, at_burst = history[9][1], history[10][1]
+    assert at_burst - before == -(-30_000 // 300 // 8), "the backlog's GPU-seconds over the lead time, in pods"
+    assert "up:" in history[10][2]
+
+
+def test_demand_policy_follows_a_slow_decay_down_but_never_below_what_the_work_needs():
+    policy = DemandPolicy()
+    gpus = [800.0 - 600.0 * i / 240 for i in range(240)] + [200.0] * 60  # 2 h down to a quarter, then flat
+    history = replay(policy, needed_pods(800, policy), demand_trace(gpus))
+    for (at, replicas, _), busy in zip(history, gpus):
+        assert replicas * policy.gpus_per_replica >= busy, f"below the running work at {at} s"
+    for (_, before, _), (_, after, _) in zip(history, history[1:]):
+        assert after >= min(before - 1, int(before * (1 - policy.step_down) + 1e-9)), "at most 10% per step down"
+    assert history[-1][1] <= needed_pods(200, policy) * 1.06, "and it gets there"
+
+
+def test_demand_policy_leads_a_rising_daily_curve():
+    import math
+
+    policy = DemandPolicy()
+    day = [500.0 + 400.0 * math.sin(2 * math.pi * i / 2880) for i in range(2880)]  # one day, ticks of 30 s
+    history = replay(policy, needed_pods(day[0], policy), demand_trace(day))
+    short = [i for i, ((_, replicas, _), busy) in enumerate(zip(history, day))
+             if replicas * policy.gpus_per_replica < busy]
+    assert not short, f"fewer GPUs than busy ones at ticks {short[:5]}"
+    over = sum(r * policy.gpus_per_replica for _, r, _ in history[100:]) / sum(day[100:])
+    assert over < 1.15, f"provisioned {over:.2f}x the busy GPUs over the day"
+
+
+def test_demand_policy_does_not_flap_on_noise():
+    import random
+
+    rng = random.Random(7)
+    policy = DemandPolicy()
+    noisy = [600.0 * (1 + rng.uniform(-0.1, 0.1)) for _ in range(400)]
+    history = replay(policy, needed_pods(600, policy), demand_trace(noisy))
+    assert len(changes(history)) <= 3, changes(history)
+
+
+def test_a_switch_to_a_slower_model_grows_the_fleet_where_the_job_count_rule_sees_nothing():
+    """The same 2 jobs a second, but each now takes 3x the GPU time (a 14B model instead of a 1.3B one): the work
+    in GPU-seconds triples. The seed's rule counts waiting jobs; until a queue of 100 has formed it holds."""
+    policy = DemandPolicy(lead_s=60.0, rate_tau_s=60.0)
+    per_job_s = [65.0] * 40 + [195.0] * 80
+    trace = [Observation(at_s=i * TICK_S, arrived_gpu_s=2 * TICK_S * s, running_gpus=min(2 * s, 2 * 65 + 2 * i))
+             for i, s in enumerate(per_job_s)]
+    history = replay(policy, needed_pods(130, policy), trace)
+    assert history[39][1] == needed_pods(130, policy)
+    assert history[-1][1] >= needed_pods(390, policy), history[-1]
+    seed = replay(AutoscalePolicy(), needed_pods(130, policy),
+                  [replace(obs, waiting={"gpu-agent": 0.0}, gpu_util=[0.95]) for obs in trace])
+    assert seed[-1][1] == needed_pods(130, policy), "the job-count rule saw no queue and held"
+
+
+def test_demand_policy_settings_are_checked():
+    for bad in (dict(gpus_per_replica=0), dict(wait_objectives_s={"premium": 0}), dict(step_down=1.5),
+                dict(min_replicas=5, max_replicas=2), dict(lead_s=-1)):
+        with pytest.raises(ValueError):
+            DemandPolicy(**bad)

@@ -16,7 +16,7 @@ from consumers.autoscaler import AutoscaleController, FleetView, run_autoscale
 from consumers.dispatcher import Dispatcher
 from consumers.queue_policy import QueuePolicy
 from consumers.scheduler import SchedulerRuntime
-from streams.autoscale import AutoscalePolicy
+from streams.autoscale import AutoscalePolicy, DemandPolicy
 from streams.embedded import free_port
 from streams.events import new_event
 from streams.metrics import partition_lags, register_scheduler_queue
@@ -104,14 +104,21 @@ def test_the_schedulers_queue_snapshot_from_its_dispatcher():
               "models": ["tiny-wan"], "job_id": ""}
     dispatcher.report(status, NOW)
     dispatcher.report({**status, "agent_id": "a2", "state": "DRAINING"}, NOW)
-    assert SchedulerRuntime.queue_snapshot(runtime) == queue({"premium": 1, "standard": 0, "free": 2}, 0,
-                                                             IDLE=1, DRAINING=1)
+    counts = ("waiting", "running", "agents")
+    snapshot = SchedulerRuntime.queue_snapshot(runtime)
+    assert {k: snapshot[k] for k in counts} == queue({"premium": 1, "standard": 0, "free": 2}, 0, IDLE=1, DRAINING=1)
+    # GPU-seconds: steps x the model's step time, 1 s a step (DEFAULT_STEP_S) until an agent has reported one
+    steps = job["params"]["steps"]
+    assert snapshot["waiting_gpu_s"] == {"premium": steps, "standard": 0.0, "free": 2 * steps}
+    assert snapshot["arrived_gpu_s"] == 3 * steps
     [assignment] = dispatcher.tick(NOW + 0.1).assignments
     assert assignment["agent_id"] == "a1" and assignment["job_id"] == "j0"
-    dispatcher.report({**status, "state": "BUSY", "job_id": "j0", "epoch": 1, "last_assignment": assignment["seq"]},
-                      NOW + 0.2)
-    assert SchedulerRuntime.queue_snapshot(runtime) == queue({"premium": 0, "standard": 0, "free": 2}, 1,
-                                                             BUSY=1, DRAINING=1)
+    dispatcher.report({**status, "state": "BUSY", "job_id": "j0", "epoch": 1, "last_assignment": assignment["seq"],
+                       "step_s": 0.25, "models": [job["params"]["model"]]}, NOW + 0.2)
+    snapshot = SchedulerRuntime.queue_snapshot(runtime)
+    assert {k: snapshot[k] for k in counts} == queue({"premium": 0, "standard": 0, "free": 2}, 1, BUSY=1, DRAINING=1)
+    assert snapshot["waiting_gpu_s"] == {"premium": 0.0, "standard": 0.0, "free": 2 * steps * 0.25}
+    assert snapshot["arrived_gpu_s"] == 3 * steps * 0.25, "arrivals are not counted again as they start"
     assert SchedulerRuntime.queue_snapshot(SimpleNamespace(handler=SimpleNamespace(dispatcher=None))) is None
 
 
@@ -169,8 +176,11 @@ def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales
                 requests.submit("a queue of paper boats", tier="free", steps=80, num_frames=9, width=64, height=64,
                                 seed=seed)
         out = io.StringIO()
-        controller = AutoscaleController(["gpu-agent"], AutoscalePolicy(scale_up_waiting=3, cooldown_up_s=0),
-                                         stale_after_s=5)
+        # The demand policy, as `vidgen autoscale` runs it for the GPU agents: one GPU per replica, a free tier
+        # whose queue must clear within 5 s, at most two agents.
+        demand = DemandPolicy(gpus_per_replica=1, lead_s=1.0, rate_tau_s=5.0, max_replicas=2,
+                              wait_objectives_s={"premium": 1.0, "standard": 2.0, "free": 5.0})
+        controller = AutoscaleController(["gpu-agent"], AutoscalePolicy(), stale_after_s=5, agent_policy=demand)
         deadline = time.monotonic() + 90
         decisions = []
         while time.monotonic() < deadline and not any(d["desired"] > d["current"] for d in decisions):
@@ -178,10 +188,18 @@ def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales
             decisions = [json.loads(line) for line in out.getvalue().splitlines()]
         grown = [d for d in decisions if d["desired"] > d["current"]]
         assert grown, f"no scale-up decision: {decisions}"
-        assert grown[0]["current"] == 1 and grown[0]["desired"] == 2 and grown[0]["waiting"] > 3
-        assert "waiting" in grown[0]["reason"]
+        assert grown[0]["current"] == 1 and grown[0]["desired"] == 2 and grown[0]["waiting"] > 0
+        assert grown[0]["reason"].startswith("up:") and "for the backlog" in grown[0]["reason"]
         queue_seen = controller.fleet.queue("gpu-agent", time.time())
         assert queue_seen is not None and queue_seen["waiting"]["free"] > 0 and sum(queue_seen["agents"].values()) == 1
+        assert queue_seen["waiting_gpu_s"]["free"] > 0 and queue_seen["arrived_gpu_s"] > 0
+        # Carried out (as KEDA would): a second agent starts, the controller follows the fleet, both agents work.
+        platform.add_stage("gpu-agent")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and controller.fleet.instances("gpu-agent", time.time()) < 2:
+            run_autoscale(settings, controller, interval_s=1.0, rounds=2, out=out)
+        assert controller.fleet.instances("gpu-agent", time.time()) == 2
+        assert controller.scalers["gpu-agent"].replicas == 2
 
         # KEDA's view: the active scheduler's gauges (and the agent's own metrics).
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}/metrics", timeout=5).read().decode()
@@ -189,7 +207,7 @@ def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales
         running = _sample(metrics, "vidgen_scheduler_running_jobs")
         assert waiting is not None and running is not None and waiting + running >= 1
         assert sum(_sample(metrics, f'vidgen_scheduler_agents{{state="{state}"}}') or 0
-                   for state in ("IDLE", "BUSY", "DRAINING")) == 1
+                   for state in ("IDLE", "BUSY", "DRAINING")) == 2
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent_port}/metrics", timeout=5).read().decode()
         assert _sample(metrics, 'vidgen_step_seconds_count{model="tiny-wan"}') > 0
         assert "vidgen_scheduler_waiting_jobs" not in metrics

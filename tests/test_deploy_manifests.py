@@ -19,6 +19,10 @@ What is checked, and how:
   pod's GPU count, /dev/shm is a Memory emptyDir, the drain fits the grace period (torchrun's shutdown timeout
   covers the one-GPU agent's drain allowance, the grace period 30 s more), and every model of VIDGEN_MODEL_DEVICES
   maps to a size some gpu-agent Deployment provides;
+* the GPU agents' autoscaling: one ``vidgen autoscale`` Deployment (1 replica) decides, its options parsed with the
+  CLI's parser and then consumers.autoscaler's own; KEDA only applies its decision (the ScaledObject's one trigger is
+  its vidgen_autoscale_desired_replicas gauge with AverageValue 1, so the HPA's desired replicas = the decision), with
+  the same bounds, GPUs per pod and scrape path as the Deployments it sizes;
   the compose file has KRaft Kafka, a registry, the one-shot ``vidgen topics`` and the same stages.
 What cannot be checked here: that a cluster with Strimzi, KEDA and the Prometheus Operator accepts the custom
 resources (their CRDs' full schemas are not available offline), that images exist, and anything at run time
@@ -26,11 +30,13 @@ resources (their CRDs' full schemas are not available offline), that images exis
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -179,6 +185,85 @@ def gpu_agents(docs):
             yield doc, doc["spec"]["template"]["spec"], container, args.devices
 
 
+#: The options of `vidgen autoscale` these manifests pass, with their types: used only where consumers.autoscaler
+#: (whose parser is the real one) cannot be imported, to check the names at least.
+AUTOSCALE_OPTIONS = {"--stage": str, "--interval": float, "--policy": str, "--gpus-per-replica": int,
+                     "--lead-s": float, "--wait-objectives": str, "--min": int, "--max": int}
+
+
+class _ParserCaught(Exception):
+    def __init__(self, parser):
+        super().__init__("caught")
+        self.parser = parser
+
+
+def autoscale_parser() -> argparse.ArgumentParser | None:
+    """The parser `vidgen autoscale` hands its arguments to: consumers.autoscaler's build_parser() where it has one,
+    else the one its main() builds, caught as main() starts parsing (nothing runs); None where the module does not
+    import (then AUTOSCALE_OPTIONS stands in)."""
+    try:
+        from consumers import autoscaler
+    except ImportError:
+        return None
+    if callable(getattr(autoscaler, "build_parser", None)):
+        return autoscaler.build_parser()
+
+    def catch(self, *args, **kwargs):
+        raise _ParserCaught(self)
+
+    def never(*args, **kwargs):
+        raise AssertionError("consumers.autoscaler.main ran past its argument parsing")
+
+    # parse_args calls parse_known_args: catching the latter catches both. run_autoscale is a second guard.
+    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", catch), \
+            mock.patch.object(autoscaler, "run_autoscale", never):
+        try:
+            autoscaler.main([])
+        except _ParserCaught as caught:
+            return caught.parser
+    pytest.fail("consumers.autoscaler.main parsed no arguments")
+
+
+def autoscale_args(argv: list[str]) -> argparse.Namespace | None:
+    """`vidgen autoscale [options]` parsed as the CLI does it (vidgen.cli.main: the `vidgen` parser takes the command
+    and passes the rest through to consumers.autoscaler.main's parser); None for any other command."""
+    if argv[:2] != ["vidgen", "autoscale"]:
+        return None
+    top, rest = build_parser().parse_known_args(argv[1:])
+    assert top.command == "autoscale", argv
+    parser = autoscale_parser()
+    if parser is None:  # fallback: the option names and value types from the list above
+        parser = argparse.ArgumentParser(prog="vidgen autoscale (AUTOSCALE_OPTIONS)")
+        for option, kind in AUTOSCALE_OPTIONS.items():
+            parser.add_argument(option, type=kind, action="append" if option == "--stage" else "store")
+    try:
+        return parser.parse_args(rest)
+    except SystemExit:
+        pytest.fail(f"`vidgen autoscale` rejects the arguments {rest}")
+
+
+def autoscale_deployments(docs):
+    """(Deployment, container, parsed options) of every container running `vidgen autoscale`."""
+    for doc, container, argv in commands(docs):
+        args = autoscale_args(argv)
+        if args is not None:
+            yield doc, container, args
+
+
+def container_env(docs, container: dict) -> dict[str, str]:
+    """The environment a container gets: its ConfigMaps' data, then its own env entries over them."""
+    configmaps = by_kind(docs, "ConfigMap")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env") or [] if "value" in e})
+    return env
+
+
+#: What the gpu-agent ScaledObject must scale on: the decision `vidgen autoscale` exports, one series per stage.
+DESIRED_QUERY = re.compile(r"^max\(vidgen_autoscale_desired_replicas\{([^}]*)\}\)$")
+
+
 def quantity(text) -> float:
     """A Kubernetes quantity ("32Gi", "500M", "2") in bytes or units."""
     match = re.fullmatch(r"([0-9.]+)([KMGTPE]i?|m)?", str(text))
@@ -324,23 +409,99 @@ def test_keda_scaled_objects(overlay):
             if trigger["type"] == "prometheus":
                 assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
     agent = scaled["gpu-agent"]["spec"]
-    # The agents' backlog is the scheduler's queue (streams/metrics.py SchedulerQueueCollector), not a consumer
-    # group's lag: agents are in no group, and the scheduler commits the tier topics' records at once.
-    assert not [t for t in agent["triggers"] if t["type"] == "kafka"]
-    queue_trigger = next(t for t in agent["triggers"] if "vidgen_scheduler_waiting_jobs" in t["metadata"].get("query", ""))
-    assert queue_trigger["type"] == "prometheus" and queue_trigger["metricType"] == "Value"
-    assert queue_trigger["metadata"]["query"].startswith("sum(")  # the standby exports nothing: the sum is the queue
-    assert queue_trigger["metadata"]["threshold"] == "100"  # the seed: more than 100 waiting → +10%
+    # KEDA applies what `vidgen autoscale` decides: the decision gauge is the one trigger (the HPA takes the largest
+    # wish of its triggers, so any other would override the policy whenever it asked for more).
+    assert len(agent["triggers"]) == 1, f"{name}: the gpu-agent ScaledObject has triggers besides the policy's"
+    trigger = agent["triggers"][0]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    match = DESIRED_QUERY.match(meta["query"].replace(" ", ""))
+    assert match, f"{name}: {meta['query']} is not max(vidgen_autoscale_desired_replicas{{...}})"
+    matchers = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+    assert re.sub(r'\w+="[^"]*"', "", match.group(1)).strip(",") == "", f"only equality matchers: {meta['query']}"
+    assert matchers.get("stage") == "gpu-agent", meta["query"]
+    assert matchers.get("namespace", "vidgen") == "vidgen", meta["query"]
+    # AverageValue: the HPA wants ceil(metric / threshold) replicas = the decision with threshold 1. (Value would
+    # want ceil(current x metric / threshold): the decision times the current size.)
+    assert trigger.get("metricType", "AverageValue") == "AverageValue" and meta["threshold"] == "1", trigger
+    # No decision (the autoscale pod down, Prometheus unreachable) is an error, on which the HPA holds its size; an
+    # empty result read as 0 would shrink the fleet to minReplicaCount.
+    assert meta.get("ignoreNullValues") == "false", f"{name}: a missing decision must not read as 0 replicas"
+    fallback = agent.get("fallback")
+    assert fallback is None or fallback.get("behavior") == "currentReplicas", (
+        f"{name}: a fixed fallback.replicas would replace the policy's number while its metric is missing")
     tier_partitions = sum(t.partitions for t in ENCODED.values())  # the old bound, when agents consumed them
     assert agent["maxReplicaCount"] > tier_partitions and (name != "prod" or agent["maxReplicaCount"] >= 10_000)
     assert "scheduler" not in {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()}
+    # The HPA follows the decision at once in both directions: the policy paces itself, a stabilisation window or a
+    # slow policy here would pace it a second time (the old 1800 s scale-down window held the fleet 30 minutes).
     behavior = agent["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
-    assert {"type": "Percent", "value": 10, "periodSeconds": 120} in behavior["scaleUp"]["policies"]
-    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 1800  # under 40% for 30 minutes
+    for direction in ("scaleUp", "scaleDown"):
+        rules = behavior[direction]
+        assert rules.get("stabilizationWindowSeconds") == 0, f"{name}: {direction} has a stabilisation window"
+        assert rules.get("selectPolicy", "Max") == "Max", f"{name}: {direction}: {rules.get('selectPolicy')}"
+        assert any(p["type"] == "Percent" and p["value"] >= 100 and p["periodSeconds"] <= agent["pollingInterval"]
+                   for p in rules["policies"]), f"{name}: {direction} cannot take a full step per polling interval"
     for hpa in by_kind(docs, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
         assert hpa["spec"]["scaleTargetRef"]["name"] != "scheduler"
         assert hpa["spec"]["scaleTargetRef"]["name"] not in {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()}
+
+
+def test_autoscale_decides_for_the_gpu_agents(overlay):
+    """One `vidgen autoscale` decides the gpu-agent replicas, in pods of the gpu-agent Deployment's GPUs, within the
+    ScaledObject's bounds, and serves its decision where Prometheus scrapes it."""
+    name, docs = overlay
+    found = list(autoscale_deployments(docs))
+    assert [doc["metadata"]["name"] for doc, *_ in found] == ["autoscale"], f"{name}: one `vidgen autoscale`, in " \
+                                                                          f"the Deployment autoscale"
+    doc, container, args = found[0]
+    # Exactly one decider: one replica, never two during a rollout, and nothing scales it.
+    assert doc["kind"] == "Deployment" and doc["spec"]["replicas"] == 1, f"{name}: autoscale replicas"
+    assert doc["spec"].get("strategy", {}).get("type") == "Recreate", f"{name}: a rollout would run two deciders"
+    targets = {s["spec"]["scaleTargetRef"]["name"] for s in by_kind(docs, "ScaledObject").values()}
+    targets |= {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
+    assert "autoscale" not in targets
+    assert len(doc["spec"]["template"]["spec"]["containers"]) == 1
+    assert args.stage == ["gpu-agent"], f"{name}: autoscale decides for {args.stage}"
+    assert getattr(args, "policy", "demand") in (None, "demand"), f"{name}: the GPU agents run the demand policy"
+    # Decisions are in gpu-agent pods: --gpus-per-replica is the GPUs of one pod (prod: eight one-GPU agent
+    # containers; each container's limit is 1, the pod's sum 8).
+    agent = by_kind(docs, "Deployment")["gpu-agent"]["spec"]["template"]["spec"]
+    pod_gpus = sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in agent["containers"])
+    assert args.gpus_per_replica == pod_gpus, f"{name}: --gpus-per-replica {args.gpus_per_replica}, pod GPUs {pod_gpus}"
+    # The ScaledObject's bounds are the policy's: the HPA would clip a decision outside them (or the policy would
+    # never ask for what the ScaledObject allows).
+    scaled = by_kind(docs, "ScaledObject")["gpu-agent"]["spec"]
+    if args.min is not None:
+        assert scaled["minReplicaCount"] == args.min, f"{name}: minReplicaCount vs --min {args.min}"
+    if args.max is not None:
+        assert scaled["maxReplicaCount"] == args.max, f"{name}: maxReplicaCount vs --max {args.max}"
+    # A decision reaches the HPA within a decision interval, a scrape and the HPA's 15 s sync: the lead the policy
+    # plans with (pod start + model load, counted from the decision) must be longer than that alone.
+    monitors = [m for m in by_kind(docs, "PodMonitor").values()
+                if m["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    endpoints = [e for m in monitors for e in m["spec"]["podMetricsEndpoints"] if e["port"] in ports]
+    assert endpoints, f"{name}: no PodMonitor scrapes the autoscale pod's {sorted(ports)}"
+    scrape_s = max(quantity(e.get("interval", "30s").rstrip("s")) for e in endpoints)
+    if getattr(args, "lead_s", None) is not None:
+        assert args.lead_s > args.interval + scrape_s + 15, f"{name}: --lead-s {args.lead_s}"
+    # It serves its gauges on VIDGEN_METRICS_PORT: that must be the scraped port.
+    env = container_env(docs, container)
+    scraped = {ports[e["port"]] for e in endpoints}
+    assert int(env["VIDGEN_METRICS_PORT"]) in scraped, f"{name}: VIDGEN_METRICS_PORT {env['VIDGEN_METRICS_PORT']}, " \
+                                                       f"scraped {sorted(scraped)}"
+    assert ports.get("metrics") == int(env["VIDGEN_METRICS_PORT"])
+    # The ScaledObject's query names the gauge the code exports, with its label.
+    try:
+        from consumers.autoscaler import DESIRED
+    except ImportError:
+        return
+    metric = DESIRED.describe()[0].name
+    query = scaled["triggers"][0]["metadata"]["query"]
+    assert f"{metric}{{" in query.replace(" ", ""), f"{query} does not read {metric}"
+    assert "stage" in DESIRED._labelnames
 
 
 def test_pod_monitors_and_disruption_budgets_select_real_pods(overlay):
@@ -491,25 +652,10 @@ def test_gpu_agent_groups(overlay):
                    if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert [b["maxUnavailable"] for b in budgets] == [by_kind(docs, "PodDisruptionBudget")["gpu-agent"]["spec"]
                                                          ["maxUnavailable"]], where
-        # Fixed size: the scheduler's queue gauge does not split waiting jobs by devices, so no autoscaler can see a
-        # group's backlog (autoscaling.yaml).
+        # Fixed size: `vidgen autoscale --stage gpu-agent` sizes the one-GPU agents only (autoscaling.yaml).
         targets = {s["spec"]["scaleTargetRef"]["name"] for s in by_kind(docs, "ScaledObject").values()}
         targets |= {h["spec"]["scaleTargetRef"]["name"] for h in by_kind(docs, "HorizontalPodAutoscaler").values()}
-        assert doc["metadata"]["name"] not in targets, f"{where}: autoscaled on a queue it takes few jobs of"
-    # The one-GPU agents' utilisation trigger must not average in the groups' GPUs (pods gpu-agent-group-...).
-    query = next(t["metadata"]["query"] for t in by_kind(docs, "ScaledObject")["gpu-agent"]["spec"]["triggers"]
-                 if "DCGM_FI_DEV_GPU_UTIL" in t["metadata"].get("query", ""))
-    matchers = re.findall(r'\bpod\s*(=~|!~|!=|=)\s*"([^"]*)"', query)
-    assert matchers, query
-
-    def selects(pod_name):  # PromQL label matchers; regular expressions are fully anchored
-        ops = {"=": lambda v: pod_name == v, "!=": lambda v: pod_name != v,
-               "=~": lambda v: re.fullmatch(v, pod_name) is not None, "!~": lambda v: re.fullmatch(v, pod_name) is None}
-        return all(ops[op](value) for op, value in matchers)
-
-    assert selects("gpu-agent-7d9f8b6c5d-x2k4q"), query
-    for doc, *_ in groups:
-        assert not selects(f"{doc['metadata']['name']}-7d9f8b6c5d-x2k4q"), f"{name}: {query} counts group pods"
+        assert doc["metadata"]["name"] not in targets, f"{where}: a group is autoscaled (fixed size)"
 
 
 def test_model_devices_map_to_agents_that_exist(overlay):

@@ -65,8 +65,8 @@ def test_tier_weights_give_premium_shorter_waits_under_contention():
     mean = {tier: res.wait_stats(tier)[2] for tier in res.waits}
     assert mean["premium"] < mean["standard"] < mean["free"]
     assert p50["premium"] * 5 < p50["free"]
-    # Equal weights: no tier is favoured (within noise).
-    flat = simulate(replace(busy, weights={"premium": 1, "standard": 1, "free": 1}))
+    # Equal weights and no overdue rule (premium jobs late by 30 s go first): no tier is favoured (within noise).
+    flat = simulate(replace(busy, weights={"premium": 1, "standard": 1, "free": 1}, preempt_after_s=None))
     flat_means = [flat.wait_stats(tier)[2] for tier in flat.waits]
     assert max(flat_means) < 1.5 * min(flat_means)
 
@@ -95,3 +95,66 @@ def test_cli_prints_a_result_line(capsys, tmp_path):
     assert lines[-1].startswith("RESULT concurrent_jobs=") and " pods=" in lines[-1]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "fleet.png").stat().st_size > 0 and (tmp_path / "waits.png").exists()
+
+
+# -- the platform's own scheduler and agents, models, policies side by side ---------------------------------------
+def erlang_c_wait(servers: int, arrival_rate: float, service_s: float) -> float:
+    """Mean wait in queue of M/M/c (Erlang C)."""
+    import math
+
+    a = arrival_rate * service_s
+    rho = a / servers
+    top = a ** servers / math.factorial(servers) / (1 - rho)
+    p_wait = top / (sum(a ** k / math.factorial(k) for k in range(servers)) + top)
+    return p_wait / (servers / service_s - arrival_rate)
+
+
+def test_the_simulators_waits_match_an_mmc_queue_on_a_flat_curve():
+    """One tier, one model that never needs loading, exponential job times, a fixed pod of 8 GPUs at 80% load:
+    the waits the simulated scheduler and agents give are Erlang C's."""
+    service_s, servers, rho = 60.0, 8, 0.8
+    rate = rho * servers / service_s
+    cfg = SimConfig(jobs_per_day=rate * 86_400, curve="flat", hours=60, scale=1.0, failure_rate=0.0,
+                    preemption_rate=0.0, autoscale=False, pods=1, gpus_per_pod=servers, mix={"free": 1.0},
+                    classes=(("one", 1.0, service_s),), models=(("m", 1.0, 1.0, 0.0),), service_dist="exp",
+                    checkpoint_s=0, preempt_after_s=None, seed=3)
+    res = simulate(cfg)
+    mean_wait = res.wait_stats("free")[2]
+    expected = erlang_c_wait(servers, rate, service_s)
+    assert res.jobs_done > 10_000
+    assert mean_wait == pytest.approx(expected, rel=0.15), (mean_wait, expected)
+    assert res.gpu_util == pytest.approx(rho, rel=0.05)
+
+
+def test_model_affinity_saves_model_loads():
+    two_models = replace(SMALL, autoscale=False, pods=6, hours=2,
+                         models=(("small", 0.6, 1.0, 20.0), ("big", 0.4, 3.0, 60.0)))
+    with_affinity, without = simulate(two_models), simulate(replace(two_models, affinity=False))
+    assert with_affinity.load_gpu_s * 3 < without.load_gpu_s, (with_affinity.load_gpu_s, without.load_gpu_s)
+    assert with_affinity.cold_loads < without.cold_loads
+
+
+def test_the_old_partition_owned_dispatch_leaves_agents_idle_while_jobs_wait():
+    """More agents than partitions: only the partitions' owners work, whatever waits; the shared queue uses all."""
+    fleet = replace(SMALL, autoscale=False, pods=6, hours=2, partitions=16)
+    shared, owned = simulate(fleet), simulate(replace(fleet, dispatch="partition"))
+    assert owned.wait_stats("standard")[2] > 10 * max(shared.wait_stats("standard")[2], 1.0)
+    assert owned.mean_running <= 16 < shared.mean_running
+
+
+def test_an_overdue_premium_job_makes_a_lower_tier_job_yield():
+    busy = replace(SMALL, autoscale=False, pods=3, hours=2, mix=EQUAL_MIX, preempt_after_s=30.0)
+    res = simulate(busy)
+    assert res.yielded > 0 and res.wait_stats("premium")[1] < res.wait_stats("free")[1]
+
+
+def test_compare_runs_both_policies_on_the_same_arrivals_and_ends_with_the_result_line(capsys, tmp_path):
+    assert main(["--compare", "--scale", "0.0005", "--hours", "4", "--start-hour", "14", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RESULT gpu_util_seed=") and "dispatch=scheduler" in lines[-1]
+    fields = dict(item.split("=") for item in lines[-1].split()[1:])
+    for key in ("gpu_util_demand", "pods_mean_seed", "p99_wait_premium_s_demand", "cost_per_video_usd_seed",
+                "cost_per_video_usd_demand", "p99_wait_free_s_seed"):
+        assert key in fields
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "compare.png").stat().st_size > 0
