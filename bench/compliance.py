@@ -35,8 +35,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vidgen bench compliance")
     parser.add_argument("--sizes", default="256x256,512x512")
     parser.add_argument("--frames", type=int, default=33)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="runs per size, the first a warm-up that is not measured (at least 2)")
     args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error(f"--runs must be at least 2 (the first run only warms up), got {args.runs}")
 
     rows, per_job = [], {}
     with tempfile.TemporaryDirectory(prefix="vidgen-bench-compliance-") as tmp:

@@ -933,7 +933,7 @@ def draw_compare(results: dict[str, SimResult], out: Path) -> list[Path]:
         if name == next(iter(results)):
             ax[0].plot(hours, [row[1] / s for row in res.series], lw=0.7, color="grey")
             ax[1].plot(hours, [row[2] / s / gpp for row in res.series], lw=0.8, color="black",
-                       label="pods' worth of busy GPUs")
+                       label=f"pods' worth of busy GPUs ({name})")
         ax[1].plot(hours, [row[3] / s / gpp for row in res.series], lw=1.0, label=f"provisioned ({name})")
         ax[2].plot(hours, [row[2] / row[3] if row[3] else 0 for row in res.series], lw=0.8, label=name)
         for tier, by_hour in res.hourly_waits.items():

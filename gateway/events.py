@@ -31,7 +31,8 @@ URLs are gateway paths (relative to the gateway's origin, authenticated like eve
     ``{job_id, attempt, resumed_from_step, max, agent_id, at}``: the first denoising step of an attempt finished
     (attempt 1 is the first run; a higher one resumed from a checkpoint at ``resumed_from_step``).
 ``progress``
-    ``{job_id, value, max, eta_ms, attempt, step_ms}``: denoising step ``value`` of ``max`` finished; ``eta_ms`` is
+    ``{job_id, value, max, eta_ms, attempt, step_ms, chunk_index, chunk_count}``: denoising step ``value`` of ``max``
+    finished (``chunk_index``/``chunk_count``: a model that streams while generating, else null); ``eta_ms`` is
     the remaining denoising time at the pace of the newest step. The shape ComfyUI clients expect
     (``{"type": "progress", "data": {"value", "max"}}``). ``value`` can go down only with a higher ``attempt``.
 ``checkpoint``

@@ -206,7 +206,9 @@ def envelopes(old: JobState | None, new: JobState) -> list[Envelope]:
                                         "agent_id": new.agent_id, "at": new.started_at}))
     if new.step and (new.attempt, new.step) != old_position:
         out.append(Envelope("progress", {"job_id": job_id, "value": new.step, "max": new.total_steps,
-                                         "eta_ms": new.eta_ms, "attempt": new.attempt, "step_ms": new.step_ms}))
+                                         "eta_ms": new.eta_ms, "attempt": new.attempt, "step_ms": new.step_ms,
+                                         # a model that streams while generating: the chunk the step worked on
+                                         "chunk_index": new.generating_chunk, "chunk_count": new.chunk_count}))
     old_checkpoints = set() if old is None else set(old.checkpoints)
     for step in new.checkpoints:
         if step not in old_checkpoints:

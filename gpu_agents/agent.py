@@ -232,13 +232,13 @@ class DenoisingAgent:
             if stop == "cancelled":
                 raise CancelledByRequest(step.step)
             if stop == "fenced":  # another agent runs it now, from a checkpoint of its own choosing: leave it be
-                raise JobInterrupted(f"fenced at step {step.step}")
+                raise JobInterrupted("fenced")  # the word is the scheduler's REQUEUED reason
             if step.step == total:
                 return  # the result itself follows; a checkpoint of it would never be used
             if stop is not None:  # preempted or draining: leave a checkpoint at this very step, then stop
                 checkpoint(step)
                 self.writer.drain()
-                raise JobInterrupted(f"{stop} at step {step.step}")
+                raise JobInterrupted(stop)
             if step.step % self.every_steps == 0 or (self.every_s and time.monotonic() - last_checkpoint >= self.every_s):
                 checkpoint(step)
                 last_checkpoint = time.monotonic()

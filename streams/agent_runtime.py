@@ -213,7 +213,10 @@ class AgentRuntime(StageRuntime):
         outcome = job.outcome or Outcome(job.msg, interrupted=True)
         if outcome.interrupted:
             self.counters.interrupted += 1
-            self.finished = (job.job_id, job.epoch, "INTERRUPTED", job.stop or outcome.why_interrupted or "worker stopped")
+            # Why the job itself says it stopped first: a drain asked while the job was already handing itself back
+            # (its agent group broke) must not hide that.
+            reason = outcome.why_interrupted or job.stop or "worker stopped"
+            self.finished = (job.job_id, job.epoch, "INTERRUPTED", reason)
         else:
             if outcome.dedupe_key is not None:
                 self.ledger.mark(outcome.dedupe_key)

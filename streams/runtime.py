@@ -306,7 +306,7 @@ class StageRuntime:
                 self.counters.retries += 1
                 log.warning("%s: attempt %d for job %s failed: %s", self.stage.name, attempt, event.get("job_id"), exc)
                 if self._sleep(RETRY_BACKOFF_S[attempt - 1]):
-                    return None, "stopping"  # stopping: leave the job to the next owner
+                    return None, ""  # stopping: leave the job to the next owner (why: the runtime's own stop)
             finally:
                 self.counters.handle_seconds += time.perf_counter() - started
                 self._handling_since = None

@@ -22,7 +22,7 @@ from tests.fleet import (LONG_JOB, decisions, final_latent, pid_of, published_on
 pytestmark = pytest.mark.integration
 
 GROUP_MODEL = "tiny-wan-5m"  # needs 2 devices here
-GROUP_JOB = dict(LONG_JOB, steps=120)
+GROUP_JOB = dict(LONG_JOB, steps=80)
 SINGLE_JOB = dict(LONG_JOB, model="tiny-wan", steps=40)
 GROUP_TIMEOUT_S = 8.0
 CHECKPOINT_EVERY = 20
@@ -115,7 +115,7 @@ def test_a_killed_rank_fails_the_group_over_and_the_job_resumes_on_the_other_gro
         assert requeued["reason"] == "agent dead"
     assert_resumed_on_the_other_group(platform, job_id, prompt, seed, GROUP_JOB, first_agent)
     assert launcher.poll() is None, "torchrun restarts the whole group rather than exiting"
-    wait_for_three_idle_agents(platform)
+    # No wait for the restarted group: the next job goes to the other one, and any resume waits for it to be back.
 
 
 def test_a_cancellation_stops_every_rank_at_the_same_step(platform):
@@ -129,7 +129,6 @@ def test_a_cancellation_stops_every_rank_at_the_same_step(platform):
     # the other rank stopped after that same step (it says so), and the group goes on taking jobs
     group_logs = [path.read_text(errors="replace") for path in processes.log_dir.glob("gpu-agent-*.log")]
     assert any(f"job {job_id} stopped with rank 0 (cancelled)" in text for text in group_logs)
-    wait_for_three_idle_agents(platform)
 
 
 def test_a_hung_rank_breaks_the_group_at_its_deadline_and_the_job_resumes_elsewhere(platform):

@@ -385,3 +385,20 @@ def test_websocket_handlers_send_state_then_envelopes_and_404_other_tenants():
             await view.stop()
 
     asyncio.run(scenario())
+
+
+def test_progress_of_a_model_that_streams_while_generating_names_its_chunk():
+    view = JobsView()
+    view.ingest_event(*requested("j1"))
+    sub = view.subscribe("acme", "j1")
+    for n in (1, 2, 3):
+        topic, event = step("j1", n, total=4)
+        feed(view, [(topic, {**event, "chunk_index": (n - 1) // 2, "chunk_count": 2})])
+    progress = [e["data"] for e in drain(sub) if e["type"] == "progress"]
+    assert [(p["value"], p["chunk_index"], p["chunk_count"]) for p in progress] == [(1, 0, 2), (2, 0, 2), (3, 1, 2)]
+    plain = JobsView()
+    plain.ingest_event(*requested("j2"))
+    sub = plain.subscribe("acme", "j2")
+    feed(plain, [step("j2", 1)])
+    [progress] = [e["data"] for e in drain(sub) if e["type"] == "progress"]
+    assert progress["chunk_index"] is None and progress["chunk_count"] is None
