@@ -27,7 +27,7 @@ from gpu_agents.checkpoint import (
 )
 from gpu_agents.denoise import StepInfo, denoise, position_scheduler, prepare_latents
 from gpu_agents.encoding import encode_prompts
-from gpu_agents.models import DenoiserParts, ModelCatalogue
+from gpu_agents.models import DenoiserParts
 
 MODEL_ID = "tiny-wan"
 WIDTH, HEIGHT, NUM_FRAMES, STEPS, SEED = 64, 64, 9, 6, 5
@@ -51,11 +51,6 @@ def inference_mode():
     """The agent denoises under inference mode, so checkpoints are taken from inference tensors."""
     with torch.inference_mode():
         yield
-
-
-@pytest.fixture(scope="module")
-def catalogue() -> ModelCatalogue:
-    return ModelCatalogue()
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,10 @@ from diffusers import UniPCMultistepScheduler
 
 from gpu_agents.denoise import StepInfo, denoise, latent_shape, position_scheduler, prepare_latents
 from gpu_agents.encoding import encode_prompts
-from gpu_agents.models import ModelCatalogue
 
 MODEL_ID = "tiny-wan"
 WIDTH, HEIGHT, NUM_FRAMES, STEPS, SEED = 64, 48, 9, 6, 11
 PROMPT, NEGATIVE_PROMPT = "a paper boat  drifting on a &amp; river", "low quality"
-
-
-@pytest.fixture(scope="module")
-def catalogue() -> ModelCatalogue:
-    return ModelCatalogue()
 
 
 @pytest.fixture(scope="module")

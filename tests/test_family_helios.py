@@ -30,17 +30,6 @@ WIDTH, HEIGHT, NUM_FRAMES, STEPS, SEED, GUIDANCE = 16, 16, 97, 3, 7, 4.0
 CHUNKS, FRAMES_PER_CHUNK = 3, 9  # latent frames per chunk (the pipeline's default)
 
 
-@pytest.fixture(scope="module")
-def catalogue() -> ModelCatalogue:
-    return ModelCatalogue()
-
-
-@pytest.fixture(scope="module")
-def embeds(catalogue) -> tuple[torch.Tensor, torch.Tensor]:
-    text = catalogue.text_encoder(MODEL)
-    return encode_prompts(text, [PROMPT]), encode_prompts(text, [NEGATIVE])
-
-
 def _pipeline_call(pipe, output_type, num_frames=NUM_FRAMES, steps=STEPS, guidance_scale=GUIDANCE, **kwargs):
     """HeliosPipeline's default text-to-video call, prompts as strings (so its own encoding is compared too)."""
     # Helios' prompt_clean calls ftfy, which is not installed here; Wan's cleaning is the same without it.

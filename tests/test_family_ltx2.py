@@ -29,17 +29,6 @@ DYNAMIC_SHIFTING = {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift
                     "max_image_seq_len": 4096, "shift_terminal": 0.1}
 
 
-@pytest.fixture(scope="module")
-def catalogue() -> ModelCatalogue:
-    return ModelCatalogue()
-
-
-@pytest.fixture(scope="module")
-def embeds(catalogue) -> tuple[torch.Tensor, torch.Tensor]:
-    text = catalogue.text_encoder(MODEL)
-    return encode_prompts(text, [PROMPT]), encode_prompts(text, [NEGATIVE])
-
-
 def _pipeline_call(pipe, guidance_scale, output_type, num_frames=NUM_FRAMES, fps=FPS):
     """LTX2Pipeline's default call (STG, modality guidance and rescale off), same seed and sizes."""
     return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH, height=HEIGHT, num_frames=num_frames,

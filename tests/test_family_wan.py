@@ -34,11 +34,6 @@ IDS = [f"{model}{'+image' if image else ''}" for model, _, _, image in VARIANTS]
 
 
 @pytest.fixture(scope="module")
-def catalogue() -> ModelCatalogue:
-    return ModelCatalogue()
-
-
-@pytest.fixture(scope="module")
 def image() -> Image.Image:
     """An input image of another size than the video's: the family resizes it as the pipeline does."""
     pixels = np.random.RandomState(3).randint(0, 256, size=(40, 52, 3), dtype=np.uint8)

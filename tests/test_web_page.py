@@ -148,6 +148,24 @@ def open_page(browser, base: str, problems: list[str]):
     return page
 
 
+def _wait_until_published(page, job_id: str, gateway, each=None) -> dict:
+    """The page's facts once its final video is playable (or the job ended otherwise, which fails the test);
+    ``each`` sees the facts of every look."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        facts = _page_facts(page)
+        if each is not None:
+            each(facts)
+        if facts["outcome"] or (facts["diag"]["final"]["src"] and facts["video"]["readyState"] >= 2):
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} not published in {JOB_TIMEOUT_S} s; the page shows {json.dumps(facts)}; "
+                        f"logs in {gateway['platform'].log_dir}")
+        time.sleep(0.1)
+    assert facts["outcome"] is None, f"the job ended badly: {facts['outcome']}"
+    return facts
+
+
 def _page_facts(page) -> dict:
     return page.evaluate("""() => {
         const bar = document.querySelector('[data-testid=progress]');
@@ -188,18 +206,12 @@ def test_page_generates_streams_and_plays_the_signed_video(gateway):
 
             # Follow the job until it ends, watching the bar move and the live video play.
             seen_values: list[float] = []
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while True:
-                facts = _page_facts(page)
+
+            def note_value(facts: dict) -> None:
                 if facts["now"] not in seen_values:
                     seen_values.append(facts["now"])
-                if facts["outcome"] or (facts["diag"]["final"]["src"] and facts["video"]["readyState"] >= 2):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"job {job_id} not published in {JOB_TIMEOUT_S} s; the page shows {json.dumps(facts)}; "
-                                f"logs in {gateway['platform'].log_dir}")
-                time.sleep(0.1)
-            assert facts["outcome"] is None, f"the job ended badly: {facts['outcome']}"
+
+            facts = _wait_until_published(page, job_id, gateway, each=note_value)
 
             # The bar reached 100 %.
             page.wait_for_function("""() => {
@@ -323,16 +335,7 @@ def test_page_picks_a_model_that_streams_while_generating_and_plays_it_before_th
                 Authorization: `Bearer ${document.querySelector('[data-testid=api-key]').value}`}})).json()""", job_id)
             assert video["model"] == STREAMING_MODEL, video
 
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while True:
-                facts = _page_facts(page)
-                if facts["outcome"] or (facts["diag"]["final"]["src"] and facts["video"]["readyState"] >= 2):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"job {job_id} not published in {JOB_TIMEOUT_S} s; the page shows {json.dumps(facts)}; "
-                                f"logs in {gateway['platform'].log_dir}")
-                time.sleep(0.1)
-            assert facts["outcome"] is None, f"the job ended badly: {facts['outcome']}"
+            facts = _wait_until_published(page, job_id, gateway)
 
             diag = facts["diag"]
             live, progress = diag["live"], diag["progress"]
