@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench-overhead clean
+.PHONY: run run-s3 test bench-overhead clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/vidgen demo
+
+# The same demo with every blob in an S3 bucket: moto's S3 server (a test extra) on loopback stands in for an object
+# store (bench/s3server.py).
+run-s3: $(STAMP)
+	$(BIN)/python -m bench.s3server $(BIN)/vidgen demo
 
 # The web page test drives Debian's chromium with Playwright (never a downloaded browser); where chromium cannot be
 # installed (no apt, not root) that one test skips and says why.

@@ -564,7 +564,7 @@ def audit_jobs(settings, jobs: list[ChaosJob]):
 
     undecodable: list[str] = []
     events = list(kafka_events(settings, timeout_s=120.0, undecodable=undecodable))
-    report = replay(events, BlobChecker(open_blob_store(settings.blob_url)), timeline=False, source="kafka",
+    report = replay(events, BlobChecker(open_blob_store(settings)), timeline=False, source="kafka",
                     undecodable=undecodable)
     checks = {job.job_id: JobCheck(job) for job in jobs}
     published_deliveries: Counter = Counter()
@@ -674,7 +674,7 @@ def verify_videos(settings, checks: list[JobCheck], model: str) -> None:
     from gpu_agents.video import read_mp4
     from streams.blobs import open_blob_store
 
-    blobs = open_blob_store(settings.blob_url)
+    blobs = open_blob_store(settings)
     reference = Reference(model, settings.latent_chunk_frames)
     for check in checks:
         events = check.events

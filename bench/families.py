@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     platform = PlatformProcesses(tempfile.mkdtemp(prefix="vidgen-bench-families-"))
     settings = platform.start()
     log = EventLog(settings)
-    blobs = open_blob_store(settings.blob_url)
+    blobs = open_blob_store(settings)
     rows = []
     try:
         with VideoRequests(settings) as requests:

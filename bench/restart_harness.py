@@ -578,7 +578,7 @@ def final_latent(settings, broker_job: BrokerJob):
     from gpu_agents.video import join_latent_chunks
     from streams.blobs import open_blob_store
 
-    blobs = open_blob_store(settings.blob_url)
+    blobs = open_blob_store(settings)
     refs = broker_job.chunk_refs
     return join_latent_chunks([blobs.get_tensor(refs[i]["latent"]) for i in sorted(refs)])
 

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         ends = log.terminal(job_id)
         published = [e for t, e in ends if t == topics.PUBLISHED.name]
 
-        blobs = open_blob_store(settings.blob_url)
+        blobs = open_blob_store(settings)
         chunks = {c["chunk_index"]: c for c in log.of(job_id, topics.LATENT_CHUNKS)}
         latent = join_latent_chunks([blobs.get_tensor(chunks[i]["latent"]) for i in sorted(chunks)])
     finally:

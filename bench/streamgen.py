@@ -62,7 +62,7 @@ class Run:
         self.settings = self.platform.start()
         self.log = EventLog(self.settings, TOPICS)
         self.requests = VideoRequests(self.settings)
-        self.blobs = open_blob_store(self.settings.blob_url)
+        self.blobs = open_blob_store(self.settings)
 
     def submit(self, num_frames: int, seed: int = 5) -> str:
         return self.requests.submit("a comet over a mountain lake", model=self.model, width=64, height=64,

@@ -20,7 +20,11 @@ in log order (per partition) and rebuilds each job's timeline, checking that
   step N from an earlier attempt;
 * ``publish-order``: a VideoPublished comes after (by event time) a VideoDecoded with ``is_last``;
 * ``flagged-published``: a job flagged with a flag that ends it is never published;
-* ``blob``: every BlobRef ({uri, sha256, bytes}) any event names exists with that size and sha256.
+* ``blob``: every BlobRef ({uri, sha256, bytes}) any event names exists with that size and sha256 — unless the
+  lifecycle deleted it (consumers/lifecycle.py): a ref whose key a BlobsDeleted on vidgen.blob-lifecycle names
+  (any copy of it, anywhere in what is read, so before the audit's end) and that is missing or different is
+  *expired*, counted as such and no violation. The lifecycle sends that event before it deletes, so a ref missing
+  without one is still a violation.
 
 Windows: ``--from/--to`` select the jobs whose *first* event falls inside [from, to); all of such a job's events
 are replayed, also those after ``to`` (a job cut in half would look broken). ``--job`` selects one job.
@@ -52,6 +56,11 @@ from .archive_retention import RETENTION_FILE, kept_files, live_files, read_rete
 from .archiver import (HEAD_FILE, SCHEMAS_DIR, chain_next, genesis, parse_file_name, read_file, read_head,
                        record_digest, series_dirs, series_files)
 from .job_state import LIFECYCLE_TOPICS, epoch_ms
+
+#: What the replay reads: the jobs' lifecycle, and what the blob lifecycle deleted.
+AUDITED_TOPICS = (*LIFECYCLE_TOPICS, topics.BLOB_LIFECYCLE)
+#: What a BlobChecker-style check reports for a blob the lifecycle deleted (see ``replay``).
+EXPIRED = "expired by the lifecycle"
 
 # -- verify -----------------------------------------------------------------------------------------------------------
 
@@ -318,11 +327,12 @@ class ArchiveDecoder:
 
 def archive_events(directory: Path | str, decoder: ArchiveDecoder | None = None,
                    topic_names: Iterable[str] | None = None, undecodable: list | None = None) -> Iterator[tuple]:
-    """(topic, partition, offset, timestamp_ms, event) of every decodable lifecycle record in the archive."""
+    """(topic, partition, offset, timestamp_ms, event) of every decodable record of the audited topics (or of
+    ``topic_names``) in the archive."""
     from schemas.codec import DecodeError
 
     decoder = decoder or ArchiveDecoder(directory)
-    names = [t.name for t in LIFECYCLE_TOPICS] if topic_names is None else list(topic_names)
+    names = [t.name for t in AUDITED_TOPICS] if topic_names is None else list(topic_names)
     for record in iter_archive(directory, names):
         try:
             event = decoder.decode(record["topic"], record["value"])
@@ -335,8 +345,8 @@ def archive_events(directory: Path | str, decoder: ArchiveDecoder | None = None,
 
 def kafka_events(settings, topic_names: Iterable[str] | None = None, timeout_s: float = 60.0,
                  undecodable: list | None = None) -> Iterator[tuple]:
-    """(topic, partition, offset, timestamp_ms, event) of the lifecycle topics, group-less, from the beginning to
-    the end each partition had when the read got there (PARTITION_EOF)."""
+    """(topic, partition, offset, timestamp_ms, event) of the audited topics (or of ``topic_names``), group-less,
+    from the beginning to the end each partition had when the read got there (PARTITION_EOF)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     from schemas.codec import DecodeError
@@ -347,7 +357,7 @@ def kafka_events(settings, topic_names: Iterable[str] | None = None, timeout_s: 
     conf = consumer_config(settings, group_id="vidgen.audit", client_id="vidgen.audit")  # never joined
     conf["enable.partition.eof"] = True
     consumer = Consumer(conf)
-    names = [t.name for t in LIFECYCLE_TOPICS] if topic_names is None else list(topic_names)
+    names = [t.name for t in AUDITED_TOPICS] if topic_names is None else list(topic_names)
     try:
         metadata = consumer.list_topics(timeout=10).topics
         assignment = [TopicPartition(name, p, OFFSET_BEGINNING) for name in names if name in metadata
@@ -378,7 +388,11 @@ def kafka_events(settings, topic_names: Iterable[str] | None = None, timeout_s: 
 
 # -- blobs ------------------------------------------------------------------------------------------------------------
 class BlobChecker:
-    """Checks BlobRefs against a LocalBlobStore, each distinct (uri, sha256, bytes) once; None when fine, else why."""
+    """Checks BlobRefs against a blob store (streams/blobs.py: stat, then the bytes, hashed a piece at a time),
+    each distinct (uri, sha256, bytes) once; None when fine, else what is wrong. A store that cannot be reached
+    raises BlobStoreUnavailable: "cannot tell" is not an answer about the blob."""
+
+    PIECE = 8 << 20  # bytes read at a time: a long video is never in memory whole
 
     def __init__(self, store):
         self.store = store
@@ -391,22 +405,30 @@ class BlobChecker:
         return self._cache[key]
 
     def _check(self, ref: dict) -> str | None:
+        from streams.blobs import BlobError, BlobStoreUnavailable
+
         try:
-            path = self.store.local_path(ref)
-        except Exception as exc:  # noqa: BLE001 - BlobError: not in this store
+            key = self.store.key_of(ref["uri"])
+            stat = self.store.stat(key)
+            if stat is None:
+                return "missing"
+            if stat.size != ref["bytes"]:
+                return f"size {stat.size}, the reference says {ref['bytes']}"
+            digest = hashlib.sha256()
+            for start in range(0, stat.size, self.PIECE):
+                digest.update(self.store.read_range(key, start, min(start + self.PIECE, stat.size)))
+        except BlobStoreUnavailable:
+            raise
+        except BlobError as exc:  # not in this store, or gone since the stat
             return f"unreadable: {exc}"
-        if not path.is_file():
-            return "missing"
-        size = path.stat().st_size
-        if size != ref["bytes"]:
-            return f"size {size}, the reference says {ref['bytes']}"
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != ref["sha256"]:
-            return "sha256 differs from the reference"
-        return None
+        return None if digest.hexdigest() == ref["sha256"] else "sha256 differs from the reference"
+
+
+def expired_uris(events: Iterable[tuple]) -> set[str]:
+    """The URI of every blob a BlobsDeleted among ``events`` names: its store's URL, "/", its key (the BlobStore
+    URI scheme, streams/blobs.py ``uri_of``). Every copy counts: a redelivered one may name fewer blobs."""
+    return {f"{event['store'].rstrip('/')}/{blob['key']}" for topic_name, _p, _o, _t, event in events
+            if topic_name == topics.BLOB_LIFECYCLE.name for blob in event.get("blobs") or ()}
 
 
 def blob_refs(value) -> Iterator[dict]:
@@ -444,7 +466,8 @@ class AuditReport:
             f"{'OK' if self.ok else 'VIOLATIONS'}: {s['jobs']} jobs, {s['events']} events "
             f"({s['deliveries']} deliveries, {s['duplicates']} duplicate copies), {s['violations']} violations",
             "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["outcomes"].items())),
-            f"blobs: {s['blobs']['checked']} checked, {s['blobs']['bad']} missing or altered",
+            f"blobs: {s['blobs']['checked']} checked, {s['blobs']['bad']} missing or altered, "
+            f"{s['blobs'].get('expired', 0)} expired by the lifecycle",
         ]
         if s.get("undecodable"):
             lines.append(f"undecodable records skipped: {s['undecodable']}")
@@ -489,10 +512,15 @@ def replay(events: Iterable[tuple], blobs: Callable[[dict], str | None] | None =
            require_terminal: bool = True, timeline: bool = True, source: str = "events",
            undecodable: Iterable[str] = ()) -> AuditReport:
     """Check the invariants (module docstring) over decoded events in log order; ``blobs(ref)`` returns None for
-    a sound blob, else what is wrong (``BlobChecker``); None skips the blob checks."""
+    a sound blob, else what is wrong (``BlobChecker``); None skips the blob checks. A problem with a blob that a
+    BlobsDeleted among the events names is ``EXPIRED``, not a violation."""
+    events = list(events)
+    expired = expired_uris(events)
     seq: dict[tuple[str, int], int] = defaultdict(int)
     by_job: dict[str, dict] = {}
     for topic_name, partition, offset, timestamp, event in events:
+        if topic_name == topics.BLOB_LIFECYCLE.name:
+            continue  # not a job's event: what the lifecycle deleted (above)
         job_id = event.get("job_id") if isinstance(event, dict) else None
         if not job_id or (job is not None and job_id != job):
             continue
@@ -512,6 +540,11 @@ def replay(events: Iterable[tuple], blobs: Callable[[dict], str | None] | None =
     outcomes: dict[str, int] = defaultdict(int)
     checked_blobs: set[tuple] = set()
     bad_blobs: set[tuple] = set()
+    expired_blobs: set[tuple] = set()
+
+    def check_blob(ref: dict) -> str | None:
+        problem = blobs(ref)
+        return EXPIRED if problem is not None and ref["uri"] in expired else problem
     totals = {"deliveries": 0, "events": 0}
     for job_id in sorted(by_job):
         entry = by_job[job_id]
@@ -580,15 +613,17 @@ def replay(events: Iterable[tuple], blobs: Callable[[dict], str | None] | None =
                 if e["topic"] == topics.DECODED.name and not event.get("is_last") and event.get("playlist"):
                     # The live HLS playlist grows in place at a stable URL (players reload it), so an earlier
                     # segment's reference to it is stale by design: it must exist, its hash is not checked.
-                    problem = blobs(event["playlist"])
+                    problem = check_blob(event["playlist"])
                     if problem is not None and (problem == "missing" or problem.startswith("unreadable")):
                         violation("blob", f"{event['playlist']['uri']}: {problem}", e["where"])
                     event = {k: v for k, v in event.items() if k != "playlist"}
                 for ref in blob_refs(event):
                     key = (ref["uri"], ref["sha256"], ref["bytes"])
                     checked_blobs.add(key)
-                    problem = blobs(ref)
-                    if problem is not None:
+                    problem = check_blob(ref)
+                    if problem == EXPIRED:
+                        expired_blobs.add(key)
+                    elif problem is not None:
                         bad_blobs.add(key)
                         violation("blob", f"{ref['uri']}: {problem}", e["where"])
         found = _unique(found)
@@ -619,7 +654,8 @@ def replay(events: Iterable[tuple], blobs: Callable[[dict], str | None] | None =
             "duplicates": totals["deliveries"] - totals["events"], "violations": len(violations),
             "by_kind": dict(sorted(_count(v["kind"] for v in violations).items())),
             "outcomes": dict(sorted(outcomes.items())),
-            "blobs": {"checked": len(checked_blobs), "bad": len(bad_blobs), "skipped": blobs is None},
+            "blobs": {"checked": len(checked_blobs), "bad": len(bad_blobs), "expired": len(expired_blobs),
+                      "skipped": blobs is None},
             "undecodable": len(undecodable),
         },
         "undecodable": undecodable,
@@ -682,7 +718,7 @@ def main_replay(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"bad time: {exc}")
 
-    from streams.blobs import open_blob_store
+    from streams.blobs import BlobStoreUnavailable, open_blob_store
     from streams.settings import SettingsError, load_settings
 
     from .archiver import archive_settings
@@ -706,10 +742,14 @@ def main_replay(argv: list[str] | None = None) -> int:
     except (SettingsError, TimeoutError, OSError) as exc:
         print(f"cannot read the log: {exc}", file=sys.stderr)
         return 2
-    checker = BlobChecker(open_blob_store(settings.blob_url)) if args.check_blobs else None
-    report = replay(events, checker, job=args.job, from_ms=from_ms, to_ms=to_ms,
-                    require_terminal=args.require_terminal, timeline=args.timeline, source=args.source,
-                    undecodable=undecodable)
+    checker = BlobChecker(open_blob_store(settings)) if args.check_blobs else None
+    try:
+        report = replay(events, checker, job=args.job, from_ms=from_ms, to_ms=to_ms,
+                        require_terminal=args.require_terminal, timeline=args.timeline, source=args.source,
+                        undecodable=undecodable)
+    except BlobStoreUnavailable as exc:
+        print(f"cannot check the blobs: {exc}", file=sys.stderr)
+        return 2
     text = report.to_json()
     if args.report == "-":
         sys.stdout.write(text)

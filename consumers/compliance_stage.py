@@ -31,7 +31,7 @@ from compliance.renditions import (DEFAULT_LADDER, HlsMedia, Rendition, Rung, en
 from compliance.watermark import embed_watermark, payload_for_job
 from gpu_agents.video import Audio, encode_mp4, read_audio, read_mp4
 from streams import topics
-from streams.blobs import LocalBlobStore, sha256_hex
+from streams.blobs import BlobStore, sha256_hex
 from streams.metrics import COMPLIANCE_SECONDS, JOB_SECONDS, observe_since
 from streams.settings import Settings, SettingsError
 from streams.stage import Stage, StageContext
@@ -64,7 +64,7 @@ class FinishedVideo:
 
 
 class ComplianceStage:
-    def __init__(self, settings: Settings, blobs: LocalBlobStore):
+    def __init__(self, settings: Settings, blobs: BlobStore):
         self.policy = load_detection_policy(settings.detection_policy)
         self.review_proceeds = settings.review_proceeds
         self.ladder = parse_ladder(settings.rendition_ladder) if settings.rendition_ladder else DEFAULT_LADDER
@@ -144,7 +144,7 @@ class ComplianceStage:
                 renditions.append((rendition, sign(rendition.data), hls))
         return FinishedVideo(master, renditions, payload, watermarked.reason)
 
-    def store(self, finished: FinishedVideo, job_id: str, blobs: LocalBlobStore) -> dict:
+    def store(self, finished: FinishedVideo, job_id: str, blobs: BlobStore) -> dict:
         """Blobs for the master, its manifest, each rendition (progressive MP4 and HLS copy) and the playlists.
 
         One folder per signing, named after the signed master's hash: a redelivered job is signed again (new
@@ -169,7 +169,7 @@ class ComplianceStage:
         return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist)
 
 
-def input_ingredients(params: dict, blobs: LocalBlobStore) -> tuple[InputIngredient, ...]:
+def input_ingredients(params: dict, blobs: BlobStore) -> tuple[InputIngredient, ...]:
     """The input image of an image-to-video job, for the manifest; none for text-to-video. Read as the prompt encoder
     read it (it accepted the image), so its media type is the bytes', whatever the BlobRef's dtype says."""
     ref = params.get("input_reference")

@@ -5,17 +5,25 @@ embeddings depend on — and names the embedding blobs by reference, so a hit co
 tensor traffic: the PromptEncoded event simply points at blobs that already exist (and carry their sha256, which
 the agent checks when it loads them). Entries live in the blob store, shared by every prompt-encoder process, with
 a small in-process LRU in front. A hit whose blobs have gone missing is treated as a miss and rewritten.
+
+Entries expire: the lifecycle stage (consumers/lifecycle.py) deletes an entry whose entry.json was last written
+longer ago than its ``embeddings`` window. So that an entry in use never does, serving one whose entry.json is older
+than half the window rewrites it (``expires_after_s``): an entry served at all is at most half a window from its
+last renewal, and a job that got it keeps it for at least half a window.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable
 
-from streams.blobs import LocalBlobStore
+from streams.blobs import BlobStore
 
 CACHE_DIR = "_cache"
+TEXT_EMBEDDINGS = "text-embeddings"
 ENTRY_NAME = "entry.json"
 
 
@@ -32,15 +40,20 @@ class CachedEmbeddings:
 
 
 class EmbeddingCache:
-    def __init__(self, blobs: LocalBlobStore, memory_entries: int = 1024):
+    def __init__(self, blobs: BlobStore, memory_entries: int = 1024, expires_after_s: float | None = None,
+                 clock: Callable[[], float] = time.time):
         self.blobs = blobs
         self.memory_entries = memory_entries
         self._recent: OrderedDict[str, CachedEmbeddings] = OrderedDict()
+        #: key → when its entry.json was written (epoch s), for the entries in memory; renewal needs it
+        self._written: dict[str, float] = {}
+        self.renew_after_s = None if expires_after_s is None else expires_after_s / 2
+        self.clock = clock
         self.hits = 0
         self.misses = 0
 
     def _segments(self, key: str, name: str) -> tuple[str, ...]:
-        return (CACHE_DIR, "text-embeddings", key[:2], key, name)
+        return (CACHE_DIR, TEXT_EMBEDDINGS, key[:2], key, name)
 
     def get(self, key: str, need_negative: bool) -> CachedEmbeddings | None:
         """The cached embeddings, or None on a miss (absent, or lacking the negative embeddings this job needs)."""
@@ -58,8 +71,37 @@ class EmbeddingCache:
             entry = self._load(key)
         if entry is None or (need_negative and entry.negative_prompt_embeds is None):
             return None
+        if not self._renewed(key, entry):
+            self._forget(key)
+            return None
         self._remember(key, entry)
         return entry
+
+    def _renewed(self, key: str, entry: CachedEmbeddings) -> bool:
+        """Rewrite the entry when it is older than half its window (module docstring); False when it cannot be
+        served any more (the lifecycle deleted it meanwhile)."""
+        if self.renew_after_s is None:
+            return True
+        written = self._written.get(key)
+        if written is None:  # new in memory: when was it written?
+            stat = self.blobs.stat(self.blobs.key(*self._segments(key, ENTRY_NAME)))
+            if stat is None:
+                return False
+            written = stat.modified
+        if self.clock() - written > self.renew_after_s:
+            if not self._blobs_exist(entry):
+                return False
+            self._write_entry(key, entry)
+            written = self.clock()
+        self._written[key] = written
+        return True
+
+    def _blobs_exist(self, entry: CachedEmbeddings) -> bool:
+        refs = [entry.prompt_embeds] + ([entry.negative_prompt_embeds] if entry.negative_prompt_embeds else [])
+        return all(self.blobs.stat(self.blobs.key_of(ref["uri"])) is not None for ref in refs)
+
+    def _write_entry(self, key: str, entry: CachedEmbeddings) -> None:
+        self.blobs.put(json.dumps(asdict(entry)).encode("utf-8"), *self._segments(key, ENTRY_NAME))
 
     def _load(self, key: str) -> CachedEmbeddings | None:
         raw = self.blobs.read(*self._segments(key, ENTRY_NAME))
@@ -68,10 +110,7 @@ class EmbeddingCache:
         record = json.loads(raw)
         entry = CachedEmbeddings(record["prompt_embeds"], record.get("negative_prompt_embeds"), record["made_for"])
         # Checked once when an entry enters memory: a cache must never hand out a dangling reference.
-        refs = [entry.prompt_embeds] + ([entry.negative_prompt_embeds] if entry.negative_prompt_embeds else [])
-        if not all(self.blobs.local_path(ref).is_file() for ref in refs):
-            return None
-        return entry
+        return entry if self._blobs_exist(entry) else None
 
     def put(self, key: str, made_for: str, prompt_embeds, negative_prompt_embeds=None) -> CachedEmbeddings:
         """Store the tensors and the entry naming them (the entry last, so a reader never sees half an entry)."""
@@ -85,8 +124,8 @@ class EmbeddingCache:
                                                  *self._segments(key, "negative_prompt_embeds.safetensors"),
                                                  content_addressed=True)
         entry = CachedEmbeddings(prompt_ref, negative_ref, made_for)
-        record = {"prompt_embeds": prompt_ref, "negative_prompt_embeds": negative_ref, "made_for": made_for}
-        self.blobs.put(json.dumps(record).encode("utf-8"), *self._segments(key, ENTRY_NAME))
+        self._write_entry(key, entry)
+        self._written[key] = self.clock()
         self._remember(key, entry)
         return entry
 
@@ -94,4 +133,8 @@ class EmbeddingCache:
         self._recent[key] = entry
         self._recent.move_to_end(key)
         while len(self._recent) > self.memory_entries:
-            self._recent.popitem(last=False)
+            self._forget(next(iter(self._recent)))
+
+    def _forget(self, key: str) -> None:
+        self._recent.pop(key, None)
+        self._written.pop(key, None)

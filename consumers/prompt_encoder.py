@@ -24,7 +24,7 @@ from gpu_agents.encoding import encode_prompts, token_counts
 from gpu_agents.models import (InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError, check_params,
                                effective_guidance)
 from streams import topics
-from streams.blobs import LocalBlobStore
+from streams.blobs import BlobStore
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
 
@@ -48,7 +48,7 @@ def check_request(request: dict, models: ModelCatalogue) -> None:
         raise InvalidEvent(str(exc)) from exc
 
 
-def input_image_of(request: dict, blobs: LocalBlobStore) -> InputImage | None:
+def input_image_of(request: dict, blobs: BlobStore) -> InputImage | None:
     """The input image of an image-to-video request, read and checked; None for text-to-video. An image the gateway
     would have refused makes the request invalid (events can come from anywhere, not only through the gateway)."""
     ref = request["params"].get("input_reference")
@@ -61,13 +61,13 @@ def input_image_of(request: dict, blobs: LocalBlobStore) -> InputImage | None:
 
 
 class PromptEncoder:
-    def __init__(self, settings: Settings, blobs: LocalBlobStore):
+    def __init__(self, settings: Settings, blobs: BlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
         self.policy = load_policy(settings.prompt_policy)
         self.consents = load_consents(settings.consents) if settings.consents else {}
         self.review_proceeds = settings.review_proceeds
         self.batch_size = settings.encoder_batch
-        self.cache = EmbeddingCache(blobs)
+        self.cache = EmbeddingCache(blobs, expires_after_s=settings.lifecycle_windows.get("embeddings"))
 
     # -- the recipe ------------------------------------------------------------------------------------------
     def handle(self, request: dict, ctx: StageContext) -> None:

@@ -9,6 +9,7 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist; Range ok
   GET    /v1/videos/{video_id}/segments/{name}   live fMP4 segments, init.mp4 and playlist.m3u8 while it decodes
   GET    /v1/videos/{video_id}/published/{name}  files of the published set (rendition playlists and media)
+         (these three also answer HEAD; ETags, Cache-Control, ranges and presigned redirects: gateway/delivery.py)
   GET    /v1/videos/{video_id}/events        websocket: the job's state, then every change (gateway/events.py)
   GET    /v1/events                          websocket: all of the tenant's jobs (gateway/events.py)
   GET    /v1/models                          the models this gateway serves (OpenAI list shape + `vidgen`: facts)
@@ -72,10 +73,11 @@ from compliance.input_image import MAX_INPUT_IMAGE_BYTES, InputImage, InputImage
 from consumers.job_state import public_params
 from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, store_input_image, video_request
 from streams import topics
-from streams.blobs import BlobError, LocalBlobStore, open_blob_store
+from streams.blobs import open_blob_store
 from streams.events import new_job_id
 from streams.settings import Settings
 
+from .delivery import serve_blob
 from .errors import ApiError, error_middleware, not_found
 from .limits import RateLimiter, retry_after_header
 from .openapi import Route, openapi_document
@@ -296,7 +298,10 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
     if ctype not in ("application/json", "application/octet-stream") and not ctype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
                        f"send application/json, multipart/form-data or application/x-www-form-urlencoded, not {ctype}")
-    text = await request.text()
+    try:
+        text = await request.text()
+    except (UnicodeDecodeError, LookupError):  # not text in its charset (UTF-8 by default), or an unknown charset
+        raise ApiError(400, "invalid_json", f"the body is not text in charset {request.charset or 'utf-8'}") from None
     try:
         body = json.loads(text)
     except ValueError as exc:
@@ -617,20 +622,11 @@ async def cancel_video(request: web.Request) -> web.Response:
     return web.json_response(video_object(state))
 
 
-def _blob_store(app: web.Application) -> LocalBlobStore:
-    return app["blobs"]
-
-
-def _file_response(app: web.Application, uri: str, what: str) -> web.FileResponse:
-    try:
-        path = _blob_store(app).local_path({"uri": uri})
-    except BlobError:
-        log.warning("%s names %s, outside the blob store", what, uri)
-        raise ApiError(404, "file_not_found", f"{what} is not available") from None
-    if not path.is_file():
-        raise ApiError(404, "file_not_found", f"{what} is not available")
-    content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
-    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "private, max-age=3600"})
+async def _serve_file(request: web.Request, uri: str, what: str, ref: dict | None = None) -> web.StreamResponse:
+    """The blob ``uri`` of a job the tenant owns (gateway/delivery.py: ETags, ranges, redirects); ``ref`` is the
+    BlobRef naming it where the job's state has one (its sha256 is the ETag)."""
+    suffix = "." + _name_of(uri).rpartition(".")[2]
+    return await serve_blob(request, uri, what, _CONTENT_TYPES.get(suffix, "application/octet-stream"), ref)
 
 
 async def video_content(request: web.Request) -> web.StreamResponse:
@@ -646,7 +642,7 @@ async def video_content(request: web.Request) -> web.StreamResponse:
     if ref is None:
         known = ", ".join(name for name, r in refs.items() if r)
         raise _invalid("variant", f"unknown variant {variant!r}; this video has: {known}")
-    return _file_response(request.app, ref["uri"], f"{variant} of video {state['job_id']}")
+    return await _serve_file(request, ref["uri"], f"{variant} of video {state['job_id']}", ref)
 
 
 async def video_segment(request: web.Request) -> web.StreamResponse:
@@ -656,7 +652,7 @@ async def video_segment(request: web.Request) -> web.StreamResponse:
     uris += [u for u in (state.get("init_segment"), state.get("playlist")) if u]
     for uri in uris:
         if _name_of(uri) == name:
-            return _file_response(request.app, uri, f"segment {name}")
+            return await _serve_file(request, uri, f"segment {name}")
     raise ApiError(404, "file_not_found", f"video {state['job_id']} has no segment {name!r} (yet)", param="name")
 
 
@@ -670,8 +666,11 @@ async def video_published_file(request: web.Request) -> web.StreamResponse:
         raise ApiError(409, "video_not_ready", f"video {state['job_id']} is {state['status']}, not completed")
     if not _SAFE_NAME.match(name) or name in (".", ".."):
         raise ApiError(404, "file_not_found", f"no file {name!r}", param="name")
-    folder = video["uri"].rsplit("/", 1)[0]
-    return _file_response(request.app, f"{folder}/{name}", f"file {name}")
+    uri = f"{video['uri'].rsplit('/', 1)[0]}/{name}"
+    outputs = state["outputs"]
+    refs = [outputs.get("video"), outputs.get("manifest"), outputs.get("playlist"), *(outputs.get("renditions") or ())]
+    ref = next((r for r in refs if r and r.get("uri") == uri), None)
+    return await _serve_file(request, uri, f"file {name}", ref)
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -764,7 +763,25 @@ _V = "#/components/schemas/"
 _ID = {"name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 255},
        "description": "same key + same request → the same job, published once; another request → 409"}
 _FILE = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
-_RANGE = {"name": "Range", "required": False, "schema": {"type": "string"}, "description": "bytes=START-END"}
+_RANGE = {"name": "Range", "required": False, "schema": {"type": "string"},
+          "description": "one range: bytes=START-END, bytes=START- or bytes=-SUFFIX (several ranges: the whole file)"}
+#: The file routes (gateway/delivery.py): what every one of them answers, besides its own errors.
+_DELIVERY_HEADERS = (_RANGE, {"name": "If-None-Match", "required": False, "schema": {"type": "string"},
+                              "description": "ETags (or *): 304 when the file still has one of them"},
+                     {"name": "If-Range", "required": False, "schema": {"type": "string"},
+                      "description": "an ETag or date: the Range only if the file is still that version"})
+_DELIVERY = ("Strong ETags (`\"sha256-<hex>\"` where the job names the file by its sha256), "
+             "`Cache-Control: private` — `immutable` for the published set and the decoder's segments, "
+             "`no-cache` for the live playlist — and single byte ranges; HEAD answers the same headers. Where the "
+             "blob store can presign URLs (S3) and VIDGEN_BLOB_REDIRECT is auto, media answer 307 to a short-lived "
+             "presigned URL (after the tenant and existence checks); playlists are always served by the gateway, "
+             "so their relative URIs stay gateway URLs.")
+_DELIVERY_RESPONSES = {200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
+                       304: ("the client's copy is current (If-None-Match / If-Modified-Since)", None),
+                       307: ("redirect to a presigned URL of the blob store (Location), valid for "
+                             "VIDGEN_BLOB_PRESIGN_S seconds", None),
+                       416: ("range not satisfiable (Content-Range: bytes */SIZE)", "Error"),
+                       503: ("the blob store is unreachable (Retry-After)", "Error")}
 
 ROUTES: list[Route] = [
     Route("POST", "/v1/videos", create_video, "createVideo", "Create a video job", request="CreateVideoRequest",
@@ -793,23 +810,22 @@ ROUTES: list[Route] = [
                      503: ("the cancellation could not be queued", "Error")}),
     Route("GET", "/v1/videos/{video_id}/content", video_content, "getVideoContent",
           "The final video, a rendition, the C2PA manifest or the HLS master playlist",
-          description="Supports HTTP range requests (206 Partial Content).",
+          description=_DELIVERY,
           query=({"name": "variant", "schema": {"type": "string", "default": "video"},
                   "description": "video (default), a rendition name, manifest or playlist"},),
-          headers=(_RANGE,),
-          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
+          headers=_DELIVERY_HEADERS,
+          responses={**_DELIVERY_RESPONSES,
                      400: ("unknown variant", "Error"), 404: ("no such video for this tenant", "Error"),
-                     409: ("the video is not completed yet", "Error"), 416: ("range not satisfiable", None)}),
+                     409: ("the video is not completed yet", "Error")}),
     Route("GET", "/v1/videos/{video_id}/segments/{name}", video_segment, "getVideoSegment",
           "A live segment (init.mp4, segment-NNNNN.m4s) or the live HLS playlist (playlist.m3u8)",
-          headers=(_RANGE,),
-          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
-                     404: ("no such video or segment", "Error")}),
+          description=_DELIVERY, headers=_DELIVERY_HEADERS,
+          responses={**_DELIVERY_RESPONSES, 404: ("no such video or segment", "Error")}),
     Route("GET", "/v1/videos/{video_id}/published/{name}", video_published_file, "getPublishedFile",
           "A file of the published set (master.m3u8, <rendition>.m3u8, <rendition>.m4s, ...)",
-          headers=(_RANGE,),
-          responses={200: ("the file", _FILE), 206: ("the requested byte range", _FILE),
-                     404: ("no such video or file", "Error"), 409: ("the video is not completed yet", "Error")}),
+          description=_DELIVERY, headers=_DELIVERY_HEADERS,
+          responses={**_DELIVERY_RESPONSES, 404: ("no such video or file", "Error"),
+                     409: ("the video is not completed yet", "Error")}),
     Route("GET", "/v1/videos/{video_id}/events", job_events, "videoEvents", "Websocket: one job's progress",
           description=("Upgrade to a websocket; the server sends a `state` envelope, then every change "
                        "(queued, started, progress, checkpoint, segment, flagged, published, failed, cancelled) "
@@ -884,7 +900,7 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     app["settings"], app["jobs"], app["tenants"], app["publisher"] = settings, jobs, tenants, publisher
     app["model_ids"] = tuple(model_ids or (*builtin_ids, *sorted(settings.model_dirs)))
     app["catalogue"] = _CatalogueIds(app["model_ids"], catalogue_class(settings.model_dirs, device="cpu"))
-    app["blobs"] = open_blob_store(settings.blob_url)
+    app["blobs"] = open_blob_store(settings)
     app["static_dir"] = Path(static_dir or STATIC_DIR)
     app["limiter"] = limiter or RateLimiter()
     app["idempotency"] = IdempotencyRecords()
@@ -892,7 +908,10 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     app["route_specs"] = {route.name: route for route in ROUTES}
     app["openapi"] = openapi_document(ROUTES)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+        if route.method == "GET" and not route.websocket:  # with HEAD, which caches and download managers send
+            app.router.add_get(route.path, route.handler, name=route.name)
+        else:
+            app.router.add_route(route.method, route.path, route.handler, name=route.name)
 
     async def start(app: web.Application) -> None:
         for part in (publisher, jobs):

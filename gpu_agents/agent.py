@@ -36,7 +36,7 @@ from safetensors.torch import load as safetensors_load
 from compliance.input_image import InputImageError, read_input_image
 from streams import topics
 from streams.agent_runtime import AgentRuntime
-from streams.blobs import LocalBlobStore
+from streams.blobs import BlobStore
 from streams.metrics import QUEUE_WAIT_SECONDS, STEP_SECONDS, observe_since
 from streams.settings import Settings
 from streams.stage import CancelledByRequest, InvalidEvent, JobInterrupted, Stage, StageContext
@@ -88,7 +88,7 @@ class JobRun:
 class DenoisingAgent:
     """Rank 0 of an agent (the only rank of a one-device agent): the one that talks to Kafka and the blob store."""
 
-    def __init__(self, settings: Settings, blobs: LocalBlobStore, group: DeviceGroup | None = None):
+    def __init__(self, settings: Settings, blobs: BlobStore, group: DeviceGroup | None = None):
         self.group = group or SoloDevice()
         self.models = ModelCatalogue(settings.model_dirs, device=self.group.device)
         self.parallel = ParallelModels(self.models, self.group, settings.parallel_mode)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from streams import topics
-from streams.blobs import LocalBlobStore
+from streams.blobs import BlobStore
 from streams.metrics import DECODE_CHUNK_SECONDS
 from streams.settings import Settings
 from streams.stage import InvalidEvent, Stage, StageContext
@@ -59,7 +59,7 @@ class JobStream:
 
 
 class VaeDecoder:
-    def __init__(self, settings: Settings, blobs: LocalBlobStore):
+    def __init__(self, settings: Settings, blobs: BlobStore):
         self.models = ModelCatalogue(settings.model_dirs)
         self.jobs: dict[str, JobStream] = {}
         self.finished: dict[str, None] = {}  # recently completed or failed jobs, oldest first

@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Callable
 
-from streams.blobs import BlobError, LocalBlobStore
+from streams.blobs import BlobError, BlobStore
 from streams.metrics import CHECKPOINT_WRITE_SECONDS
 
 from .checkpoint import CheckpointError, DenoiseCheckpoint, from_bytes, to_bytes
@@ -25,7 +25,7 @@ POINTER = "checkpoint.json"
 
 
 class CheckpointStore:
-    def __init__(self, blobs: LocalBlobStore):
+    def __init__(self, blobs: BlobStore):
         self.blobs = blobs
 
     def next_attempt(self, job_id: str) -> int:

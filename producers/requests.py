@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 
 from compliance.input_image import InputImage, read_input_image
 from streams import topics
-from streams.blobs import LocalBlobStore, open_blob_store
+from streams.blobs import BlobStore, open_blob_store
 from streams.events import new_event, new_job_id
 from streams.kafka import producer_config
 from streams.serde import encode_key, event_codec
@@ -80,7 +80,7 @@ def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standa
     )
 
 
-def store_input_image(blobs: LocalBlobStore, job_id: str, image: InputImage) -> dict:
+def store_input_image(blobs: BlobStore, job_id: str, image: InputImage) -> dict:
     """The input image as a blob of its job; its BlobRef, for params.input_reference. Content-addressed: the same job
     id with another image (an Idempotency-Key reused) never replaces a blob an accepted request names."""
     return blobs.put(image.data, job_id, image.file_name, dtype=image.media_type, content_addressed=True)
@@ -91,7 +91,7 @@ class VideoRequests:
         self.settings = settings
         self.codec = event_codec(settings)
         self.producer = Producer(producer_config(settings, "vidgen-submit"))
-        self.blobs = open_blob_store(settings.blob_url)
+        self.blobs = open_blob_store(settings)
 
     def publish(self, request: dict) -> str:
         """Publish a VideoRequested built with video_request(); returns its job id once acknowledged."""

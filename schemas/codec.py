@@ -44,6 +44,7 @@ EVENT_NAMES = (
     "Assignment",
     "SchedulerDecision",
     "QueuePosition",
+    "BlobsDeleted",
 )
 
 #: Named types shared by several events, each in its own file.

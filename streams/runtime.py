@@ -18,12 +18,12 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.codec import DecodeError, EventCodec, RegistryUnavailableError
 
 from . import topics
-from .blobs import LocalBlobStore, open_blob_store
+from .blobs import BlobStore, BlobStoreUnavailable, open_blob_store
 from .events import dead_letter_event, derive_event_id, new_event
 from .kafka import consumer_config, producer_config
 from .ledger import ProcessedLedger
@@ -31,7 +31,7 @@ from .metrics import BusyMeter, LagMonitor, gpu_utilization, instance_id, regist
 from .offsets import OffsetTracker
 from .serde import decode_key, encode_key, event_codec
 from .settings import Settings
-from .stage import CancelledByRequest, InvalidEvent, JobInterrupted, SourceMessage, Stage, StageContext
+from .stage import CancelledByRequest, InvalidEvent, JobInterrupted, NotDue, SourceMessage, Stage, StageContext
 from .tracing import consume_span, current_trace_headers
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 HANDLER_ATTEMPTS = 3  # tries of a handler that raises something other than InvalidEvent
 RETRY_BACKOFF_S = (0.2, 1.0, 5.0)
 MAX_DEAD_LETTER_RAW = 1024 * 1024  # raw bytes kept in a dead letter; the rest is cut (and the cut is noted)
+TICK_S = 1.0  # how often a handler's tick() runs between inputs
 
 
 @dataclass
@@ -65,6 +66,33 @@ class Outcome:
     interrupted: bool = False
     why_interrupted: str = ""  # the JobInterrupted message (the scheduler's REQUEUED reason)
     failed_job: str | None = None  # the job this input's dead letter failed
+    due_s: float | None = None  # NotDue: the input waits until then, its partition paused
+
+
+class DueTimes:
+    """Partitions paused because their next input is not due yet (NotDue): the input's offset, and when it is due."""
+
+    def __init__(self) -> None:
+        self._due: dict[tuple[str, int], tuple[float, int]] = {}
+
+    def __contains__(self, tp: tuple[str, int]) -> bool:
+        return tp in self._due
+
+    def wait(self, tp: tuple[str, int], offset: int, due_s: float) -> None:
+        self._due[tp] = (due_s, offset)
+
+    def due(self, now_s: float) -> list[tuple[str, int, int]]:
+        """(topic, partition, offset of the waiting input) of the partitions whose time has come; they no longer
+        wait."""
+        ready = sorted((*tp, offset) for tp, (due_s, offset) in self._due.items() if due_s <= now_s)
+        for topic, partition, _offset in ready:
+            del self._due[(topic, partition)]
+        return ready
+
+    def forget(self, partitions: set[tuple[str, int]]) -> None:
+        """A rebalance took them away: their new owner starts from the committed position, unpaused."""
+        for tp in partitions:
+            self._due.pop(tp, None)
 
 
 class DeliveryFailed(RuntimeError):
@@ -72,15 +100,15 @@ class DeliveryFailed(RuntimeError):
 
 
 class StageRuntime:
-    def __init__(self, stage: Stage, settings: Settings, blobs: LocalBlobStore | None = None,
+    def __init__(self, stage: Stage, settings: Settings, blobs: BlobStore | None = None,
                  codec: EventCodec | None = None, client_id: str | None = None):
         self.stage = stage
         self.settings = settings
-        self.blobs = blobs or open_blob_store(settings.blob_url)
+        self.blobs = blobs or open_blob_store(settings)
         self.codec = codec or event_codec(settings)
         self.client_id = client_id or f"{stage.name}"
         self.counters = StageCounters()
-        self.ledger = ProcessedLedger(self.blobs, stage.name, settings.restore_window_ms)
+        self.ledger = ProcessedLedger(self.blobs, stage.name, settings.restore_window_ms, wait=self._sleep)
         self.offsets = OffsetTracker()
         self.stopping = threading.Event()
         self.handler = None
@@ -93,6 +121,8 @@ class StageRuntime:
         self.busy = BusyMeter()
         self._handling_since: float | None = None  # perf_counter when the current handler call began
         self._next_report = time.monotonic() + settings.stats_interval_s
+        self.due_times = DueTimes()
+        self._next_tick = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -148,8 +178,10 @@ class StageRuntime:
         batch_size = getattr(self.handler, "batch_size", 1) if hasattr(self.handler, "prepare") else 1
         try:
             while not self.stopping.is_set():
+                self.resume_due()
+                self.tick()
                 msg = self.poll(0.1)
-                if msg is None:
+                if msg is None or self._waiting(msg):
                     continue
                 if batch_size > 1:
                     self.process_batch([msg, *self.poll_waiting(batch_size - 1)])
@@ -177,6 +209,7 @@ class StageRuntime:
         revoked = {(p.topic, p.partition) for p in partitions}
         self._commit(asynchronous=False, only=revoked)
         lost_units = self.offsets.forget(revoked)
+        self.due_times.forget(revoked)
         if lost_units and hasattr(self.handler, "forget"):
             self.handler.forget(lost_units)  # the new owner replays their inputs from the committed position
         log.info("%s: revoked %s", self.stage.name, sorted(revoked))
@@ -201,6 +234,8 @@ class StageRuntime:
                 log.exception("%s: preparing a batch of %d failed; handling them one by one", self.stage.name,
                               len(fresh))
         for msg, event in zip(msgs, events):
+            if self._waiting(msg):
+                continue  # behind an input of its partition that is not due: fetched again after it
             self.offsets.started((msg.topic(), msg.partition()), msg.offset())
             self.settle(self.execute(msg, decoded=(event,)))
 
@@ -221,7 +256,11 @@ class StageRuntime:
             return outcome
         source = SourceMessage(msg.topic(), msg.partition(), msg.offset(), decode_key(msg.key()))
         with consume_span(self.stage.name, msg.topic(), msg.headers()):
-            outcome.ctx, interrupted = self._handle_with_retries(msg, event, source, stop_reason, confirm)
+            try:
+                outcome.ctx, interrupted = self._handle_with_retries(msg, event, source, stop_reason, confirm)
+            except NotDue as not_due:
+                outcome.due_s = not_due.due_s
+                return outcome
             outcome.interrupted, outcome.why_interrupted = interrupted is not None, interrupted or ""
         if outcome.ctx is None and not outcome.interrupted:  # dead-lettered, which fails the job it names
             outcome.failed_job = event.get("job_id") or None
@@ -234,6 +273,9 @@ class StageRuntime:
         tp = (msg.topic(), msg.partition())
         if outcome.interrupted:
             return  # stays pending: the committed position stays below it
+        if outcome.due_s is not None:
+            self._wait_until_due(msg, outcome.due_s)
+            return  # stays pending too, and comes again when due
         if ctx is not None and ctx.held:
             for key in ctx.held:
                 self.offsets.hold(key, tp, msg.offset(), outcome.dedupe_key)
@@ -250,6 +292,49 @@ class StageRuntime:
             if hasattr(self.handler, "abandon"):
                 self.handler.abandon(outcome.failed_job)
         self._commit(asynchronous=True)
+
+    # -- inputs that are not due yet (NotDue) ------------------------------------------------------------------
+    def _wait_until_due(self, msg: Message, due_s: float) -> None:
+        """Pause the input's partition and rewind it to the input, which is fetched again once resumed."""
+        where = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+        self.due_times.wait((msg.topic(), msg.partition()), msg.offset(), due_s)
+        self.consumer.pause([where])
+        self._seek(where)
+        log.debug("%s: %s/%d@%d waits until %.0f", self.stage.name, msg.topic(), msg.partition(), msg.offset(), due_s)
+
+    def _seek(self, where: TopicPartition) -> None:
+        try:
+            self.consumer.seek(where)
+        except KafkaException as exc:  # resume_due() rewinds once more; a failed seek never stops the stage
+            log.warning("%s: rewinding %s/%d to %d failed: %s", self.stage.name, where.topic, where.partition,
+                        where.offset, exc)
+
+    def _waiting(self, msg: Message) -> bool:
+        """An input of a paused partition, fetched before it paused: dropped, the rewind fetches it again."""
+        return (msg.topic(), msg.partition()) in self.due_times
+
+    def resume_due(self) -> None:
+        """Resume the partitions whose waiting input is due, rewound to it (again: nothing of them ran since)."""
+        ready = [TopicPartition(*waiting) for waiting in self.due_times.due(time.time())]
+        for where in ready:
+            self._seek(where)
+        if ready:
+            self.consumer.resume(ready)
+
+    def tick(self) -> None:
+        """About every TICK_S, the handler's periodic work (``tick(ctx)``, streams/stage.py), then a flush."""
+        if not hasattr(self.handler, "tick") or time.monotonic() < self._next_tick:
+            return
+        self._next_tick = time.monotonic() + TICK_S
+        ctx = StageContext(self.stage.name, SourceMessage("", -1, -1, None), self.blobs, self._emit,
+                           flush=self._flush)
+        try:
+            self.handler.tick(ctx)
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 - periodic work is tried again; it never takes the stage down
+            self._flush_quietly()
+            log.warning("%s: periodic work failed (tried again later): %s: %s", self.stage.name,
+                        type(exc).__name__, exc)
 
     def _release(self, hold_key: str) -> None:
         for held_dedupe_key in self.offsets.release(hold_key):
@@ -275,10 +360,12 @@ class StageRuntime:
                              confirm: Callable[[], str | None] | None = None) -> tuple[StageContext | None, str | None]:
         """(context of the successful try or None, why the job was interrupted or None)"""
         headers = current_trace_headers()
-        for attempt in range(1, HANDLER_ATTEMPTS + 1):
+        attempt, store_retries = 0, 0
+        while attempt < HANDLER_ATTEMPTS:
+            attempt += 1
             ctx = StageContext(self.stage.name, source, self.blobs, self._emit, headers=headers,
                                stop_reason=stop_reason or (lambda: None),
-                               confirm=confirm or stop_reason or (lambda: None))
+                               confirm=confirm or stop_reason or (lambda: None), flush=self._flush)
             started = self._handling_since = time.perf_counter()
             try:
                 if ctx.stop_reason() == "cancelled":
@@ -287,6 +374,8 @@ class StageRuntime:
                 self._flush()
                 self.counters.handled += 1
                 return ctx, None
+            except NotDue:
+                raise  # not a failure: execute() lets the input wait
             except JobInterrupted as exc:
                 self._flush_quietly()  # its checkpoint and progress are worth keeping
                 return None, str(exc)
@@ -297,6 +386,16 @@ class StageRuntime:
                 self._flush_quietly()
                 self.dead_letter(msg, "INVALID", str(exc), event)
                 return None, None
+            except BlobStoreUnavailable as exc:
+                # Not the job's fault: wait for the store (as for the registry) instead of failing the job.
+                self._flush_quietly()
+                store_retries = store_retries + 1
+                log.warning("%s: %s (job %s waits, retry %d)", self.stage.name, exc, event.get("job_id"),
+                            store_retries)
+                if self._sleep(RETRY_BACKOFF_S[min(store_retries, len(RETRY_BACKOFF_S)) - 1]):
+                    return None, ""  # stopping: the input stays pending for the next owner
+                attempt -= 1  # a try the store spoiled is not one of the job's attempts
+                continue
             except Exception as exc:  # noqa: BLE001 - a stage must survive any one bad job
                 self._flush_quietly()
                 if attempt == HANDLER_ATTEMPTS:
@@ -387,7 +486,7 @@ class StageRuntime:
         log.warning("%s: dead letter %s from %s: %s", self.stage.name, error_type, where, error)
         self._emit(topics.DEAD_LETTER, letter, None if msg.key() is None else decode_key(msg.key()))
         self.counters.dead_lettered += 1
-        if job_id:
+        if job_id and self.stage.fails_jobs:
             failure = new_event(
                 job_id,
                 derive_event_id(job_id, self.stage.name, "failed"),

@@ -12,7 +12,15 @@ Environment variables:
                                becomes security.protocol=SASL_SSL (underscores become dots)
   VIDGEN_SCHEMA_REGISTRY_URL   a Confluent-compatible schema registry; otherwise the embedded one is used
   VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH   user:password for that registry
-  VIDGEN_BLOB_URL              blob store (default file://<var>/blobs)
+  VIDGEN_BLOB_URL              blob store (default file://<var>/blobs), or s3://bucket/prefix for an S3-compatible one
+  VIDGEN_BLOB_ENDPOINT / _REGION / _ACCESS_KEY_ID / _SECRET_ACCESS_KEY / _SESSION_TOKEN   that S3 store's endpoint
+                               (unset: AWS's), region and credentials (unset: the AWS_* variables); never logged
+  VIDGEN_BLOB_REDIRECT         auto (default): the gateway redirects downloads to presigned URLs where the store can
+                               sign them; never: it streams every byte itself
+  VIDGEN_BLOB_PRESIGN_S        lifetime of those presigned URLs (default 300)
+  VIDGEN_LIFECYCLE_<CLASS>_S   how long blobs of a class outlive what needs them (consumers/lifecycle.py): INTERMEDIATE
+                               (600 after the job ends), EMBEDDINGS, LEDGER (7 days after last use), PUBLISHED,
+                               TAKEN_DOWN (off: kept), DELETED (0); "off" keeps them
   VIDGEN_MODELS                local diffusers model directories: "name=/path,other=/path2"
   VIDGEN_DEFAULT_MODEL         model used when a request names none (default tiny-wan)
   VIDGEN_LATENT_CHUNK_FRAMES   latent frames per LatentChunk (default 2)
@@ -33,6 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PLATFORM_FILE = "platform.json"
+DAY_S = 24 * 3600.0
+#: Blob classes' default windows (seconds; None: kept until something else removes them). Why these values: see
+#: consumers/lifecycle.py.
+LIFECYCLE_WINDOWS: dict[str, float | None] = {
+    "intermediate": 600.0, "embeddings": 7 * DAY_S, "ledger": 7 * DAY_S,
+    "published": None, "taken_down": None, "deleted": 0.0,
+}
+BLOB_OPTIONS = ("endpoint", "region", "access_key_id", "secret_access_key", "session_token")
 
 
 class SettingsError(RuntimeError):
@@ -48,6 +64,14 @@ class Settings:
     schema_registry_url: str | None = None
     schema_registry_client: dict[str, str] = field(default_factory=dict)
     blob_url: str = ""
+    #: The S3 store's endpoint, region and credentials (endpoint, region, access_key_id, secret_access_key,
+    #: session_token): never printed, so kept out of repr().
+    blob_options: dict[str, str] = field(default_factory=dict, repr=False)
+    #: Downloads: "auto" redirects to a presigned URL where the store signs them, "never" streams through the gateway.
+    blob_redirect: str = "auto"
+    blob_presign_s: float = 300.0
+    #: Blob class → seconds it outlives what needs it (None: kept); consumers/lifecycle.py applies them.
+    lifecycle_windows: dict[str, float | None] = field(default_factory=lambda: dict(LIFECYCLE_WINDOWS))
     model_dirs: dict[str, str] = field(default_factory=dict)
     default_model: str = "tiny-wan"
     latent_chunk_frames: int = 2
@@ -235,6 +259,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     settings.stats_interval_s = float(interval) if interval not in (None, "") else 10.0
     if settings.encoder_batch < 1:
         raise SettingsError("encoder_batch must be at least 1")
+    _load_blob_settings(settings, env, file_settings.get("blobs", {}), file_settings.get("lifecycle", {}))
     if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):
         settings.schema_registry_client["basic.auth.user.info"] = env["VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"]
     if settings.latent_chunk_frames < 1:
@@ -251,6 +276,31 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
                     settings.restore_window_ms = tuple(embedded["restore_window_ms"])
             settings.schema_registry_url = settings.schema_registry_url or embedded.get("schema_registry_url")
     return settings
+
+
+def _load_blob_settings(settings: Settings, env: dict[str, str], blobs: dict, lifecycle: dict) -> None:
+    """[blobs] endpoint/region/credentials/redirect/presign_s and [lifecycle] <class>_s, under the environment."""
+    for option in BLOB_OPTIONS:
+        value = env.get(f"VIDGEN_BLOB_{option.upper()}") or blobs.get(option)
+        if value:
+            settings.blob_options[option] = str(value)
+    settings.blob_redirect = str(env.get("VIDGEN_BLOB_REDIRECT") or blobs.get("redirect") or "auto").strip().lower()
+    if settings.blob_redirect not in ("auto", "never"):
+        raise SettingsError(f"blob redirect must be auto or never, got {settings.blob_redirect!r}")
+    try:
+        settings.blob_presign_s = float(env.get("VIDGEN_BLOB_PRESIGN_S") or blobs.get("presign_s") or 300.0)
+        for name in LIFECYCLE_WINDOWS:
+            value = env.get(f"VIDGEN_LIFECYCLE_{name.upper()}_S", lifecycle.get(f"{name}_s"))
+            if value is None or value == "":
+                continue
+            text = str(value).strip().lower()
+            settings.lifecycle_windows[name] = None if text in ("off", "none", "keep", "never") else float(text)
+    except ValueError as exc:
+        raise SettingsError(f"blob settings: {exc}") from exc
+    if not 1 <= settings.blob_presign_s <= 7 * DAY_S:
+        raise SettingsError("blob presign_s must be between 1 s and 7 days (S3's limit)")
+    if any(w is not None and w < 0 for w in settings.lifecycle_windows.values()):
+        raise SettingsError(f"lifecycle windows cannot be negative: {settings.lifecycle_windows}")
 
 
 def _flag(text: str | None, default: bool) -> bool:

@@ -19,6 +19,18 @@ A handler's contract:
     waiting, not yet handled events before handling each one as usual. prepare() may only warm what handle()
     would compute anyway (the prompt encoder encodes the batch in one forward pass), so a failed or partial
     prepare changes nothing but speed.
+  * Raise ``NotDue(due_s)`` for an input that must wait until ``due_s`` (epoch seconds; the lifecycle's windows):
+    the input stays pending like an interrupted job (neither marked nor committed), its partition is paused and
+    rewound to it, and once due it is delivered and handled again. Later inputs of the partition wait behind it,
+    which suits inputs in time order (they are due later anyway); a rebalance that takes the partition away drops
+    the wait, and the new owner starts again from the committed position.
+  * A handler with periodic work of its own (the lifecycle's sweeps) defines ``tick(ctx)``: the runtime calls it
+    between inputs, about every second, with a context of no input (``ctx.source.topic`` is ""); what it emits is
+    flushed when it returns, and an exception is logged and the next tick goes on. ``ctx.flush()`` (here as in
+    ``handle``) waits until everything emitted so far is acknowledged: for an event that must be durable before
+    an action it announces (a deletion).
+  * A stage that consumes jobs' terminal events (``fails_jobs=False``) never fails a job: its dead letters name
+    the job but send no JobFailed, which would be a second terminal event.
 """
 from __future__ import annotations
 
@@ -29,7 +41,7 @@ from .events import derive_event_id, new_event
 from .topics import Topic
 
 if TYPE_CHECKING:
-    from .blobs import LocalBlobStore
+    from .blobs import BlobStore
     from .settings import Settings
 
 
@@ -40,6 +52,14 @@ class InvalidEvent(ValueError):
 class JobInterrupted(Exception):
     """The job stopped at a step boundary, after a checkpoint, because its partition was revoked or the process
     is stopping. Its input is neither committed nor marked done: the next owner resumes it."""
+
+
+class NotDue(Exception):
+    """The input must wait until ``due_s`` (epoch seconds): the runtime redelivers it then (Kafka's delay pattern)."""
+
+    def __init__(self, due_s: float):
+        super().__init__(f"not due before {due_s:.3f}")
+        self.due_s = due_s
 
 
 class CancelledByRequest(Exception):
@@ -60,7 +80,7 @@ class Stage:
     consumes: tuple[Topic, ...]
     emits: tuple[Topic, ...]
     #: Builds the handler once per process (loads models, opens stores).
-    build: Callable[["Settings", "LocalBlobStore"], Handler]
+    build: Callable[["Settings", "BlobStore"], Handler]
     #: What makes two inputs "the same work" for this stage; a redelivered duplicate is skipped.
     dedupe_key: Callable[[dict], str] = lambda event: f"{event['job_id']}/{event['event_id']}"
     #: Follow cancellations on this topic: a queued job is skipped, a running one stops at the next step.
@@ -69,6 +89,9 @@ class Stage:
     #: work from the scheduler; the scheduler's holds a lease). Given by the stage module, so the backbone never
     #: imports a stage.
     runtime: type | None = None
+    #: Dead letters fail the job they name; False for a stage of ended jobs (the lifecycle), where a JobFailed would
+    #: be a second terminal event.
+    fails_jobs: bool = True
     doc: str = ""
 
     @property
@@ -88,13 +111,17 @@ def _never_stop() -> str | None:
     return None
 
 
+def _nothing_to_flush() -> None:
+    return None
+
+
 @dataclass
 class StageContext:
     """What a handler sees of the runtime while it handles one input."""
 
     stage: str
     source: SourceMessage
-    blobs: "LocalBlobStore"
+    blobs: "BlobStore"
     _emit: Callable[[Topic, dict, str | None, list], None]
     #: Trace context of this input's span, put on everything emitted for it (from any thread).
     headers: list = field(default_factory=list)
@@ -105,6 +132,8 @@ class StageContext:
     confirm: Callable[[], str | None] = _never_stop
     held: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    #: Waits until everything emitted so far is acknowledged (DeliveryFailed otherwise): see the module docstring.
+    flush: Callable[[], None] = _nothing_to_flush
 
     def emit(self, topic: Topic, event: dict, key: str | None = None) -> None:
         """Produce an event now (asynchronously); it is flushed before the input's offset is committed.

@@ -20,8 +20,9 @@ from .settings import Settings, load_settings, read_platform_file
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = ("prompt-encoder", "scheduler", "gpu-agent", "vae-decoder", "compliance")
-#: What `vidgen up` runs besides the pipeline: the job-state tracker and the archiver (and a gateway).
-SERVICE_NAMES = ("tracker", "archiver")
+#: What `vidgen up` runs besides the pipeline: the job-state tracker, the archiver and the blob lifecycle (and a
+#: gateway).
+SERVICE_NAMES = ("tracker", "archiver", "lifecycle")
 #: On one machine the denoiser should win the cores: everything else only needs CPU between denoising steps, and
 #: on a small CPU box two torch threads stall whenever another process takes a core. (A real deployment puts the
 #: agents on their own GPU machines; this only shapes `vidgen up`, `demo`, the tests and the benchmarks.)
@@ -112,9 +113,12 @@ class PlatformProcesses:
         self.stages.setdefault(name, []).append(process)
         return process
 
-    def add_gateway(self, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
-        """A gateway process (HTTP API, websockets, web page) on host:port, supervised like a stage."""
-        process = self._spawn(["gateway", "--host", host, "--port", str(port)], "gateway")
+    def add_gateway(self, port: int, host: str = "127.0.0.1", args: tuple[str, ...] = (),
+                    env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A gateway process (HTTP API, websockets, web page) on host:port, supervised like a stage; ``args`` are
+        more `vidgen gateway` options (``("--tenants", path)``), ``env`` settings for this process only."""
+        process = self._spawn(["gateway", "--host", host, "--port", str(port), *args],
+                              "gateway" + (f"-{len(self.stages['gateway'])}" if self.stages.get("gateway") else ""), env)
         self.stages.setdefault("gateway", []).append(process)
         return process
 

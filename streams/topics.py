@@ -58,6 +58,11 @@ SCHEDULER_LEASE = Topic("vidgen.scheduler-lease", 1, "SchedulerDecision",
                         doc="holds no records: the scheduler that owns its one partition is the active one")
 QUEUE = Topic("vidgen.queue", 6, "QueuePosition", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
               doc="waiting jobs' positions and ETAs")
+# What the lifecycle stage (consumers/lifecycle.py) deleted from the blob store, and by which rule: `vidgen audit`
+# reads it to tell a blob that expired from one that went missing, so it lives as long as the jobs' own events do
+# on Kafka, and for ever in the archive.
+BLOB_LIFECYCLE = Topic("vidgen.blob-lifecycle", 3, "BlobsDeleted", retention_ms=30 * DAY_MS,
+                       doc="blobs the lifecycle deleted (key job_id; a sweep's: its rule)")
 
 CATALOGUE: tuple[Topic, ...] = (
     REQUESTED,
@@ -78,6 +83,7 @@ CATALOGUE: tuple[Topic, ...] = (
     SCHEDULER_LOG,
     SCHEDULER_LEASE,
     QUEUE,
+    BLOB_LIFECYCLE,
 )
 
 # The job-state tracker's own topics (consumers/tracker.py; JSON values, made by faust, no Avro schema): not events of

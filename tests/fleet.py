@@ -141,7 +141,7 @@ def published_once(log: EventLog, job_id: str, timeout_s: float = 180) -> dict:
 
 
 def final_latent(settings, log: EventLog, job_id: str) -> torch.Tensor:
-    blobs = open_blob_store(settings.blob_url)
+    blobs = open_blob_store(settings)
     unique = {c["chunk_index"]: c for c in log.of(job_id, topics.LATENT_CHUNKS)}
     return join_latent_chunks([blobs.get_tensor(unique[i]["latent"]) for i in sorted(unique)])
 

@@ -9,9 +9,10 @@ import zlib
 
 import pytest
 
-from consumers.audit import BlobChecker, blob_refs, parse_time, replay
+from consumers.audit import EXPIRED, BlobChecker, blob_refs, parse_time, replay
 from streams import topics
-from streams.blobs import LocalBlobStore
+from streams.events import new_event
+from tests.test_blobs import s3_env, store  # noqa: F401 - the same two stores (a directory, moto's S3)
 from tests.test_job_state import (T0, cancelled, checkpoint, chunk, encoded, failed, flagged, job_lifecycle, published,
                                   requested, segment, step)
 
@@ -135,31 +136,74 @@ def test_a_flagged_job_is_never_published():
     assert kinds(report) == [("j1", "flagged-published"), ("j1", "terminal")]
 
 
-def test_blobs_must_exist_with_their_sha256(tmp_path):
-    store = LocalBlobStore(tmp_path / "blobs")
-    good = store.put(b"segment bytes", "j1", "segment-0.m4s")
-    altered = store.put(b"original", "j1", "video.mp4")
-    store.path_for("j1", "video.mp4").write_bytes(b"tampered")
-    missing = dict(good, uri=(tmp_path / "blobs" / "j1" / "gone.m4s").as_uri())
-    events = job_lifecycle("j1")
+def with_blobs(events, good: dict, video: dict, manifest: dict) -> list[tuple[str, dict]]:
+    """The job's events naming ``good`` everywhere but its published video and manifest."""
     for _topic, event in events:
         for key in ("segment", "init_segment", "playlist", "prompt_embeds", "latent", "checkpoint"):
             if event.get(key):
                 event[key] = good
         if "video" in event and event["video"]:
-            event["video"] = altered
+            event["video"] = video
         if "manifest" in event:
-            event["manifest"] = missing
+            event["manifest"] = manifest
         for rendition in event.get("renditions", []):
             rendition["media"] = good
+    return events
+
+
+def test_blobs_must_exist_with_their_sha256(store):
+    good = store.put(b"segment bytes", "j1", "segment-0.m4s")
+    altered = store.put(b"original", "j1", "video.mp4")
+    store.put(b"tampered", "j1", "video.mp4")
+    missing = dict(good, uri=store.uri_of("j1/gone.m4s"))
     checker = BlobChecker(store)
-    report = replay(log_of(events), checker)
+    report = replay(log_of(with_blobs(job_lifecycle("j1"), good, altered, missing)), checker)
     details = sorted(v["detail"] for v in report.violations)
     assert {v["kind"] for v in report.violations} == {"blob"}
     assert details[0].endswith("gone.m4s: missing")
     assert any(d.endswith("video.mp4: sha256 differs from the reference") for d in details)
-    assert report.report["summary"]["blobs"] == {"checked": 3, "bad": 2, "skipped": False}
+    assert report.report["summary"]["blobs"] == {"checked": 3, "bad": 2, "expired": 0, "skipped": False}
     assert len(checker._cache) == 3  # each distinct blob hashed once
+
+
+def blobs_deleted(store, *keys: str, job_id: str = "j1") -> tuple:
+    """A BlobsDeleted record as the lifecycle stage sends it."""
+    event = new_event(job_id, rule="job-ended", window_s=600.0, trigger="", store=store.url, bytes=0,
+                      blobs=[{"key": key, "blob_class": "segment", "bytes": 0, "modified": 0} for key in keys])
+    return topics.BLOB_LIFECYCLE.name, 0, 0, event["timestamp"], event
+
+
+def test_blobs_the_lifecycle_deleted_are_expired_not_missing(store):
+    segment = store.put(b"segment bytes", "j1", "segment-0.m4s")
+    video = store.put(b"video bytes", "j1", "published", "ab12ab12ab12ab12", "video.mp4")
+    manifest = store.put(b"manifest", "j1", "published", "ab12ab12ab12ab12", "manifest.json")
+    log = log_of(with_blobs(job_lifecycle("j1"), segment, video, manifest))
+    store.delete(["j1/segment-0.m4s"])
+    assert set(kinds(replay(log, BlobChecker(store)))) == {("j1", "blob")}  # gone without a word: a violation
+
+    # Announced by the lifecycle (a sweep's event names no job): expired. A copy naming fewer blobs changes nothing.
+    for announced in (blobs_deleted(store, "j1/segment-0.m4s"), blobs_deleted(store, "j1/segment-0.m4s", job_id="")):
+        report = replay([*log, announced, blobs_deleted(store)], BlobChecker(store))
+        assert report.ok, report.violations
+        assert report.report["summary"]["blobs"] == {"checked": 3, "bad": 0, "expired": 1, "skipped": False}
+        assert report.report["jobs"]["j1"]["events"] == len(job_lifecycle("j1"))  # not one of the job's events
+        assert "1 expired by the lifecycle" in report.summary()
+    # Announcing one blob excuses that one only; an announced blob that is still there is simply checked.
+    store.delete(["j1/published/ab12ab12ab12ab12/manifest.json"])
+    report = replay([*log, blobs_deleted(store, "j1/segment-0.m4s", "j1/published/ab12ab12ab12ab12/video.mp4")],
+                    BlobChecker(store))
+    assert [v["detail"] for v in report.violations] == [f"{manifest['uri']}: missing"]
+    assert report.report["summary"]["blobs"]["expired"] == 1
+
+
+def test_an_announced_key_written_again_with_other_bytes_is_expired_too(store):
+    ref = store.put(b"bytes", "j1", "video.mp4")
+    store.put(b"other bytes", "j1", "video.mp4")  # deleted, then the key written again
+    checker = BlobChecker(store)
+    assert checker(ref).startswith("size")
+    events = with_blobs(job_lifecycle("j1"), ref, ref, ref)
+    report = replay([*log_of(events), blobs_deleted(store, "j1/video.mp4")], checker)
+    assert report.ok and report.report["summary"]["blobs"]["expired"] == 1 and EXPIRED == "expired by the lifecycle"
 
 
 def test_blob_refs_are_found_anywhere_in_an_event():

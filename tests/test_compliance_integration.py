@@ -49,7 +49,7 @@ def run(tmp_path_factory):
         time.sleep(1.0)  # a moment for anything that should not come (a publication after the flag)
         platform.check_alive()
         yield dict(settings=settings, log=log, published_id=published_id, flagged_id=flagged_id,
-                   blobs=open_blob_store(settings.blob_url), root=ensure_dev_chain(var_dir / "c2pa").root_pem)
+                   blobs=open_blob_store(settings), root=ensure_dev_chain(var_dir / "c2pa").root_pem)
     finally:
         requests.close()
         log.close()

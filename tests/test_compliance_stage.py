@@ -97,7 +97,7 @@ def test_renditions_are_signed_decodable_and_described(published_256):
 
 def test_hls_playlists_address_signed_fragmented_copies(published_256):
     event, blobs, root = published_256
-    folder = blobs.local_path(event["playlist"]).parent
+    folder = blobs.local_file(blobs.key_of(event["playlist"]["uri"])).parent
     master = blobs.get(event["playlist"]).decode()
     assert master.startswith("#EXTM3U") and "native.m3u8" in master and "half.m3u8" in master
     for name in ("native", "half"):

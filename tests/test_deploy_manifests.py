@@ -4,10 +4,12 @@ they agree with the code (the topic catalogue, the stage names, the settings).
 What is checked, and how:
 * every YAML document under deploy/ parses;
 * the kustomize overlays are built by a small resolver below, which knows exactly what these kustomizations use
-  (resources: files and directories; namespace; images; patches: JSON 6902 patch files with a target of kind and
-  optional name). Every listed resource must exist and every patch must match at least one resource. Where a
-  ``kubectl`` binary is on the PATH the same overlays are also built by ``kubectl kustomize`` and must come out
-  identical, which checks the resolver itself;
+  (resources: files and directories; components; namespace; images; patches: JSON 6902 patch files with a target of
+  kind and optional name or labelSelector). Every listed resource must exist and every patch must match at least
+  one resource, but for one selecting by label (as in kustomize, it may match nothing: components/blobs-rwx serves
+  overlays with and without what it selects). Where a ``kubectl`` binary is on the PATH the same overlays, and each
+  with components/blobs-rwx, are also built by ``kubectl kustomize`` and must come out identical, which checks the
+  resolver itself;
 * core Kubernetes kinds are validated against the Kubernetes JSON schemas shipped by the ``kubernetes-validate``
   package (strict: unknown fields are errors) when it is installed;
 * custom resources (Strimzi Kafka/KafkaNodePool/KafkaTopic, KEDA ScaledObject, Prometheus PodMonitor) have no
@@ -23,7 +25,13 @@ What is checked, and how:
   CLI's parser and then consumers.autoscaler's own; KEDA only applies its decision (the ScaledObject's one trigger is
   its vidgen_autoscale_desired_replicas gauge with AverageValue 1, so the HPA's desired replicas = the decision), with
   the same bounds, GPUs per pod and scrape path as the Deployments it sizes;
-  the compose file has KRaft Kafka, a registry, the one-shot ``vidgen topics`` and the same stages.
+  the compose file has KRaft Kafka, a registry, the one-shot ``vidgen topics`` and the same stages;
+* blobs: every stage and gateway container gets the bucket from the ConfigMap and its credentials from the Secret
+  vidgen-blob-credentials (secretKeyRef), nothing else does; no ConfigMap holds a secret (by name or by value), and
+  a secret-named variable never has a literal value; where VIDGEN_BLOB_URL is file:// (components/blobs-rwx, on dev
+  and on prod) every such container mounts a ReadWriteMany claim there, and where it is s3:// none does; the dev
+  MinIO serves the endpoint and bucket the settings name; third-party images are pinned to a release; the compose
+  services share one blob setting, whose bucket its one-shot creates on its MinIO.
 What cannot be checked here: that a cluster with Strimzi, KEDA and the Prometheus Operator accepts the custom
 resources (their CRDs' full schemas are not available offline), that images exist, and anything at run time
 (``docker compose config`` and a real cluster are not available on these machines).
@@ -31,12 +39,15 @@ resources (their CRDs' full schemas are not available offline), that images exis
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from unittest import mock
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -50,6 +61,12 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("dev", "prod")
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
+BLOBS_RWX = K8S / "components" / "blobs-rwx"
+#: The Secret and keys the blob store's credentials come from, and the variables they become (streams/settings.py).
+BLOB_SECRET = "vidgen-blob-credentials"
+BLOB_CREDENTIALS = {"VIDGEN_BLOB_ACCESS_KEY_ID": "access_key_id", "VIDGEN_BLOB_SECRET_ACCESS_KEY": "secret_access_key"}
+#: Names of settings that are secrets: never in a ConfigMap, never a literal value.
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|BASIC_AUTH|PRIVATE", re.IGNORECASE)
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume",
                   "StorageClass", "PriorityClass"}
 DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -102,6 +119,11 @@ def _matches(doc: dict, target: dict) -> bool:
         return False
     if target.get("name") and not re.fullmatch(target["name"], doc["metadata"]["name"]):
         return False
+    if target.get("labelSelector"):  # equality requirements only: "key=value,key2=value2"
+        labels = doc["metadata"].get("labels") or {}
+        wanted = dict(part.split("=", 1) for part in target["labelSelector"].split(","))
+        if any(labels.get(key.strip()) != value.strip() for key, value in wanted.items()):
+            return False
     return True
 
 
@@ -116,25 +138,33 @@ def _set_images(doc: dict, images: list[dict]) -> None:
                     else image.get("newName", name)
 
 
-def kustomize(directory: Path) -> list[dict]:
-    """Build a kustomization the way kustomize does for the features these manifests use (and fail on others)."""
+def kustomize(directory: Path, accumulated: list[dict] | None = None) -> list[dict]:
+    """Build a kustomization the way kustomize does for the features these manifests use (and fail on others).
+    A Component (``accumulated`` given) adds its resources to what its user has built so far and patches the lot;
+    a kustomization applies its components after its resources, before its own patches."""
     kfile = directory / "kustomization.yaml"
     assert kfile.is_file(), f"no kustomization.yaml in {directory}"
     k = yaml.safe_load(kfile.read_text())
-    known = {"apiVersion", "kind", "namespace", "resources", "images", "patches"}
+    known = {"apiVersion", "kind", "namespace", "resources", "components", "images", "patches"}
     assert set(k) <= known, f"{kfile}: fields {sorted(set(k) - known)} are not understood by this resolver"
-    docs: list[dict] = []
+    component = k.get("kind") == "Component"
+    assert component == (accumulated is not None), f"{kfile}: a Component is listed under components, only there"
+    docs: list[dict] = accumulated if accumulated is not None else []
     for resource in k.get("resources", []):
         path = (directory / resource).resolve()
         assert path.exists(), f"{kfile}: resource {resource} does not exist"
         docs += kustomize(path) if path.is_dir() else load_docs(path)
+    for name in k.get("components", []):
+        docs = kustomize((directory / name).resolve(), docs)
     for patch in k.get("patches", []):
         path = directory / patch["path"]
         assert path.is_file(), f"{kfile}: patch {patch['path']} does not exist"
         ops = yaml.safe_load(path.read_text())
         assert isinstance(ops, list), f"{path}: only JSON 6902 patches (a list of operations) are used here"
-        hits = [doc for doc in docs if _matches(doc, patch.get("target", {}))]
-        assert hits, f"{kfile}: patch {patch['path']} targets {patch.get('target')}, which matches no resource"
+        target = patch.get("target", {})
+        hits = [doc for doc in docs if _matches(doc, target)]
+        assert hits or target.get("labelSelector"), \
+            f"{kfile}: patch {patch['path']} targets {target}, which matches no resource"
         for doc in hits:
             apply_json6902(doc, ops, f"{path} on {doc['kind']}/{doc['metadata']['name']}")
     for doc in docs:
@@ -148,6 +178,34 @@ def kustomize(directory: Path) -> list[dict]:
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request):
     return request.param, kustomize(K8S / "overlays" / request.param)
+
+
+def with_blobs_rwx(directory: Path, overlay_name: str) -> Path:
+    """An overlay of ``overlay_name`` using components/blobs-rwx, as an operator would write it (relative paths:
+    kustomize refuses absolute ones), in ``directory``."""
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / overlay_name, directory)],
+        "components": [os.path.relpath(BLOBS_RWX, directory)]}))
+    return directory
+
+
+#: Every build checked for its blob settings: base alone, the overlays, and each overlay with the RWX component.
+BUILDS = ("base", *OVERLAYS, *(f"{name}+blobs-rwx" for name in OVERLAYS))
+
+
+def build_dir(name: str, tmp_path_factory) -> Path:
+    if name == "base":
+        return K8S / "base"
+    if name.endswith("+blobs-rwx"):
+        overlay_name = name.removesuffix("+blobs-rwx")
+        return with_blobs_rwx(tmp_path_factory.mktemp(f"{overlay_name}-blobs-rwx"), overlay_name)
+    return K8S / "overlays" / name
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def build(request, tmp_path_factory):
+    return request.param, kustomize(build_dir(request.param, tmp_path_factory))
 
 
 def by_kind(docs, kind):
@@ -290,12 +348,32 @@ def torchrun_shutdown_s(container: dict) -> int:
 
 
 # -- parsing and building -----------------------------------------------------------------------------------------
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; kubectl and docker compose refuse the file. Merged keys (<<) may
+    be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def test_every_yaml_document_under_deploy_parses():
     files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
     assert len(files) >= 10
     for path in files:
         for doc in load_docs(path):
             assert isinstance(doc, (dict, list)), f"{path}: a document is neither a mapping nor a list"
+        with open(path) as f:
+            list(yaml.load_all(f, Loader=UniqueKeyLoader))  # raises on a key given twice in one mapping
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'a'"):
+        yaml.load("{a: 1, b: 2, a: 3}", Loader=UniqueKeyLoader)
 
 
 def test_every_manifest_file_is_used_by_a_kustomization():
@@ -321,22 +399,22 @@ def test_overlays_build_with_unique_resources(overlay):
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on the PATH: only the Python resolver ran")
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_the_resolver_agrees_with_kubectl_kustomize(name):
-    built = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True,
-                           timeout=60)
+@pytest.mark.parametrize("name", BUILDS[1:])
+def test_the_resolver_agrees_with_kubectl_kustomize(name, tmp_path_factory):
+    directory = build_dir(name, tmp_path_factory)
+    built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert built.returncode == 0, built.stderr
 
     def keyed(docs):
         return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
-    assert keyed(yaml.safe_load_all(built.stdout)) == keyed(kustomize(K8S / "overlays" / name))
+    assert keyed(yaml.safe_load_all(built.stdout)) == keyed(kustomize(directory))
 
 
 # -- schemas ------------------------------------------------------------------------------------------------------
-def test_core_kinds_are_valid_against_the_kubernetes_schemas(overlay):
+def test_core_kinds_are_valid_against_the_kubernetes_schemas(build):
     kv = pytest.importorskip("kubernetes_validate")
-    name, docs = overlay
+    name, docs = build
     checked = 0
     for doc in docs:
         try:
@@ -683,6 +761,136 @@ def test_model_devices_map_to_agents_that_exist(overlay):
         assert unknown <= set(BUILTIN_MODELS), f"{name}: unknown models in VIDGEN_MODEL_DEVICES: {unknown}"
 
 
+# -- blobs --------------------------------------------------------------------------------------------------------
+def blob_users(docs):
+    """(workload, container) of every container running a stage or the gateway: the processes that use blobs."""
+    for doc, container, argv in commands(docs):
+        if argv[:2] in (["vidgen", "stage"], ["vidgen", "gateway"]):
+            yield doc, container
+
+
+def secret_refs(container: dict) -> dict[str, dict]:
+    """Variable name → its secretKeyRef, for the container's env entries that take their value from a Secret."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env") or []
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_blob_settings_and_credentials_reach_every_stage_and_the_gateway(build):
+    """The bucket comes from vidgen-settings, the keys from the Secret; processes that never open the blob store
+    (`vidgen topics`, `vidgen autoscale`) get no credentials."""
+    name, docs = build
+    config = by_kind(docs, "ConfigMap")["vidgen-settings"]["data"]
+    assert config["VIDGEN_BLOB_URL"].startswith("file:///" if name.endswith("+blobs-rwx") else "s3://"), name
+    settings = load_settings(config)
+    assert settings.blob_url == config["VIDGEN_BLOB_URL"]
+    if name != "base":  # base's endpoint is a placeholder that never resolves: every overlay names a real one, or none
+        assert not config.get("VIDGEN_BLOB_ENDPOINT", "").rstrip("/").endswith(".invalid"), f"{name}: placeholder"
+    users = {(d["metadata"]["name"], c["name"]) for d, c in blob_users(docs)}
+    assert {("gateway", "gateway"), ("gpu-agent", "gpu-agent"), ("vae-decoder", "vae-decoder")} <= users
+    vidgen_containers = 0
+    for doc, container, argv in commands(docs):
+        if argv[:1] != ["vidgen"]:
+            continue
+        vidgen_containers += 1
+        where = f"{name}: {doc['metadata']['name']}/{container['name']}"
+        assert container_env(docs, container)["VIDGEN_BLOB_URL"] == config["VIDGEN_BLOB_URL"], where
+        refs = {var: ref for var, ref in secret_refs(container).items() if ref["name"] == BLOB_SECRET}
+        if (doc["metadata"]["name"], container["name"]) in users:
+            assert {var: ref["key"] for var, ref in refs.items()} == BLOB_CREDENTIALS, where
+            # Optional: with no Secret (keys from the AWS_* environment, or components/blobs-rwx) the pods still start.
+            assert all(ref.get("optional") is True for ref in refs.values()), where
+        else:
+            assert not refs, f"{where} never opens the blob store: it gets no credentials"
+    assert vidgen_containers > len(users) >= 9  # `vidgen topics` and `vidgen autoscale` exist and were checked
+
+
+def test_no_secret_in_a_config_map_and_no_literal_secret(build):
+    name, docs = build
+    values = set()
+    for secret in by_kind(docs, "Secret").values():
+        values |= {str(v) for v in (secret.get("stringData") or {}).values()}
+        values |= {base64.b64decode(v).decode() for v in (secret.get("data") or {}).values()}
+    for config_map in by_kind(docs, "ConfigMap").values():
+        for key, value in (config_map.get("data") or {}).items():
+            where = f"{name}: ConfigMap {config_map['metadata']['name']} {key}"
+            assert not SECRET_NAME.search(key), f"{where}: a secret's name in a ConfigMap"
+            assert str(value) not in values, f"{where}: a Secret's value in a ConfigMap"
+    for doc, pod in pod_specs(docs):
+        for container in pod["containers"] + pod.get("initContainers", []):
+            for entry in container.get("env") or []:
+                if SECRET_NAME.search(entry["name"]):
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), \
+                        f"{name}: {doc['metadata']['name']}/{container['name']}: {entry['name']} is not from a Secret"
+    if name.startswith("prod"):  # prod's keys are created out of band: a committed Secret would hold them in git
+        assert BLOB_SECRET not in by_kind(docs, "Secret"), name
+
+
+def test_a_file_blob_store_is_a_mounted_shared_volume(build):
+    """Wherever VIDGEN_BLOB_URL is file:// (components/blobs-rwx) every stage and gateway container mounts a
+    ReadWriteMany claim at that path, the prod gpu-agent pod's eight agent containers included; with s3:// no pod
+    mounts the blob volume."""
+    name, docs = build
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    for doc, container in blob_users(docs):
+        where = f"{name}: {doc['metadata']['name']}/{container['name']}"
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes", [])}
+        url = urlparse(container_env(docs, container)["VIDGEN_BLOB_URL"])
+        if url.scheme == "file":
+            mounts = [m for m in container.get("volumeMounts", [])
+                      if url.path == m["mountPath"] or url.path.startswith(m["mountPath"].rstrip("/") + "/")]
+            assert mounts, f"{where}: nothing mounted at {url.path}: blobs would land in the container's own disk"
+            mount = max(mounts, key=lambda m: len(m["mountPath"]))
+            assert not mount.get("readOnly"), where
+            claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+            assert "ReadWriteMany" in claim["spec"]["accessModes"], f"{where}: every agent reads every checkpoint"
+        else:
+            assert url.scheme == "s3", where
+            assert "blobs" not in volumes and "vidgen-blobs" not in claims, where
+
+
+def test_images_of_others_are_pinned_to_a_release(build):
+    name, docs = build
+    for doc, pod in pod_specs(docs):
+        for container in pod["containers"] + pod.get("initContainers", []):
+            if list(container.get("command", []))[:1] == ["vidgen"]:
+                continue  # the project's own image: tagged by the kustomization's images
+            image = container["image"]
+            match = re.fullmatch(r"[^:@]+(?::([\w][\w.-]*))?(?:@sha256:[0-9a-f]{64})?", image)
+            assert match and (match.group(1) or "@" in image), f"{name}: {image} is not pinned"
+            assert match.group(1) != "latest", f"{name}: {image} is not pinned"
+
+
+def test_the_dev_object_store(overlay):
+    """dev: a single-replica MinIO, marked as a development store, serves the endpoint and bucket vidgen-settings
+    names with the credentials every stage reads; a Job creates the bucket. prod: none of it."""
+    name, docs = overlay
+    dev_store = [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "dev-object-store"]
+    if name != "dev":
+        assert not dev_store, f"{name}: the development object store is for dev only"
+        return
+    config = by_kind(docs, "ConfigMap")["vidgen-settings"]["data"]
+    endpoint = urlparse(config["VIDGEN_BLOB_ENDPOINT"])
+    service = by_kind(docs, "Service")[endpoint.hostname]
+    assert service in dev_store
+    port = next(p for p in service["spec"]["ports"] if p["port"] == endpoint.port)
+    servers = [d for d, pod in pod_specs(docs) if d["kind"] == "Deployment"
+               and service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(servers) == 1 and servers[0] in dev_store and servers[0]["spec"]["replicas"] == 1
+    minio = servers[0]["spec"]["template"]["spec"]["containers"][0]
+    assert minio["image"].startswith("minio/minio:RELEASE.")
+    assert port["targetPort"] in {p["name"] for p in minio["ports"]} | {p["containerPort"] for p in minio["ports"]}
+    root = {var: (ref["name"], ref["key"]) for var, ref in secret_refs(minio).items()}
+    assert root == {"MINIO_ROOT_USER": (BLOB_SECRET, "access_key_id"),
+                    "MINIO_ROOT_PASSWORD": (BLOB_SECRET, "secret_access_key")}
+    assert set(by_kind(docs, "Secret")[BLOB_SECRET]["stringData"]) == set(BLOB_CREDENTIALS.values())
+    bucket = urlparse(config["VIDGEN_BLOB_URL"]).netloc
+    scripts = [" ".join(argv) for d, _, argv in commands(docs) if d["kind"] == "Job" and d in dev_store]
+    assert any(f"mc alias set dev {config['VIDGEN_BLOB_ENDPOINT']} " in script
+               and f"mc mb --ignore-existing dev/{bucket}" in script for script in scripts), scripts
+    # The endpoint is the cluster's: a browser could not follow a redirect to it.
+    assert config["VIDGEN_BLOB_REDIRECT"] == "never"
+
+
 # -- compose ------------------------------------------------------------------------------------------------------
 def test_compose_file():
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -714,3 +922,44 @@ def test_compose_file():
     assert ran == k8s_stages, "compose and Kubernetes run different stage sets"
     dockerfile = COMPOSE.parent / services["topics"]["build"]["dockerfile"].split("/")[-1]
     assert dockerfile.is_file()
+
+
+def compose_default(value):
+    """A compose value as it is with nothing set in the environment: ${NAME:-default} → default."""
+    match = re.fullmatch(r"\$\{(\w+):?-(.*)\}", str(value))
+    return match.group(2) if match else value
+
+
+def test_compose_blob_store():
+    """Every vidgen service has one and the same blob setting: the bucket in the compose MinIO, published on the
+    endpoint's port (browsers follow the gateway's redirects there), its credentials MinIO's own and overridable
+    from the shell; a one-shot creates the bucket before any stage starts."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    vidgen = {name: s for name, s in services.items() if (s.get("command") or [])[:1] == ["vidgen"]}
+    blob_settings = {name: {k: v for k, v in s["environment"].items() if k.startswith("VIDGEN_BLOB_")}
+                     for name, s in vidgen.items()}
+    first = next(iter(blob_settings.values()))
+    assert all(one == first for one in blob_settings.values()), "the vidgen services disagree on the blob store"
+    env = {k: compose_default(v) for k, v in next(iter(vidgen.values()))["environment"].items()}
+    settings = load_settings(env)
+    url, endpoint = urlparse(settings.blob_url), urlparse(env["VIDGEN_BLOB_ENDPOINT"])
+    assert url.scheme == "s3" and settings.blob_redirect == "never"  # the browser cannot resolve minio
+    # Development credentials, overridable: the same variables feed MinIO's root user and vidgen.
+    minio = services[endpoint.hostname]
+    assert minio["image"].startswith("minio/minio:RELEASE.")
+    assert first["VIDGEN_BLOB_ACCESS_KEY_ID"].startswith("${VIDGEN_BLOB_ACCESS_KEY_ID:-")
+    assert first["VIDGEN_BLOB_SECRET_ACCESS_KEY"].startswith("${VIDGEN_BLOB_SECRET_ACCESS_KEY:-")
+    assert minio["environment"]["MINIO_ROOT_USER"] == first["VIDGEN_BLOB_ACCESS_KEY_ID"]
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"] == first["VIDGEN_BLOB_SECRET_ACCESS_KEY"]
+    assert f"{endpoint.port}:9000" in minio["ports"], "the endpoint's port is MinIO's, published on the host"
+    # The bucket: a one-shot on MinIO's pinned client, after MinIO is healthy, before every service that uses blobs.
+    makers = [name for name, s in services.items()
+              if f"mc mb --ignore-existing dev/{url.netloc}" in " ".join(s.get("command") or [])]
+    assert len(makers) == 1, makers
+    maker = services[makers[0]]
+    assert maker["restart"] == "no" and re.fullmatch(r"minio/mc:RELEASE\.[\w.-]+", maker["image"])
+    assert f"mc alias set dev {env['VIDGEN_BLOB_ENDPOINT']} " in " ".join(maker["command"])
+    assert maker["depends_on"][endpoint.hostname]["condition"] == "service_healthy"
+    for name, service in vidgen.items():
+        if name != "topics":  # registers schemas only
+            assert service["depends_on"][makers[0]]["condition"] == "service_completed_successfully", name

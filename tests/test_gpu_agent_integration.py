@@ -163,7 +163,7 @@ def test_cancelling_a_video_mid_stream_keeps_its_segments_and_ends_it_cancelled(
     chunk_count = steps_of(log, job_id)[-1]["chunk_count"]
     segments = {d["segment_index"]: d for d in log.of(job_id, topics.DECODED)}
     assert 1 <= len(segments) < chunk_count and not log.of(job_id, topics.PUBLISHED)
-    blobs = open_blob_store(settings.blob_url)
+    blobs = open_blob_store(settings)
     first = segments[0]
     frames = read_mp4(blobs.get(first["init_segment"]) + blobs.get(first["segment"]))
     assert frames.shape == (first["frames"], job["height"], job["width"], 3), "a segment out stays playable"

@@ -37,3 +37,21 @@ def test_forget_drops_revoked_partitions_and_reports_lost_units():
     assert tracker.forget({TP}) == ["job-a"]
     assert tracker.commit_positions() == {other: 10}
     assert tracker.release("job-a") == []
+
+
+def test_an_input_that_is_not_due_keeps_its_partition_waiting_until_then():
+    from streams.runtime import DueTimes
+
+    other = ("vidgen.failed", 1)
+    due, tracker = DueTimes(), OffsetTracker()
+    tracker.started(TP, 4)  # NotDue: neither done nor held, so the position stays on it
+    due.wait(TP, 4, 100.0)
+    due.wait(other, 9, 50.0)
+    assert tracker.commit_positions() == {TP: 4}
+    assert TP in due and due.due(49.9) == []
+    assert due.due(50.0) == [(*other, 9)] and other not in due  # resumed (at its input) once: no longer waiting
+    assert due.due(99.0) == [] and due.due(100.0) == [(*TP, 4)]
+    due.wait(TP, 5, 200.0)
+    due.wait(other, 10, 300.0)
+    due.forget({TP})  # revoked: its new owner starts from the committed position, unpaused
+    assert TP not in due and due.due(1e9) == [(*other, 10)]

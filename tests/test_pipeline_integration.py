@@ -1,4 +1,5 @@
-"""One platform, for real: the embedded Tansu broker, the schema registry and every stage as separate processes.
+"""One platform, for real: the embedded Tansu broker, the schema registry and every stage as separate processes,
+with every blob in an S3 bucket (moto's S3 server, bench/s3server.py).
 
 Three jobs on three tiers go through while garbage and an invalid request sit on vidgen.requested between them.
 Everything is checked by reading the topics back: the order of each job's events, one StepProgress per step,
@@ -22,6 +23,7 @@ from gpu_agents.encoding import encode_prompts
 from gpu_agents.models import ModelCatalogue
 from gpu_agents.video import join_latent_chunks, probe_mp4, read_mp4
 from producers.requests import VideoRequests, video_request
+from bench.s3server import s3_server
 from streams import topics
 from streams.blobs import open_blob_store
 from streams.kafka import producer_config
@@ -65,11 +67,18 @@ TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def s3_env(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, s3_env):
     var_dir = tmp_path_factory.mktemp("var")
     platform = PlatformProcesses(var_dir, env={
         "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
         "VIDGEN_LATENT_CHUNK_FRAMES": "1",
+        **s3_env,  # every blob in an S3 bucket: the platform as a fleet runs it
     })
     settings = platform.start()
     try:
@@ -191,7 +200,7 @@ def test_job_goes_through_every_stage_in_order(run, index):
 def test_published_mp4_decodes_to_the_requested_video(run, index):
     job, job_id = JOBS[index], run["job_ids"][index]
     published = _by_topic(run["events"][job_id])[topics.PUBLISHED.name][0].event
-    blobs = open_blob_store(run["settings"].blob_url)
+    blobs = open_blob_store(run["settings"])
     frames = read_mp4(blobs.get(published["video"]))
     assert frames.shape == (job["num_frames"], job["height"], job["width"], 3)
     assert (published["frames"], published["width"], published["height"]) == (
@@ -220,7 +229,7 @@ def test_a_model_that_makes_sound_publishes_a_video_with_its_audio_track(run):
     [chunk] = [e.event for e in grouped[topics.LATENT_CHUNKS.name]]
     assert chunk["audio_latents"] is not None
     published = grouped[topics.PUBLISHED.name][0].event
-    blobs = open_blob_store(run["settings"].blob_url)
+    blobs = open_blob_store(run["settings"])
     for output in (published["video"], *(rendition["media"] for rendition in published["renditions"])):
         audio = probe_mp4(blobs.get(output))["audio"]
         assert audio["codec"] == "aac" and audio["channels"] == 2
@@ -234,7 +243,7 @@ def test_a_model_that_makes_sound_publishes_a_video_with_its_audio_track(run):
 def test_final_latent_equals_the_diffusers_pipeline(run, index):
     """Each family variant's latent, made by the platform, against diffusers' own pipeline for that model."""
     job, job_id = JOBS[index], run["job_ids"][index]
-    blobs = open_blob_store(run["settings"].blob_url)
+    blobs = open_blob_store(run["settings"])
     chunks = sorted((e.event for e in _by_topic(run["events"][job_id])[topics.LATENT_CHUNKS.name]),
                     key=lambda c: c["chunk_index"])
     latent = join_latent_chunks([blobs.get_tensor(c["latent"]) for c in chunks])
@@ -280,6 +289,45 @@ def test_blocked_prompt_is_flagged_with_its_reason_and_never_encoded(run):
     assert (flagged["stage"], flagged["decision"], flagged["ends_job"]) == ("PRE_GEN", "BLOCK", True)
     assert flagged["reasons"] == ["REAL_PERSON"]
     assert "lincoln" in flagged["evidence"].lower() and flagged["policy_version"]
+
+
+def test_once_jobs_end_the_lifecycle_removes_their_intermediates_and_the_audit_stays_green(run):
+    """The lifecycle stage, started now with no window: every ended job's checkpoints, latents and unsigned
+    segments go (each deletion announced on vidgen.blob-lifecycle first), the published sets stay byte for byte,
+    and the audit of the whole log counts the deleted blobs as expired, not missing."""
+    from consumers.audit import BlobChecker, kafka_events, replay
+    from consumers.lifecycle import INTERMEDIATE_CLASSES, classify
+
+    platform, settings = run["platform"], run["settings"]
+    store = open_blob_store(settings)
+    assert store.url.startswith("s3://")
+    job_ids = run["job_ids"]
+    before = {job_id: [classify(s.key) for s in store.list(f"{job_id}/")] for job_id in job_ids}
+    assert all(INTERMEDIATE_CLASSES & set(classes) for classes in before.values()), before
+
+    platform.add_stage("lifecycle", env={"VIDGEN_LIFECYCLE_INTERMEDIATE_S": "0"})
+    announced: dict[str, set[str]] = defaultdict(set)
+    deadline = time.monotonic() + 60
+    for job_event in read_events(settings, lifecycle=(topics.BLOB_LIFECYCLE,)):
+        if job_event is not None:
+            announced[job_event.event["job_id"]] |= {b["key"] for b in job_event.event["blobs"]}
+        if set(job_ids) <= set(announced) and not any(
+                classify(s.key) in INTERMEDIATE_CLASSES for j in job_ids for s in store.list(f"{j}/")):
+            break
+        assert time.monotonic() < deadline, f"lifecycle not done: {sorted(announced)}; logs in {platform.log_dir}"
+
+    for index, job_id in enumerate(job_ids):
+        left = {classify(s.key) for s in store.list(f"{job_id}/")}
+        assert left <= {"published", "input"}, (job_id, left)  # a published job keeps its input: a C2PA ingredient
+        assert ("input" in left) == ("image" in JOBS[index])
+        assert all(classify(key) in INTERMEDIATE_CLASSES | {"input"} for key in announced[job_id])
+        published = _by_topic(run["events"][job_id])[topics.PUBLISHED.name][0].event
+        for ref in (published["video"], published["manifest"], published["playlist"],
+                    *(r["media"] for r in published["renditions"])):
+            store.get(ref)  # sha256 checked
+    report = replay(list(kafka_events(settings)), BlobChecker(store))
+    assert report.ok, report.summary()
+    assert report.report["summary"]["blobs"]["expired"] > 0  # the latents and segments the events name
 
 
 def test_stages_survive_bad_input_and_stop_cleanly(run):

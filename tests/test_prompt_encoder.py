@@ -84,7 +84,8 @@ def test_cache_key_covers_encoder_prompt_negative_and_length():
 
 def test_a_cache_entry_whose_blob_is_gone_is_a_miss(encoder, tmp_path):
     first = encoded_of(run(encoder, video_request(PROMPTS[0], job_id="job-a", **PARAMS)))
-    encoder.cache.blobs.local_path(first["prompt_embeds"]).unlink()
+    blobs = encoder.cache.blobs
+    blobs.delete([blobs.key_of(first["prompt_embeds"]["uri"])])
     encoder.cache = EmbeddingCache(encoder.cache.blobs)  # a new process: nothing in memory
     second = encoded_of(run(encoder, video_request(PROMPTS[0], job_id="job-b", **PARAMS)))
     assert second["embeddings_cached"] is False

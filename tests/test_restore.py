@@ -215,8 +215,8 @@ def test_marks_made_in_the_restore_window_are_not_trusted(tmp_path):
     trusting.mark("before")
     trusting.mark("inside")
     now = time.time()
-    os.utime(trusting._path("before"), (now - 100, now - 100))
-    os.utime(trusting._path("inside"), (now - 10, now - 10))
+    for key, age_s in (("before", 100), ("inside", 10)):
+        os.utime(blobs.local_file(blobs.key(*trusting._segments(key))), (now - age_s, now - age_s))
     window = (round((now - 50) * 1000), round((now - 5) * 1000))
     ledger = ProcessedLedger(blobs, "compliance", window)
     assert ledger.seen("before") and not ledger.seen("inside") and not ledger.seen("never")

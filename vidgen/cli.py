@@ -19,6 +19,7 @@ STAGES = {
     "compliance": "consumers.compliance_stage",
     "tracker": "consumers.tracker",  # a faust app, not a StageRuntime stage: see cmd_stage
     "archiver": "consumers.archiver",  # copies every topic into hash-chained Avro files: see cmd_stage
+    "lifecycle": "consumers.lifecycle",  # deletes blobs nothing needs any more, by the event log
 }
 BENCHMARKS = {
     "overhead": "bench.overhead", "checkpoint": "bench.checkpoint", "resume": "bench.resume",
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "families": "bench.families",
     "streamgen": "bench.streamgen",
     "parallel": "bench.parallel",
+    "storage": "bench.storage",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -248,7 +250,12 @@ def follow(settings, job_id: str, submitted_ms: int, timeout_s: float) -> int:
     bar.close()
     event = end.event
     if end.topic.endswith("published"):
-        path = open_blob_store(settings.blob_url).local_path(event["video"])
+        store = open_blob_store(settings)
+        path = store.local_file(store.key_of(event["video"]["uri"]))
+        if path is None:  # an object store: a local copy to watch and verify
+            path = settings.var_dir / "downloads" / f"{job_id}.mp4"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(store.get(event["video"]))
         print(f"published: {event['frames']} frames {event['width']}x{event['height']} @ {event['fps']} fps")
         print(f"video: {path}")
         print(f"C2PA manifest: {event['manifest_label'] or 'none'}; watermark: "
@@ -341,8 +348,10 @@ def cmd_demo(args) -> int:
     from streams.supervisor import STAGE_NAMES, PlatformProcesses
 
     var_dir = load_settings().var_dir
-    print("starting the embedded broker, the schema registry, the stages and the archiver ...", flush=True)
-    platform = PlatformProcesses(var_dir, stages=STAGE_NAMES + ("archiver",))  # what it makes survives a restart
+    print("starting the embedded broker, the schema registry, the stages, the archiver and the lifecycle ...",
+          flush=True)
+    # The archiver: what it makes survives a restart; the lifecycle: what it leaves behind goes when nothing needs it.
+    platform = PlatformProcesses(var_dir, stages=STAGE_NAMES + ("archiver", "lifecycle"))
     try:
         settings = platform.start()
         print(f"platform up (kafka {settings.kafka_bootstrap}); logs in {platform.log_dir}", flush=True)
@@ -358,6 +367,30 @@ def cmd_demo(args) -> int:
         platform.stop()
     print("stopped cleanly." if code == 0 else "stopped.")
     return code
+
+
+def cmd_storage(args) -> int:
+    """What the blob store holds, per class (consumers/lifecycle.py: the classes the lifecycle keeps or deletes)."""
+    import json
+
+    from consumers.lifecycle import usage
+    from streams.blobs import BlobStoreUnavailable, open_blob_store
+    from streams.settings import load_settings
+
+    store = open_blob_store(load_settings())
+    try:
+        report = usage(store.list())
+    except BlobStoreUnavailable as exc:
+        print(f"vidgen storage: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"store": store.url, "classes": report}, indent=2))
+        return 0
+    print(f"blob store {store.url}")
+    print(f"{'CLASS':12} {'BLOBS':>10} {'BYTES':>16}")
+    for blob_class, used in report.items():
+        print(f"{blob_class:12} {used['count']:>10,} {used['bytes']:>16,}")
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -494,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     # 256x256: the smallest size the invisible watermark fits in, so the demo's video carries one.
     generation_args(demo, frames=17, steps=30, size="256x256")
 
+    storage = sub.add_parser("storage", help="what the blob store holds per class (checkpoints, latents, segments, "
+                                             "inputs, published, embeddings, ledger, other): blobs and bytes")
+    storage.add_argument("--json", action="store_true")
+
     models = sub.add_parser("models", help="every model this platform serves: id, family, modalities (t2v, i2v, "
                                            "audio), whether it streams while generating, parameter limits")
     models.add_argument("--json", action="store_true")
@@ -530,6 +567,7 @@ COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
     "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify, "models": cmd_models,
     "autoscale": cmd_autoscale, "audit": cmd_audit, "gateway": cmd_gateway, "simulate": cmd_simulate,
+    "storage": cmd_storage,
 }
 
 
