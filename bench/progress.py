@@ -363,7 +363,19 @@ def main(argv: list[str]) -> int:
         asyncio.run(_run_client(argv[1]))
         return 0
 
-    parser = argparse.ArgumentParser(prog="vidgen bench progress")
+    args = progress_parser().parse_args(argv)
+    measured = measure(args)
+    if measured is None:
+        print_result(p99_ms="nan", p50_ms="nan", samples=0)
+        return 1
+    print_result(p99_ms=round(measured["p99_ms"], 2), p50_ms=round(measured["p50_ms"], 2),
+                 samples=measured["samples"])
+    return 0
+
+
+def progress_parser(prog: str = "vidgen bench progress") -> argparse.ArgumentParser:
+    """The measurement's options (also `vidgen bench idle`'s, which runs it after the idle sample)."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--jobs", type=int, default=4, help="jobs stepping at once")
     parser.add_argument("--steps", type=int, default=250, help="steps per job")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="time between two steps of a job")
@@ -374,7 +386,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--with-tracker", action="store_true", help="run the tracker too (more load, same path)")
     parser.add_argument("--fetch-wait-ms", type=int, default=None,
                         help="the gateway's fetch.wait.max.ms (default: the platform's client settings)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def measure(args: argparse.Namespace) -> dict | None:
+    """Run the measurement and print what it saw; {"p99_ms", "p50_ms", "samples"}, or None without samples."""
     raise_open_files_limit()
 
     gateway_env = {} if args.fetch_wait_ms is None else {"VIDGEN_KAFKA_FETCH_WAIT_MAX_MS": str(args.fetch_wait_ms)}
@@ -423,14 +439,12 @@ def main(argv: list[str]) -> int:
                        float_format="{:.2f}"))
     if not values:
         print("no samples")
-        print_result(p99_ms="nan", p50_ms="nan", samples=0)
-        return 1
+        return None
     p50, p99 = percentile(values, 50), percentile(values, 99)
     print(format_table(("latency", "ms"), [("p50", p50), ("p90", percentile(values, 90)), ("p99", p99),
                                            ("max", max(values))], float_format="{:.2f}"))
     print(f"goal p99 <= 30 ms: {'met' if p99 <= 30 else 'NOT met'}")
-    print_result(p99_ms=round(p99, 2), p50_ms=round(p50, 2), samples=len(values))
-    return 0
+    return {"p99_ms": p99, "p50_ms": p50, "samples": len(values)}
 
 
 if __name__ == "__main__":

@@ -193,6 +193,11 @@ def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales
         queue_seen = controller.fleet.queue("gpu-agent", time.time())
         assert queue_seen is not None and queue_seen["waiting"]["free"] > 0 and sum(queue_seen["agents"].values()) == 1
         assert queue_seen["waiting_gpu_s"]["free"] > 0 and queue_seen["arrived_gpu_s"] > 0
+        # KEDA's view, while the backlog is there: the active scheduler's gauges.
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}/metrics", timeout=5).read().decode()
+        waiting = _sample(metrics, 'vidgen_scheduler_waiting_jobs{tier="free"}')
+        running = _sample(metrics, "vidgen_scheduler_running_jobs")
+        assert waiting is not None and running is not None and waiting + running >= 1
         # Carried out (as KEDA would): a second agent starts, the controller follows the fleet, both agents work.
         platform.add_stage("gpu-agent")
         deadline = time.monotonic() + 90
@@ -201,11 +206,8 @@ def test_the_schedulers_queue_is_reported_and_exported_and_the_controller_scales
         assert controller.fleet.instances("gpu-agent", time.time()) == 2
         assert controller.scalers["gpu-agent"].replicas == 2
 
-        # KEDA's view: the active scheduler's gauges (and the agent's own metrics).
+        # Both agents in the scheduler's gauges (and the agent's own metrics).
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}/metrics", timeout=5).read().decode()
-        waiting = _sample(metrics, 'vidgen_scheduler_waiting_jobs{tier="free"}')
-        running = _sample(metrics, "vidgen_scheduler_running_jobs")
-        assert waiting is not None and running is not None and waiting + running >= 1
         assert sum(_sample(metrics, f'vidgen_scheduler_agents{{state="{state}"}}') or 0
                    for state in ("IDLE", "BUSY", "DRAINING")) == 2
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent_port}/metrics", timeout=5).read().decode()

@@ -31,6 +31,7 @@ BENCHMARKS = {
     "streamgen": "bench.streamgen",
     "parallel": "bench.parallel",
     "storage": "bench.storage",
+    "idle": "bench.idle",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
