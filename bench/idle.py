@@ -64,7 +64,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--settle-window-s", type=float, default=3.0)
     parser.add_argument("--settle-max-s", type=float, default=90.0)
     parser.add_argument("--skip-progress", action="store_true", help="only the idle sample")
+    parser.add_argument("--fetch-waits", default="", help="VIDGEN_EMBEDDED_FETCH_WAITS_MS for both measurements, "
+                                                          "e.g. pipeline=250 (the settings' curve)")
     args = parser.parse_args(own)
+    if args.fetch_waits:
+        os.environ["VIDGEN_EMBEDDED_FETCH_WAITS_MS"] = args.fetch_waits  # the progress platform's processes too
 
     from streams.embedded import free_port
 
@@ -74,7 +78,8 @@ def main(argv: list[str]) -> int:
         progress_argv or ["--steps", "150", "--with-tracker"])
     var_dir = Path(tempfile.mkdtemp(prefix="vidgen-bench-idle-"))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDGEN_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VIDGEN_") or k == "VIDGEN_EMBEDDED_FETCH_WAITS_MS"}
     up = subprocess.Popen([sys.executable, "-m", "vidgen", "up", "--port", str(port)],
                           env={**env, "VIDGEN_VAR_DIR": str(var_dir)}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -119,6 +124,9 @@ def main(argv: list[str]) -> int:
     if not args.skip_progress:
         measured = measure(progress_args)
         p99 = round(measured["p99_ms"], 2) if measured else "nan"
+    from streams.settings import load_settings
+
+    print(f"fetch waits (ms): {load_settings().fetch_waits_ms}")
     print_result(idle_cpu_cores=round(total, 3), broker_cpu_cores=round(used.get("broker", 0.0), 3),
                  progress_p99_ms=p99)
     return 0

@@ -106,7 +106,7 @@ class ArchiveSettings:
     dir: Path
     rotate_bytes: int = 64 * 1024 * 1024
     rotate_s: float = 3600.0
-    flush_s: float = 1.0  # a record is durable (and its offset committed) at most this long after it arrives
+    flush_s: float = 1.0  # a record is durable (and its offset committed) at most this long after it is read
     flush_records: int = 5000
     codec: str = "null"  # or "deflate"
     retention_check_s: float = 3600.0  # how often the retention policy (consumers/archive_retention.py) is applied
@@ -708,10 +708,11 @@ class Archiver:
         from confluent_kafka import Consumer
         from confluent_kafka.admin import AdminClient
 
-        from streams.kafka import admin_config, consumer_config
+        from streams.kafka import Latency, admin_config, consumer_config
         from streams.metrics import LagMonitor, serve_metrics
 
-        conf = consumer_config(self.settings, GROUP_ID, "vidgen.archiver")
+        # A background reader (it fetches every partition there is); its fetch wait adds to the flush interval.
+        conf = consumer_config(self.settings, GROUP_ID, "vidgen.archiver", Latency.BACKGROUND)
         if serve_metrics(self.settings.metrics_port):  # how far behind the log the archive is, per partition
             conf["statistics.interval.ms"] = 5000
             conf["stats_cb"] = LagMonitor("archiver").on_stats

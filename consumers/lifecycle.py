@@ -66,6 +66,7 @@ from typing import Callable, Iterable
 
 from streams import topics
 from streams.blobs import BlobStat, BlobStore
+from streams.kafka import Latency
 from streams.ledger import LEDGER_DIR
 from streams.settings import Settings
 from streams.stage import NotDue, Stage, StageContext
@@ -358,5 +359,6 @@ STAGE = Stage(
     emits=(topics.BLOB_LIFECYCLE,),
     build=Lifecycle,
     fails_jobs=False,
+    latency=Latency.BACKGROUND,  # its work waits a window anyway
     doc=__doc__,
 )

@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from consumers.audit import is_terminal as _ends_job
 from schemas.codec import DecodeError
 from streams import topics
-from streams.kafka import consumer_config
+from streams.kafka import Latency, consumer_config
 from streams.serde import event_codec
 from streams.settings import Settings
 
@@ -53,15 +53,20 @@ def is_terminal(job_event: JobEvent) -> bool:
 
 
 def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,
-                poll_s: float = 0.1, skip_before_ms: int | None = None) -> Iterable[JobEvent]:
+                poll_s: float = 0.1, skip_before_ms: int | None = None,
+                latency: str | Callable[[], str] = Latency.PROGRESS) -> Iterable[JobEvent]:
     """Every decodable event on the lifecycle topics from ``since_ms`` (or the beginning), as it arrives.
 
     ``skip_before_ms``: records stamped earlier are skipped before decoding (a long-running reader such as the
     gateway's, whose partitions without a record since ``since_ms`` are read from their start).
+    ``latency``: how soon a new event must be seen (a Latency: the fetch wait on the embedded broker), or a function asked
+    every ``poll_s`` that may change it: the reader then goes on with a new consumer from exactly where it was (the
+    gateway's reader waits a second while it has no job in flight and a progress bar's latency while it has).
     """
     codec = event_codec(settings)
-    conf = consumer_config(settings, group_id="vidgen.follow")  # group.id is required; it is never joined
-    consumer = Consumer(conf)
+    wanted = latency if callable(latency) else (lambda: latency)
+    current = wanted()
+    consumer = Consumer(consumer_config(settings, "vidgen.follow", latency=current))  # a group.id, never joined
     try:
         partitions = []
         metadata = consumer.list_topics(timeout=10)
@@ -75,14 +80,21 @@ def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iter
                 tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
                 for tp in consumer.offsets_for_times(partitions, timeout=10)
             ]
+        positions = {(tp.topic, tp.partition): tp.offset for tp in partitions}
         consumer.assign(partitions)
         while True:
+            if wanted() != current:  # a new fetch wait: a new consumer, from the positions reached
+                current = wanted()
+                consumer.close()
+                consumer = Consumer(consumer_config(settings, "vidgen.follow", latency=current))
+                consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in positions.items()])
             msg = consumer.poll(poll_s)
             if msg is None:
                 yield None  # lets callers check their deadline
                 continue
             if msg.error():
                 continue
+            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
             if skip_before_ms is not None and 0 <= msg.timestamp()[1] < skip_before_ms:
                 continue
             try:

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer
 
 from schemas.codec import DecodeError, RegistryUnavailableError
 from streams import topics
-from streams.kafka import TopicFollower, consumer_config, producer_config, relaxed
+from streams.kafka import Latency, TopicFollower, consumer_config, producer_config
 from streams.metrics import register_scheduler_queue, register_stage_counters, serve_metrics
 from streams.runtime import StageRuntime
 from streams.settings import Settings
@@ -44,10 +44,9 @@ from .queue_policy import QueuePolicy
 log = logging.getLogger(__name__)
 
 TRACES_REMEMBERED = 200_000
-LEASE_FETCH_WAIT_MS = 1000
-#: A cancellation of a waiting job may take this long to be seen: a tenth of a second costs nobody anything.
-CONTROL_LATENCY_MS = 100
-POLL_S = 0.005  # the beat: a job that arrives at a fleet with an idle agent is assigned within a few beats
+POLL_S = 0.005  # the beat while jobs wait: an agent that reports idle gets the next one within a few beats
+#: ... and with none waiting: a new job ends the beat's poll as it arrives, and agents' reports can wait this long.
+IDLE_POLL_S = 0.05
 QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
 
@@ -119,8 +118,8 @@ class SchedulerRuntime(StageRuntime):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
         # The lease topic holds no records: its consumer only keeps the membership, so its fetches may wait long.
-        self.lease = Consumer(relaxed(consumer_config(self.settings, f"{self.stage.group_id}-lease", self.client_id),
-                                      LEASE_FETCH_WAIT_MS))
+        self.lease = Consumer(consumer_config(self.settings, f"{self.stage.group_id}-lease", self.client_id,
+                                              Latency.BACKGROUND))
         self.lease.subscribe([topics.SCHEDULER_LEASE.name], on_assign=self._lease_assigned,
                              on_revoke=self._lease_revoked, on_lost=self._lease_revoked)
         log.info("scheduler %s: standing by for the lease", self.handler.scheduler_id)
@@ -163,17 +162,24 @@ class SchedulerRuntime(StageRuntime):
             log_reader.close()
         self.handler.dispatcher = dispatcher
         self._send(dispatcher.take_over(time.time()))
-        conf = consumer_config(self.settings, self.stage.group_id, self.client_id)
-        self.consumer = Consumer(conf)
+        self.consumer = Consumer(consumer_config(self.settings, self.stage.group_id, self.client_id, Latency.PIPELINE))
         self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        # At the orders' latency, whether jobs wait or not: a cancellation of a waiting job must be seen before an
+        # agent that frees up is given that job, and an agent that reports idle gets the next one. (Not switched
+        # with the queue's length: a new consumer's first fetch takes a quarter of a second on the embedded broker,
+        # and the queue fills and empties with every job.)
         self.control = TopicFollower(self.settings, topics.CONTROL, self.client_id, start="beginning",
-                                     latency_ms=CONTROL_LATENCY_MS)
-        self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end")
+                                     latency=Latency.ORDERS)
+        self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end", latency=Latency.ORDERS)
         self.active = True
         log.info("scheduler %s leads (epoch %d): %d decisions folded in %.2f s, %d jobs waiting, %d running",
                  self.handler.scheduler_id, dispatcher.leader_epoch, count, time.monotonic() - started,
                  len(dispatcher.policy), sum(r.state == "assigned" for r in dispatcher.jobs.values()))
+
+    def _jobs_waiting(self) -> bool:
+        dispatcher = self.handler.dispatcher
+        return dispatcher is not None and len(dispatcher.policy) > 0
 
     def _step_down(self) -> None:
         self.active = False
@@ -191,7 +197,7 @@ class SchedulerRuntime(StageRuntime):
     def _serve(self) -> None:
         """One beat: new jobs, cancellations, agents' reports, then the dispatcher's tick."""
         dispatcher = self.handler.dispatcher
-        msg = self.poll(POLL_S)
+        msg = self.poll(POLL_S if self._jobs_waiting() else IDLE_POLL_S)
         if msg is not None:
             for each in (msg, *self.poll_waiting(99)):
                 self.process(each)

@@ -45,7 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from schemas.codec import DecodeError, RegistryUnavailableError
 from streams import topics
 from streams.events import dead_letter_event as streams_dead_letter_event
-from streams.kafka import consumer_config
+from streams.kafka import Latency, consumer_config
 from streams.serde import decode_key, encode_key, event_codec
 from streams.settings import Settings
 
@@ -219,10 +219,11 @@ class JobStateReader:
     """
 
     def __init__(self, settings: Settings, on_change: Callable[[str, dict | None], None] | None = None,
-                 client_id: str = "vidgen.tracker-reader"):
+                 client_id: str = "vidgen.tracker-reader", latency: str = Latency.PIPELINE):
         """``on_change(job_id, state)`` is called for every state change read (None: the job was deleted), e.g. to
         push updates to a job's websocket subscribers."""
-        conf = consumer_config(settings, group_id=client_id, client_id=client_id)  # group.id is never joined
+        conf = consumer_config(settings, group_id=client_id, client_id=client_id,  # group.id is never joined
+                               latency=latency)
         conf["enable.partition.eof"] = True
         self.consumer = Consumer(conf)
         self.on_change = on_change

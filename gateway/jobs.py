@@ -39,6 +39,7 @@ from consumers.job_state import (FLAGGED, PUBLISHED, TERMINAL_STATUSES, FOLDED_T
                                  to_public)
 from streams import topics
 from streams.events import now_ms
+from streams.kafka import Latency
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class JobsView:
         live.start()
         self._threads.append(live)
         self._reader = JobStateReader(self.settings, on_change=self._on_tracker_change,
-                                      client_id="vidgen.gateway-states")
+                                      client_id="vidgen.gateway-states", latency=Latency.BACKGROUND)
         states = await self._loop.run_in_executor(None, self._load_tracker)
         for job_id, state in states.items():
             self.ingest_tracker_state(job_id, state)
@@ -394,7 +395,7 @@ class JobsView:
         since = self.live_since_ms
         while not self._stopping.is_set():
             stream = read_events(self.settings, since_ms=since, lifecycle=FOLDED_TOPICS, poll_s=0.1,
-                                 skip_before_ms=since)
+                                 skip_before_ms=since, latency=self._live_latency)
             try:
                 for job_event in stream:
                     if self._stopping.is_set():
@@ -410,6 +411,13 @@ class JobsView:
                 self._stopping.wait(1.0)
             finally:
                 stream.close()
+
+    def _live_latency(self) -> str:
+        """The live reader's fetch wait: a progress bar's while any job is in flight, else a second (an idle
+        gateway costs the embedded broker next to nothing; a new job's request is seen within that second, long
+        before its first step)."""
+        busy = any(list(self._in_flight.values()))  # from the reader thread: a copy, taken in one step
+        return Latency.PROGRESS if busy else Latency.BACKGROUND
 
     def _post(self, item: tuple) -> None:
         """From a reader thread: queue an item for the loop; one wake-up per batch, never waits for the loop."""
@@ -427,6 +435,10 @@ class JobsView:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._drain_scheduled = False
+        # A tracker state is a whole snapshot of its job, and the fold is a join: of a batch (a second of changes
+        # when the changelog is read once a second), only each job's newest state needs folding.
+        newest = {item[1]: index for index, item in enumerate(items) if item[0] == "tracker"}
+        items = [item for index, item in enumerate(items) if item[0] != "tracker" or newest[item[1]] == index]
         for item in items:
             try:
                 if item[0] == "event":

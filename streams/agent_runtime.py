@@ -34,7 +34,7 @@ from schemas.codec import DecodeError, RegistryUnavailableError
 
 from . import topics
 from .events import new_event
-from .kafka import TopicFollower, producer_config
+from .kafka import Latency, TopicFollower, producer_config
 from .metrics import register_stage_counters, serve_metrics
 from .runtime import Outcome, StageRuntime
 
@@ -44,8 +44,6 @@ CANCELLATIONS_REMEMBERED = 100_000  # newest cancellation requests kept (the con
 POLL_S = 0.02  # the consumer thread's beat (a blocking poll of the orders): how long an idle agent may take to see
 # an assignment beyond the fetch itself; shorter beats cost the denoising thread GIL time for nothing
 REPORT_INTERVAL_S = 1.0
-#: A cancellation reaches a running job within this (plus a step): fetches of the control topic may wait this long.
-CONTROL_LATENCY_MS = 100
 CONFIRM_TIMEOUT_S = 5.0
 
 
@@ -85,11 +83,17 @@ class AgentRuntime(StageRuntime):
         if serve_metrics(self.settings.metrics_port):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
-        # Read from the end: every message for this agent is sent after its first report, which follows this.
-        self.assignments = TopicFollower(self.settings, topics.ASSIGNMENTS, self.client_id, start="end")
+        # Read from the end: every message for this agent is sent after its first report, which follows this. Only
+        # its own partition (orders are keyed by agent): one partition fetched at the orders' latency, not six.
+        self.assignments = TopicFollower(self.settings, topics.ASSIGNMENTS, self.client_id, start="end",
+                                         latency=Latency.ORDERS, key=self.agent_id)
+        [self.own_partition] = self.assignments.next
         if self.stage.control is not None:
-            self.control = TopicFollower(self.settings, self.stage.control, self.client_id, start="beginning",
-                                         latency_ms=CONTROL_LATENCY_MS)
+            # A cancellation reaches a running job within a pipeline hop (plus a step); an idle agent has nothing
+            # to stop (the scheduler skips a waiting job), so it reads them once a second.
+            self.control = TopicFollower(
+                self.settings, self.stage.control, self.client_id, start="beginning",
+                latency=lambda: Latency.PIPELINE if self.current is not None else Latency.BACKGROUND)
         log.info("%s: agent %s takes work from %s", self.stage.name, self.agent_id, topics.ASSIGNMENTS.name)
 
     def run(self):

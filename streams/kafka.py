@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -24,6 +25,7 @@ PRODUCER_DEFAULTS = {
     "acks": "all",
     "enable.idempotence": True,  # no duplicates or reordering from producer retries
     "linger.ms": 1,  # events are small and latency matters more than batching (progress bars)
+    "partitioner": "consistent_random",  # librdkafka's default, named: key_partition() relies on it
     "message.max.bytes": MAX_MESSAGE_BYTES,
 }
 
@@ -33,16 +35,46 @@ CONSUMER_DEFAULTS = {
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.max.bytes": MAX_MESSAGE_BYTES,
     "receive.message.max.bytes": MAX_MESSAGE_BYTES + 1024 * 1024,
-    "fetch.wait.max.ms": 50,
+    # fetch.wait.max.ms stays librdkafka's 500: a Kafka broker answers a waiting fetch as soon as a record arrives
+    # (fetch.min.bytes 1), so the wait bounds only an idle reader's round trips, never a record's latency.
 }
 
-#: Tansu (the embedded broker) holds a group join for session.timeout.ms / 2 and does not wake fetches on new
-#: data, so a short session and a short fetch wait make joins and hops fast. Never static membership on Tansu.
+#: Tansu (the embedded broker) holds a group join for session.timeout.ms / 2, so a short session makes joins fast.
+#: Never static membership on Tansu. Its other defect — a waiting fetch is answered only when its wait is over, new
+#: records or not — is handled per reader: see Latency.
 TANSU_WORKAROUNDS = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 1000,
-    "fetch.wait.max.ms": 10,
 }
+
+
+class Latency:
+    """How soon a reader must see a new record, by what it reads for: names of its fetch wait on the embedded broker
+    (``settings.fetch_waits_ms``, defaults in streams/settings.py EMBEDDED_FETCH_WAITS_MS, VIDGEN_EMBEDDED_FETCH_WAITS_MS).
+
+    On Tansu a fetch waits its whole fetch.wait.max.ms even when records arrive (KNOWN-FACTS.md), so the wait *is*
+    the reader's latency, and every fetch costs the broker CPU for each partition it names (measured: one idle
+    reader of all ~110 partitions of the catalogue keeps 0.24 of a core busy at a 20 ms wait, 0.04 at 250 ms, 0.01 at
+    1 s). So each reader waits as long as its purpose allows, and only there. On a Kafka cluster none of this is
+    applied (the broker answers a fetch when data arrives).
+    """
+
+    #: Step progress → the gateway's websockets (p99 ≤ 30 ms end to end): only while the gateway has jobs in flight.
+    PROGRESS = "progress"
+    #: The scheduler's orders → an idle agent; the agents' reports → a scheduler with jobs waiting.
+    ORDERS = "orders"
+    #: A running job's hop from one stage to the next (request → encoder → scheduler, chunk → decoder, video →
+    #: compliance) and its cancellation.
+    PIPELINE = "pipeline"
+    #: What nobody waits for: the archiver, the tracker's states, the lifecycle, the scheduler's lease, an idle
+    #: gateway's or agent's readers.
+    BACKGROUND = "background"
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition a keyed record goes to: librdkafka's ``consistent_random`` partitioner (CRC32 of the key),
+    which PRODUCER_DEFAULTS names, so a reader of one key's records can read that partition alone."""
+    return zlib.crc32(key.encode("utf-8")) % partitions
 
 
 def client_config(settings: Settings) -> dict:
@@ -58,10 +90,13 @@ def producer_config(settings: Settings, client_id: str = "vidgen") -> dict:
     return conf
 
 
-def consumer_config(settings: Settings, group_id: str, client_id: str = "vidgen") -> dict:
+def consumer_config(settings: Settings, group_id: str, client_id: str = "vidgen",
+                    latency: str = Latency.PIPELINE) -> dict:
+    """A consumer's settings; ``latency`` (a ``Latency``) names its fetch wait on the embedded broker."""
     conf = {**client_config(settings), **CONSUMER_DEFAULTS, "group.id": group_id, "client.id": client_id}
     if settings.embedded:
         conf.update(TANSU_WORKAROUNDS)
+        conf["fetch.wait.max.ms"] = settings.fetch_waits_ms[latency]
     conf.update(settings.kafka_client)
     for key in ("acks", "enable.idempotence", "linger.ms"):
         conf.pop(key, None)
@@ -71,7 +106,8 @@ def consumer_config(settings: Settings, group_id: str, client_id: str = "vidgen"
 def admin_config(settings: Settings) -> dict:
     conf = {**client_config(settings), **settings.kafka_client}
     for key in list(conf):
-        if key in PRODUCER_DEFAULTS or key in CONSUMER_DEFAULTS or key in TANSU_WORKAROUNDS or key == "max.poll.interval.ms":
+        if (key in PRODUCER_DEFAULTS or key in CONSUMER_DEFAULTS or key in TANSU_WORKAROUNDS
+                or key in ("max.poll.interval.ms", "fetch.wait.max.ms")):
             conf.pop(key)
     return conf
 
@@ -126,15 +162,6 @@ def topic_config(topic: Topic) -> dict[str, str]:
     return {"retention.ms": str(topic.retention_ms)}
 
 
-def relaxed(conf: dict, latency_ms: int | None) -> dict:
-    """A consumer's settings for a reader that can wait ``latency_ms`` for new records: its fetches may wait that long
-    at the broker (never shorter than configured), so an idle reader costs the broker a round trip per
-    ``latency_ms`` rather than per fetch wait. None: as configured."""
-    if latency_ms is not None:
-        conf["fetch.wait.max.ms"] = max(int(conf.get("fetch.wait.max.ms", 500)), latency_ms)
-    return conf
-
-
 class TopicFollower:
     """Reads every partition of one topic outside any consumer group (nothing is committed): what a process uses to
     see all of a topic — the control topic's cancellations, the scheduler's orders, the agents' reports.
@@ -144,23 +171,30 @@ class TopicFollower:
     which only means reading them too: followers filter what they read anyway). ``caught_up()`` polls until
     everything that was on the topic when it was called has been read, for a reader that must know it missed
     nothing (an agent before it finishes a job).
+
+    ``latency`` (a ``Latency``) may be a function, asked at every poll: when its answer changes, the follower goes on
+    with a new consumer of that fetch wait from exactly where it was (an agent reads cancellations at a pipeline
+    hop's latency while it runs a job, and once a second while it is idle). A switch costs a new consumer's first
+    fetch (~0.25 s on the embedded broker): for readers whose need changes seldom, not with every record.
     """
 
     def __init__(self, settings: Settings, topic: Topic, client_id: str, start: str = "beginning",
-                 timeout_s: float = 10.0, latency_ms: int | None = None):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+                 timeout_s: float = 10.0, latency: str | Callable[[], str] = Latency.PIPELINE,
+                 key: str | None = None):
+        """``key``: read only the partition of the records with this key (an agent's orders)."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         if start not in ("beginning", "end"):
             raise ValueError(f"start must be 'beginning' or 'end', got {start!r}")
-        conf = relaxed(consumer_config(settings, f"{client_id}.{topic.name}", client_id), latency_ms)
-        conf["enable.partition.eof"] = True
-        self.topic = topic.name
-        self.consumer = Consumer(conf)
-        self.fetch_wait_s = int(conf.get("fetch.wait.max.ms", 500)) / 1000.0
+        self.settings, self.client_id, self.topic = settings, client_id, topic.name
+        self.wanted_latency = latency if callable(latency) else (lambda: latency)
+        self._connect(self.wanted_latency())
         metadata = self.consumer.list_topics(topic.name, timeout=timeout_s)
         if metadata.topics[topic.name].error is not None:
             raise KafkaException(metadata.topics[topic.name].error)
         partitions = sorted(metadata.topics[topic.name].partitions)
+        if key is not None:
+            partitions = [key_partition(key, len(partitions))]
         self.next: dict[int, int] = {}
         for p in partitions:
             if start == "end":
@@ -170,10 +204,29 @@ class TopicFollower:
                 self.next[p] = OFFSET_BEGINNING
         self.consumer.assign([TopicPartition(topic.name, p, offset) for p, offset in self.next.items()])
 
+    def _connect(self, latency: str) -> None:
+        from confluent_kafka import Consumer
+
+        conf = consumer_config(self.settings, f"{self.client_id}.{self.topic}", self.client_id, latency)
+        conf["enable.partition.eof"] = True
+        self.latency = latency
+        self.consumer = Consumer(conf)
+        self.fetch_wait_s = int(conf.get("fetch.wait.max.ms", 500)) / 1000.0
+
+    def _follow_latency(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        wanted = self.wanted_latency()
+        if wanted != self.latency:
+            self.consumer.close()
+            self._connect(wanted)
+            self.consumer.assign([TopicPartition(self.topic, p, offset) for p, offset in self.next.items()])
+
     def poll(self, timeout_s: float = 0.0):
         """The next message, or None (nothing new, an end-of-partition notice, or an error, which is logged)."""
         from confluent_kafka import KafkaError
 
+        self._follow_latency()
         msg = self.consumer.poll(timeout_s)
         if msg is None:
             return None

@@ -138,7 +138,7 @@ class StageRuntime:
         if serve_metrics(self.settings.metrics_port):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
-        conf = consumer_config(self.settings, self.stage.group_id, self.client_id)
+        conf = consumer_config(self.settings, self.stage.group_id, self.client_id, self.stage.latency)
         if self.settings.stats_interval_s or self.settings.metrics_port:
             # The lag comes from librdkafka's own statistics (high watermark − committed), not offset look-ups.
             conf["statistics.interval.ms"] = int(1000 * min(self.settings.stats_interval_s or 5.0, 5.0))

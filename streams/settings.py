@@ -12,6 +12,8 @@ Environment variables:
                                becomes security.protocol=SASL_SSL (underscores become dots)
   VIDGEN_SCHEMA_REGISTRY_URL   a Confluent-compatible schema registry; otherwise the embedded one is used
   VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH   user:password for that registry
+  VIDGEN_EMBEDDED_FETCH_WAITS_MS  the embedded broker's fetch wait per reader class, e.g. "pipeline=250"
+                               (streams/kafka.py Latency; defaults progress=20,orders=50,pipeline=250,background=1000)
   VIDGEN_BLOB_URL              blob store (default file://<var>/blobs), or s3://bucket/prefix for an S3-compatible one
   VIDGEN_BLOB_ENDPOINT / _REGION / _ACCESS_KEY_ID / _SECRET_ACCESS_KEY / _SESSION_TOKEN   that S3 store's endpoint
                                (unset: AWS's), region and credentials (unset: the AWS_* variables); never logged
@@ -48,6 +50,8 @@ LIFECYCLE_WINDOWS: dict[str, float | None] = {
     "intermediate": 600.0, "embeddings": 7 * DAY_S, "ledger": 7 * DAY_S,
     "published": None, "taken_down": None, "deleted": 0.0,
 }
+#: Fetch waits (ms) on the embedded broker by a reader's latency class (streams.kafka.Latency says why and who).
+EMBEDDED_FETCH_WAITS_MS: dict[str, int] = {"progress": 20, "orders": 50, "pipeline": 250, "background": 1000}
 BLOB_OPTIONS = ("endpoint", "region", "access_key_id", "secret_access_key", "session_token")
 
 
@@ -110,6 +114,8 @@ class Settings:
     stats_interval_s: float = 10.0
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
+    #: The embedded broker's fetch wait per latency class (streams.kafka.Latency).
+    fetch_waits_ms: dict[str, int] = field(default_factory=lambda: dict(EMBEDDED_FETCH_WAITS_MS))
     #: [from, to) in epoch ms: dedupe marks made then are not trusted, because the embedded broker was restored from
     #: an archive that may lack their outputs (consumers/restore.py; from the run file).
     restore_window_ms: tuple[int, int] | None = None
@@ -259,6 +265,17 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     settings.stats_interval_s = float(interval) if interval not in (None, "") else 10.0
     if settings.encoder_batch < 1:
         raise SettingsError("encoder_batch must be at least 1")
+    waits = env.get("VIDGEN_EMBEDDED_FETCH_WAITS_MS") or file_settings.get("kafka", {}).get("embedded_fetch_waits_ms")
+    if waits:
+        try:
+            pairs = (waits.split(",") if isinstance(waits, str) else [f"{k}={v}" for k, v in waits.items()])
+            for name, _, value in (pair.strip().partition("=") for pair in pairs if pair.strip()):
+                if name not in EMBEDDED_FETCH_WAITS_MS or int(value) < 1:
+                    raise ValueError(f"{name}={value}")
+                settings.fetch_waits_ms[name] = int(value)
+        except ValueError as exc:
+            raise SettingsError(f"embedded fetch waits: {exc}; expected e.g. pipeline=100,background=1000 "
+                                f"(classes: {', '.join(EMBEDDED_FETCH_WAITS_MS)})") from None
     _load_blob_settings(settings, env, file_settings.get("blobs", {}), file_settings.get("lifecycle", {}))
     if env.get("VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"):
         settings.schema_registry_client["basic.auth.user.info"] = env["VIDGEN_SCHEMA_REGISTRY_BASIC_AUTH"]

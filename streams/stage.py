@@ -92,6 +92,8 @@ class Stage:
     #: Dead letters fail the job they name; False for a stage of ended jobs (the lifecycle), where a JobFailed would
     #: be a second terminal event.
     fails_jobs: bool = True
+    #: How soon the stage must see a new input (a streams.kafka.Latency): its fetch wait on the embedded broker.
+    latency: str = "pipeline"
     doc: str = ""
 
     @property
