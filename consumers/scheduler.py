@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TRACES_REMEMBERED = 200_000
 POLL_S = 0.005  # the beat while jobs wait: an agent that reports idle gets the next one within a few beats
 #: ... and with none waiting: a new job ends the beat's poll as it arrives, and agents' reports can wait this long.
-IDLE_POLL_S = 0.05
+IDLE_POLL_S = 0.1
 QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
 

@@ -41,8 +41,11 @@ from .runtime import Outcome, StageRuntime
 log = logging.getLogger(__name__)
 
 CANCELLATIONS_REMEMBERED = 100_000  # newest cancellation requests kept (the control topic is read from its start)
-POLL_S = 0.02  # the consumer thread's beat (a blocking poll of the orders): how long an idle agent may take to see
-# an assignment beyond the fetch itself; shorter beats cost the denoising thread GIL time for nothing
+#: The consumer thread's beat while a job runs (a blocking poll of the orders, which an order ends as it arrives,
+#: then the job's confirmations and cancellations); shorter beats cost the denoising thread GIL time for nothing.
+POLL_S = 0.02
+#: An idle agent's beat: what a beat does besides reading orders (a report a second) can wait this long.
+IDLE_POLL_S = 0.1
 REPORT_INTERVAL_S = 1.0
 CONFIRM_TIMEOUT_S = 5.0
 
@@ -101,7 +104,7 @@ class AgentRuntime(StageRuntime):
         try:
             self._report(force=True)
             while not self.stopping.is_set():
-                self._beat(POLL_S)
+                self._beat(POLL_S if self.current is not None else IDLE_POLL_S)
         finally:
             self._stop()
         return self.counters
