@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from consumers.audit import is_terminal as _ends_job
 from schemas.codec import DecodeError
 from streams import topics
-from streams.kafka import Latency, consumer_config
+from streams.kafka import Latency, SwitchingConsumer
 from streams.serde import event_codec
 from streams.settings import Settings
 
@@ -32,6 +32,8 @@ LIFECYCLE = (
     topics.FAILED,
     topics.CANCELLED,
 )
+#: Records a reader takes from its consumer at once (and puts in time order).
+BATCH = 500
 #: What `vidgen submit --follow` reads: the lifecycle and the scheduler's queue positions of waiting jobs.
 FOLLOWED = (*LIFECYCLE, topics.QUEUE)
 
@@ -54,19 +56,21 @@ def is_terminal(job_event: JobEvent) -> bool:
 
 def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iterable[topics.Topic] = LIFECYCLE,
                 poll_s: float = 0.1, skip_before_ms: int | None = None,
-                latency: str | Callable[[], str] = Latency.PROGRESS) -> Iterable[JobEvent]:
+                latency: str | Callable[[], str] = Latency.PROGRESS,
+                latencies: tuple[str, ...] = ()) -> Iterable[JobEvent]:
     """Every decodable event on the lifecycle topics from ``since_ms`` (or the beginning), as it arrives.
 
     ``skip_before_ms``: records stamped earlier are skipped before decoding (a long-running reader such as the
     gateway's, whose partitions without a record since ``since_ms`` are read from their start).
     ``latency``: how soon a new event must be seen (a Latency: the fetch wait on the embedded broker), or a function asked
-    every ``poll_s`` that may change it: the reader then goes on with a new consumer from exactly where it was (the
-    gateway's reader waits a second while it has no job in flight and a progress bar's latency while it has).
+    every ``poll_s`` that answers one of ``latencies``: the reader then goes on at that fetch wait from exactly where
+    it was (the gateway's reader waits a second while it has no job in flight and a progress bar's latency while it
+    has; streams.kafka.SwitchingConsumer).
     """
     codec = event_codec(settings)
     wanted = latency if callable(latency) else (lambda: latency)
-    current = wanted()
-    consumer = Consumer(consumer_config(settings, "vidgen.follow", latency=current))  # a group.id, never joined
+    reader = SwitchingConsumer(settings, "vidgen.follow", "vidgen", (wanted(), *latencies))  # a group.id, never joined
+    consumer = reader.consumer
     try:
         partitions = []
         metadata = consumer.list_topics(timeout=10)
@@ -81,29 +85,29 @@ def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iter
                 for tp in consumer.offsets_for_times(partitions, timeout=10)
             ]
         positions = {(tp.topic, tp.partition): tp.offset for tp in partitions}
-        consumer.assign(partitions)
+        reader.assign(partitions, reader.latency)
         while True:
-            if wanted() != current:  # a new fetch wait: a new consumer, from the positions reached
-                current = wanted()
-                consumer.close()
-                consumer = Consumer(consumer_config(settings, "vidgen.follow", latency=current))
-                consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in positions.items()])
-            msg = consumer.poll(poll_s)
-            if msg is None:
+            if wanted() != reader.latency:  # another fetch wait, from the positions reached
+                reader.switch(wanted(), [TopicPartition(t, p, offset) for (t, p), offset in positions.items()])
+                consumer = reader.consumer
+            batch = [msg for msg in consumer.consume(BATCH, poll_s) if not msg.error()]
+            if not batch:
                 yield None  # lets callers check their deadline
                 continue
-            if msg.error():
-                continue
-            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-            if skip_before_ms is not None and 0 <= msg.timestamp()[1] < skip_before_ms:
-                continue
-            try:
-                event = codec.decode(msg.topic(), msg.value())
-            except DecodeError:
-                continue  # dead-lettered by the stages; a follower just skips it
-            yield JobEvent(msg.topic(), event, msg.partition(), msg.offset(), msg.headers())
+            # One fetch brings records of several topics in partition order; in the order they were made, a job's
+            # events read as they happened (its request before its first step before its checkpoint).
+            batch.sort(key=lambda msg: msg.timestamp()[1])
+            for msg in batch:
+                positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+                if skip_before_ms is not None and 0 <= msg.timestamp()[1] < skip_before_ms:
+                    continue
+                try:
+                    event = codec.decode(msg.topic(), msg.value())
+                except DecodeError:
+                    continue  # dead-lettered by the stages; a follower just skips it
+                yield JobEvent(msg.topic(), event, msg.partition(), msg.offset(), msg.headers())
     finally:
-        consumer.close()
+        reader.close()
 
 
 def follow_job(settings: Settings, job_id: str, on_event: Callable[[JobEvent], None], submitted_ms: int,

@@ -395,7 +395,8 @@ class JobsView:
         since = self.live_since_ms
         while not self._stopping.is_set():
             stream = read_events(self.settings, since_ms=since, lifecycle=FOLDED_TOPICS, poll_s=0.1,
-                                 skip_before_ms=since, latency=self._live_latency)
+                                 skip_before_ms=since, latency=self._live_latency,
+                                 latencies=(Latency.PROGRESS, Latency.BACKGROUND))
             try:
                 for job_event in stream:
                     if self._stopping.is_set():

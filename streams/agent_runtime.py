@@ -96,7 +96,8 @@ class AgentRuntime(StageRuntime):
             # to stop (the scheduler skips a waiting job), so it reads them once a second.
             self.control = TopicFollower(
                 self.settings, self.stage.control, self.client_id, start="beginning",
-                latency=lambda: Latency.PIPELINE if self.current is not None else Latency.BACKGROUND)
+                latency=lambda: Latency.PIPELINE if self.current is not None else Latency.BACKGROUND,
+                latencies=(Latency.PIPELINE, Latency.BACKGROUND))
         log.info("%s: agent %s takes work from %s", self.stage.name, self.agent_id, topics.ASSIGNMENTS.name)
 
     def run(self):

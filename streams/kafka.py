@@ -162,6 +162,49 @@ def topic_config(topic: Topic) -> dict[str, str]:
     return {"retention.ms": str(topic.retention_ms)}
 
 
+class SwitchingConsumer:
+    """Assigned partitions (no group) read at a fetch wait that may change: one consumer per latency class, all
+    assigned, all but the current one paused. A switch pauses the current consumer and resumes the other at the
+    positions reached, so it costs nothing (a new consumer's first fetch takes ~0.25 s on the embedded broker), and a
+    paused consumer sends no fetches."""
+
+    def __init__(self, settings: Settings, group_id: str, client_id: str, latencies: Iterable[str],
+                 extra: dict | None = None):
+        from confluent_kafka import Consumer
+
+        self.consumers, self.fetch_waits_s = {}, {}
+        for latency in dict.fromkeys(latencies):
+            conf = {**consumer_config(settings, group_id, client_id, latency), **(extra or {})}
+            self.consumers[latency] = Consumer(conf)
+            self.fetch_waits_s[latency] = int(conf.get("fetch.wait.max.ms", 500)) / 1000.0
+        self.latency = next(iter(self.consumers))
+
+    @property
+    def consumer(self):
+        return self.consumers[self.latency]
+
+    def assign(self, partitions: list, latency: str) -> None:
+        self.latency = latency
+        for name, consumer in self.consumers.items():
+            consumer.assign(partitions)
+            if name != latency:
+                consumer.pause(partitions)
+
+    def switch(self, latency: str, positions: list) -> None:
+        """Go on reading at ``latency`` from ``positions`` (TopicPartitions with the next offsets)."""
+        if latency == self.latency:
+            return
+        self.consumer.pause(positions)
+        self.latency = latency
+        self.consumer.resume(positions)
+        for tp in positions:
+            self.consumer.seek(tp)  # also drops what this consumer fetched before it was paused
+
+    def close(self) -> None:
+        for consumer in self.consumers.values():
+            consumer.close()
+
+
 class TopicFollower:
     """Reads every partition of one topic outside any consumer group (nothing is committed): what a process uses to
     see all of a topic — the control topic's cancellations, the scheduler's orders, the agents' reports.
@@ -172,23 +215,25 @@ class TopicFollower:
     everything that was on the topic when it was called has been read, for a reader that must know it missed
     nothing (an agent before it finishes a job).
 
-    ``latency`` (a ``Latency``) may be a function, asked at every poll: when its answer changes, the follower goes on
-    with a new consumer of that fetch wait from exactly where it was (an agent reads cancellations at a pipeline
-    hop's latency while it runs a job, and once a second while it is idle). A switch costs a new consumer's first
-    fetch (~0.25 s on the embedded broker): for readers whose need changes seldom, not with every record.
+    ``latency`` (a ``Latency``) may be a function, asked at every poll, answering one of ``latencies``: the follower
+    then reads at that fetch wait from exactly where it was (a SwitchingConsumer: an agent reads cancellations at a
+    pipeline hop's latency while it runs a job, and once a second while it is idle).
     """
 
     def __init__(self, settings: Settings, topic: Topic, client_id: str, start: str = "beginning",
                  timeout_s: float = 10.0, latency: str | Callable[[], str] = Latency.PIPELINE,
-                 key: str | None = None):
+                 key: str | None = None, latencies: tuple[str, ...] = ()):
         """``key``: read only the partition of the records with this key (an agent's orders)."""
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         if start not in ("beginning", "end"):
             raise ValueError(f"start must be 'beginning' or 'end', got {start!r}")
-        self.settings, self.client_id, self.topic = settings, client_id, topic.name
+        self.settings, self.topic = settings, topic.name
         self.wanted_latency = latency if callable(latency) else (lambda: latency)
-        self._connect(self.wanted_latency())
+        first = self.wanted_latency()
+        self.reader = SwitchingConsumer(settings, f"{client_id}.{topic.name}", client_id, (first, *latencies),
+                                        {"enable.partition.eof": True})
+        self.consumer = self.reader.consumer
         metadata = self.consumer.list_topics(topic.name, timeout=timeout_s)
         if metadata.topics[topic.name].error is not None:
             raise KafkaException(metadata.topics[topic.name].error)
@@ -202,25 +247,19 @@ class TopicFollower:
                                                                    cached=False)[1]
             else:
                 self.next[p] = OFFSET_BEGINNING
-        self.consumer.assign([TopicPartition(topic.name, p, offset) for p, offset in self.next.items()])
+        self.reader.assign([TopicPartition(topic.name, p, offset) for p, offset in self.next.items()], first)
 
-    def _connect(self, latency: str) -> None:
-        from confluent_kafka import Consumer
-
-        conf = consumer_config(self.settings, f"{self.client_id}.{self.topic}", self.client_id, latency)
-        conf["enable.partition.eof"] = True
-        self.latency = latency
-        self.consumer = Consumer(conf)
-        self.fetch_wait_s = int(conf.get("fetch.wait.max.ms", 500)) / 1000.0
+    @property
+    def fetch_wait_s(self) -> float:
+        return self.reader.fetch_waits_s[self.reader.latency]
 
     def _follow_latency(self) -> None:
         from confluent_kafka import TopicPartition
 
         wanted = self.wanted_latency()
-        if wanted != self.latency:
-            self.consumer.close()
-            self._connect(wanted)
-            self.consumer.assign([TopicPartition(self.topic, p, offset) for p, offset in self.next.items()])
+        if wanted != self.reader.latency:
+            self.reader.switch(wanted, [TopicPartition(self.topic, p, offset) for p, offset in self.next.items()])
+            self.consumer = self.reader.consumer
 
     def poll(self, timeout_s: float = 0.0):
         """The next message, or None (nothing new, an end-of-partition notice, or an error, which is logged)."""
@@ -257,7 +296,9 @@ class TopicFollower:
 
         started = time.monotonic()
         deadline = started + timeout_s
-        settled = started + 2 * self.fetch_wait_s
+        # Only the embedded broker needs the second watermark (a Kafka cluster's ListOffsets answer is the end), and
+        # a fetch wait there is short; a cluster's idle fetch would take its whole 500 ms wait to come back.
+        settled = started + (2 * self.fetch_wait_s if self.settings.embedded else 0.0)
         wanted = list(self.next if partitions is None else partitions)
         try:
             ends = {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s,
@@ -305,4 +346,4 @@ class TopicFollower:
         return count
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
