@@ -90,7 +90,9 @@ def read_events(settings: Settings, since_ms: int | None = None, lifecycle: Iter
             if wanted() != reader.latency:  # another fetch wait, from the positions reached
                 reader.switch(wanted(), [TopicPartition(t, p, offset) for (t, p), offset in positions.items()])
                 consumer = reader.consumer
-            batch = [msg for msg in consumer.consume(BATCH, poll_s) if not msg.error()]
+            first = consumer.poll(poll_s)  # (consume() would wait for a whole batch or the timeout)
+            batch = [msg for msg in ([first, *consumer.consume(BATCH, 0)] if first is not None else [])
+                     if not msg.error()]
             if not batch:
                 yield None  # lets callers check their deadline
                 continue
