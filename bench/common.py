@@ -161,6 +161,27 @@ def cpu_load(pids: Iterable[int], window_s: float) -> float | None:
     return max(0.0, after - before) / window_s
 
 
+# -- a gateway's start ------------------------------------------------------------------------------------------------
+def wait_healthy(base: str, process, timeout_s: float, log_path) -> None:
+    """Until the gateway at ``base`` answers /healthz (raises if ``process`` exits first or it takes too long)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the process exited ({process.returncode}); see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not answer in {timeout_s} s; see {log_path}")
+        time.sleep(0.1)
+
+
+
 # -- output -----------------------------------------------------------------------------------------------------------
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], float_format: str = "{:.3f}") -> str:
     """A plain-text table: the first column left-aligned, the others right-aligned; floats through float_format."""

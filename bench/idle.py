@@ -21,10 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from .common import cpu_seconds, format_table, print_result, process_tree
+from .common import cpu_seconds, format_table, print_result, process_tree, wait_healthy
 
 
 def role_of(pid: int) -> str:
@@ -90,15 +89,8 @@ def main(argv: list[str]) -> int:
                 break
         else:
             raise SystemExit(f"`vidgen up` exited ({up.wait()}); logs in {var_dir}/log")
+        wait_healthy(f"http://127.0.0.1:{port}", up, args.settle_max_s, var_dir / "log")
         deadline = time.monotonic() + args.settle_max_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the gateway never answered; logs in {var_dir}/log") from None
-                time.sleep(0.5)
         previous, settle = None, []
         while time.monotonic() < deadline:
             _, total = cores_by_role(up.pid, args.settle_window_s)

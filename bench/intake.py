@@ -24,10 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from bench.common import cpu_seconds, format_table, percentile, print_result
+from bench.common import cpu_seconds, format_table, percentile, print_result, wait_healthy
 
 BODY = {"prompt": "a red fox trotting through fresh snow", "size": "64x64", "frames": 5, "steps": 2,
         "preset": "fast"}
@@ -80,22 +79,6 @@ def _load_main(argv: list[str]) -> int:
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------------------
-def _wait_healthy(base: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited ({process.returncode}); see {log_path}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway did not answer in {timeout_s} s; see {log_path}")
-        time.sleep(0.1)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--load"]:
@@ -130,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "vidgen", "gateway",
                  "--port", str(port), "--tenants", str(tenants_file)],
                 env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _wait_healthy(base, gateway, 90.0, log_path)
+        wait_healthy(base, gateway, 90.0, log_path)
         print(f"gateway pid {gateway.pid} on {base}; broker and registry from {var_dir}", flush=True)
         for concurrency in levels:
             before = cpu_seconds([gateway.pid])

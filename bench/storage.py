@@ -25,7 +25,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from .common import CpuAccount, format_table, print_result
+from .common import CpuAccount, format_table, print_result, wait_healthy
 
 TENANT = "bench"
 
@@ -43,18 +43,6 @@ def _get(url: str, key: str, follow: bool = True) -> tuple[int, bytes, str]:
             return response.status, response.read(), response.headers.get("Location", "")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers.get("Location", "")
-
-
-def _wait_healthy(base: str, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway at {base} did not come up") from None
-            time.sleep(0.2)
 
 
 def _usage(store, prefixes: list[str]) -> tuple[Counter, Counter]:
@@ -155,8 +143,8 @@ def main(argv: list[str]) -> int:
 
             # 3. Downloads through each gateway, its CPU accounted: the videos' variants (small: the cost of a
             # request), then one large file put into the first job's published folder (the cost of the bytes).
-            for base, _ in gateways.values():
-                _wait_healthy(base)
+            for base, process in gateways.values():
+                wait_healthy(base, process, 90.0, platform.log_dir)
             first_job = next(iter(published.values()))
             folder = store.key_of(first_job["video"]["uri"]).rsplit("/", 1)[0].split("/")
             large_ref = store.put(bytes(range(256)) * (args.large_mb << 12), *folder, "large.mp4", dtype="video/mp4")
