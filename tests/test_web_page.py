@@ -19,11 +19,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from bench.common import wait_healthy
 from streams.supervisor import STAGE_NAMES, PlatformProcesses
 
 pytestmark = pytest.mark.integration
@@ -61,22 +60,6 @@ def _gateway_command(port: int) -> list[str]:
     return [sys.executable, "-m", "vidgen", "gateway", "--host", "127.0.0.1", "--port", str(port)]
 
 
-def _wait_healthy(base: str, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the gateway exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the gateway did not answer /healthz in {timeout_s} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     """The platform (every stage and the job tracker) and one gateway process; yields (base URL, dev API key)."""
@@ -99,7 +82,7 @@ def gateway(tmp_path_factory):
                 _gateway_command(port), env={**platform.env, "VIDGEN_TENANTS": str(tenants_file)},
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, gateway_process, log)
+        wait_healthy(base, gateway_process, 60.0, log)  # raises with the log's path if it exits or hangs
         yield dict(base=base, key=key, chromium=chromium, platform=platform, log=log)
     finally:
         if gateway_process is not None and gateway_process.poll() is None:
