@@ -181,6 +181,36 @@ def wait_healthy(base: str, process, timeout_s: float, log_path) -> None:
         time.sleep(0.1)
 
 
+def start_gateway(platform, tenants_file, port: int, preexec_fn=None):
+    """`vidgen gateway` on ``port`` over a PlatformProcesses' broker, its log beside the platform's; returns the
+    process once /healthz answers."""
+    import subprocess
+    import sys
+
+    log_path = platform.log_dir / "gateway.log"
+    with open(log_path, "ab") as log_file:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "vidgen", "gateway", "--port", str(port), "--tenants", str(tenants_file)],
+            env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn)
+    wait_healthy(f"http://127.0.0.1:{port}", gateway, 90.0, log_path)
+    return gateway
+
+
+def stop_process(process, timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``timeout_s``."""
+    import subprocess
+
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 
 # -- output -----------------------------------------------------------------------------------------------------------
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], float_format: str = "{:.3f}") -> str:

@@ -473,7 +473,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=17, help="4k+1 frames")
     parser.add_argument("--agent-threads", type=int, default=1, help="torch threads of each agent (OMP_NUM_THREADS)")
     parser.add_argument("--assign-jobs", type=int, default=10)
-    parser.add_argument("--burst-partition", type=int, default=5, help="partition of the burst's tier topic")
+    parser.add_argument("--burst-partition", type=int, default=2, help="partition of the burst's tier topic")
     parser.add_argument("--backlog-per-tier", type=int, default=15)
     parser.add_argument("--counted-starts", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the var dir (logs) even after a clean run")

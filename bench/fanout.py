@@ -20,7 +20,9 @@ import os
 import uuid
 
 from .common import CpuAccount, format_table, percentile, print_result, process_tree
-from .progress import BenchPlatform, ClientProcesses, StepProducer, latencies_ms, raise_open_files_limit
+from gateway.server import raise_open_file_limit
+
+from .progress import BenchPlatform, ClientProcesses, StepProducer, latencies_ms
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     levels = sorted(int(v) for v in args.levels.split(","))
     jobs_per_level = args.jobs or (20 if args.mode == "job" else 1)
-    raise_open_files_limit()
+    raise_open_file_limit()
 
     bench = BenchPlatform("vidgen-bench-fanout-").start()
     producer = StepProducer(bench.settings)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cpu_seconds, format_table, percentile, print_result, wait_healthy
+from bench.common import cpu_seconds, format_table, percentile, print_result, start_gateway, stop_process
 
 BODY = {"prompt": "a red fox trotting through fresh snow", "size": "64x64", "frames": 5, "steps": 2,
         "preset": "fast"}
@@ -107,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         tenants_file = tenants.save(var_dir / "tenants.toml")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        log_path = platform.log_dir / "gateway.log"
-        with open(log_path, "ab") as log_file:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "vidgen", "gateway",
-                 "--port", str(port), "--tenants", str(tenants_file)],
-                env=platform.env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_healthy(base, gateway, 90.0, log_path)
+        gateway = start_gateway(platform, tenants_file, port)
         print(f"gateway pid {gateway.pid} on {base}; broker and registry from {var_dir}", flush=True)
         for concurrency in levels:
             before = cpu_seconds([gateway.pid])
@@ -133,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"concurrency {concurrency}: {result['rps']:.0f} req/s, p99 {result['p99_ms'] or 0:.1f} ms, "
                   f"{result['errors']} errors {result['statuses']}", flush=True)
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        stop_process(gateway)
         platform.stop()
 
     print()

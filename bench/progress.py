@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -29,18 +28,11 @@ import time
 import uuid
 from pathlib import Path
 
+from gateway.server import raise_open_file_limit
+
 from .common import CpuAccount, format_table, percentile, print_result, process_tree
 
 TENANT = "bench"
-
-
-def raise_open_files_limit() -> int:
-    """Thousands of sockets need thousands of descriptors: the soft limit goes up to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return target
 
 
 # -- the platform, the gateway -------------------------------------------------------------------------------------
@@ -103,13 +95,16 @@ async def _serve_gateway(port: int, tenants_file: str) -> None:
 
     from gateway.app import build_app
     from gateway.jobs import JobsView
+    from gateway.server import GuardedAppRunner, ServeLimits
     from gateway.tenants import TenantStore
     from streams.settings import load_settings
 
-    raise_open_files_limit()
+    raise_open_file_limit()
     settings = load_settings()
     view = JobsView(settings)
-    app = build_app(settings, jobs=view, tenants=TenantStore.load(tenants_file), publisher=object())
+    # One tenant's thousands of websockets from one address are this bench's load, not abuse (bench/abuse.py)
+    limits = ServeLimits(max_connections=10**6, max_per_address=10**6, max_websockets_per_tenant=10**6)
+    app = build_app(settings, jobs=view, tenants=TenantStore.load(tenants_file), publisher=object(), limits=limits)
 
     async def stats(request):
         return web.json_response({"subscribers": view.subscriber_count(), "jobs": view.jobs_count(),
@@ -117,7 +112,7 @@ async def _serve_gateway(port: int, tenants_file: str) -> None:
 
     app.router.add_get("/_bench/stats", stats)  # no route name: public to the auth middleware
     app.on_shutdown.append(view.close_subscriptions)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = GuardedAppRunner(app, limits, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
@@ -187,7 +182,7 @@ class ClientProcesses:
 async def _run_client(spec_path: str) -> None:
     import aiohttp
 
-    raise_open_files_limit()
+    raise_open_file_limit()
     spec = json.loads(Path(spec_path).read_text())
     url, last_step, timeout_s = spec["url"], spec["last_step"], spec["timeout_s"]
     sockets = spec["sockets"]
@@ -391,7 +386,7 @@ def progress_parser(prog: str = "vidgen bench progress") -> argparse.ArgumentPar
 
 def measure(args: argparse.Namespace) -> dict | None:
     """Run the measurement and print what it saw; {"p99_ms", "p50_ms", "samples"}, or None without samples."""
-    raise_open_files_limit()
+    raise_open_file_limit()
 
     gateway_env = {} if args.fetch_wait_ms is None else {"VIDGEN_KAFKA_FETCH_WAIT_MAX_MS": str(args.fetch_wait_ms)}
     bench = BenchPlatform("vidgen-bench-progress-", with_tracker=args.with_tracker, gateway_env=gateway_env).start()

@@ -563,6 +563,9 @@ class SchemaKeeper:
 
 
 # -- the consumer groups' positions -----------------------------------------------------------------------------------
+UNGROUPED_NAMES = frozenset(t.name for t in topics.UNGROUPED)
+
+
 class GroupPositions:
     """Records every consumer group's committed offsets once the archive holds everything those offsets rest on.
 
@@ -580,9 +583,15 @@ class GroupPositions:
     Recorded only while this archiver holds every archived partition (one archiver: the embedded mode).
     """
 
-    def __init__(self, root: Path, admin, generation: int, every_s: float = 1.0, margin_s: float = 0.3):
+    def __init__(self, root: Path, admin, generation: int, every_s: float = 1.0, margin_s: float = 0.3,
+                 idle_every_s: float = 30.0):
         self.root, self.admin, self.generation = root, admin, generation
         self.every_s, self.margin_s = every_s, margin_s
+        # While no record a group reads arrives, the groups' offsets can hardly move (a group that consumes without
+        # emitting commits a little further): a round then every ``idle_every_s`` keeps an idle broker quiet — a
+        # round lists every group and reads each one's offsets — and a restore from an older round only replays more.
+        self.idle_every_s = idle_every_s
+        self.consumed_at_round: dict[tuple[str, int], int] | None = None
         self.taken: tuple[float, dict] | None = None  # (T0, group → {"topic/partition": offset})
         self.targets: dict[tuple[str, int], int] | None = None
         self.next_round_at = 0.0
@@ -616,6 +625,10 @@ class GroupPositions:
         if self.taken is None:
             if now < self.next_round_at and not force:
                 return False
+            grouped = {tp: offset for tp, offset in consumed.items() if tp[0] not in UNGROUPED_NAMES}
+            if grouped == self.consumed_at_round and now < (self.recorded_at or 0.0) + self.idle_every_s and not force:
+                return False
+            self.consumed_at_round = grouped
             assignment = consumer.assignment()
             if len(assignment) < sum(t.partitions for t in topics.ARCHIVED):
                 return False  # another archiver holds some partitions: positions would not be safe
@@ -713,7 +726,7 @@ class Archiver:
 
         # A background reader (it fetches every partition there is); its fetch wait adds to the flush interval.
         conf = consumer_config(self.settings, GROUP_ID, "vidgen.archiver", Latency.BACKGROUND)
-        if serve_metrics(self.settings.metrics_port):  # how far behind the log the archive is, per partition
+        if serve_metrics(self.settings.metrics_port, self.settings.metrics_host):  # how far behind the log the archive is, per partition
             conf["statistics.interval.ms"] = 5000
             conf["stats_cb"] = LagMonitor("archiver").on_stats
         self.consumer = Consumer(conf)

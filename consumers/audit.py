@@ -55,7 +55,7 @@ from streams import topics
 from .archive_retention import RETENTION_FILE, kept_files, live_files, read_retention_anchor, retention_policy
 from .archiver import (HEAD_FILE, SCHEMAS_DIR, chain_next, genesis, parse_file_name, read_file, read_head,
                        record_digest, series_dirs, series_files)
-from .job_state import LIFECYCLE_TOPICS, epoch_ms
+from .job_state import LIFECYCLE_TOPICS, epoch_ms, request_fingerprint
 
 #: What the replay reads: the jobs' lifecycle, and what the blob lifecycle deleted.
 AUDITED_TOPICS = (*LIFECYCLE_TOPICS, topics.BLOB_LIFECYCLE)
@@ -569,6 +569,13 @@ def replay(events: Iterable[tuple], blobs: Callable[[dict], str | None] | None =
                 terminals[1]["where"])
         elif not terminals and require_terminal:
             violation("unfinished", "no terminal event (published, flagged, failed or cancelled)")
+        # one request per job id: a second one asking something else reused an Idempotency-Key across gateways
+        requests = sorted((e for e in items if e["topic"] == topics.REQUESTED.name),
+                          key=lambda e: (e["partition"], e["position"]))
+        for e in requests[1:]:
+            if request_fingerprint(e["event"]) != request_fingerprint(requests[0]["event"]):
+                violation("request", "a second VideoRequested of the job asks for something else (prompt "
+                                     f"{str(e['event'].get('prompt'))[:60]!r}); the first one is the job's", e["where"])
         outcome = (_OUTCOME[terminals[0]["topic"]] if len(terminals) == 1 else
                    "conflicting" if terminals else "unfinished")
         outcomes[outcome] += 1

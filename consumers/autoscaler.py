@@ -152,7 +152,7 @@ def decision_record(stage: str, observation: Observation, decision: Decision) ->
 def run_autoscale(settings: Settings, controller: AutoscaleController, interval_s: float, rounds: int | None = None,
                   out=sys.stdout) -> int:
     """Read vidgen.stats from shortly before now, decide every interval, print one JSON line per decision."""
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_host)
     codec = event_codec(settings)
     consumer = Consumer(consumer_config(settings, group_id="vidgen.autoscale"))  # assigned, never joined
     try:

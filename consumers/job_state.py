@@ -33,6 +33,8 @@ event id; flags, the only events kept by id, are few per job.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -183,7 +185,25 @@ def _adopt_profile(state: JobState, rank: int, at: int, event: dict) -> None:
         state.prompt = event["prompt"]
 
 
+def request_fingerprint(event: dict) -> str:
+    """What a VideoRequested asks, as one digest: prompt, negative prompt, tier, consent and parameters (the input
+    image by its sha256 and size). Two requests of one job id with different fingerprints are two different
+    requests that collided (one Idempotency-Key reused): the first in the log is the job's."""
+    facts = {"prompt": event.get("prompt"), "negative_prompt": event.get("negative_prompt"),
+             "tier": (event.get("tier") or "").lower(), "consent_ref": event.get("consent_ref"),
+             "params": public_params(event.get("params"))}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _apply_requested(state: JobState, event: dict, at: int) -> None:
+    fingerprint = request_fingerprint(event)
+    first = state.seen.get("request")
+    if first is not None and first != fingerprint:
+        # Another request under the same job id, after the first: never the job's (the encoder skips it as a
+        # duplicate too); counted, so the audit and the gateway can tell.
+        state.seen["conflicting_requests"] = state.seen.get("conflicting_requests", 0) + 1
+        return
+    state.seen["request"] = fingerprint
     state.requested_at = _min(state.requested_at, at)
     _adopt_profile(state, 0, at, event)
 

@@ -180,6 +180,8 @@ def reproduce(settings: Settings, root: Path, series: list[tuple[str, int, Path]
                          "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1 << 20})
     failures: list[str] = []
     ends: dict[str, int] = {}  # "topic/partition" → offset of the last record delivered + 1
+    # The broker's partitions, not the catalogue's: the platform creates what the archive holds (archived_partitions)
+    on_broker = {name: len(meta.partitions) for name, meta in producer.list_topics(timeout=10).topics.items()}
 
     def delivered(err, msg) -> None:
         where = f"{msg.topic()}/{msg.partition()}"
@@ -204,9 +206,9 @@ def reproduce(settings: Settings, root: Path, series: list[tuple[str, int, Path]
     known_topics: set[str] = set()
     for topic_name, partition, part_dir in series:
         topic = topics.BY_NAME.get(topic_name)
-        if topic is None or partition >= topic.partitions:
-            log.warning("restore: %s/%s is not in the catalogue; its archived records stay in the archive only",
-                        topic_name, partition)
+        if topic is None or partition >= on_broker.get(topic_name, topic.partitions):
+            log.warning("restore: %s/%s is not in the catalogue or on the broker; its archived records stay in the "
+                        "archive only", topic_name, partition)
             if topic_name not in report.skipped_topics:
                 report.skipped_topics.append(topic_name)
             continue
@@ -289,6 +291,16 @@ def commit_positions(settings: Settings, groups: dict[str, dict[str, int]]) -> N
             if tp.error is not None:
                 raise RestoreFailed(f"putting consumer group {group} back at {tp.topic}/{tp.partition}@{tp.offset} "
                                     f"failed: {tp.error}")
+
+
+def archived_partitions(settings: Settings) -> dict[str, int]:
+    """Partitions per catalogue topic that the archive holds records of: a broker restored from it needs at least
+    these (the catalogue asked more partitions of some topics in earlier versions)."""
+    counts: dict[str, int] = {}
+    for topic_name, partition, part_dir in series_dirs(archive_settings(settings).dir):
+        if topic_name in topics.BY_NAME and series_files(part_dir):
+            counts[topic_name] = max(counts.get(topic_name, 0), partition + 1)
+    return counts
 
 
 def restore_before_start(settings: Settings) -> dict:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TRACES_REMEMBERED = 200_000
 POLL_S = 0.005  # the beat while jobs wait: an agent that reports idle gets the next one within a few beats
 #: ... and with none waiting: a new job ends the beat's poll as it arrives, and agents' reports can wait this long.
-IDLE_POLL_S = 0.1
+IDLE_POLL_S = 0.25
 QUEUE_SNAPSHOT_S = 1.0  # how often the queue's size is taken for the autoscalers
 
 
@@ -114,7 +114,7 @@ class SchedulerRuntime(StageRuntime):
     def connect(self) -> None:
         self.handler = self.stage.build(self.settings, self.blobs)
         self.client_id = f"{self.stage.name}-{self.handler.scheduler_id}"
-        if serve_metrics(self.settings.metrics_port):
+        if serve_metrics(self.settings.metrics_port, self.settings.metrics_host):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
         # The lease topic holds no records: its consumer only keeps the membership, so its fetches may wait long.
@@ -165,13 +165,17 @@ class SchedulerRuntime(StageRuntime):
         self.consumer = Consumer(consumer_config(self.settings, self.stage.group_id, self.client_id, Latency.PIPELINE))
         self.consumer.subscribe([t.name for t in self.stage.consumes], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        # At the orders' latency, whether jobs wait or not: a cancellation of a waiting job must be seen before an
-        # agent that frees up is given that job, and an agent that reports idle gets the next one. (Not switched
-        # with the queue's length: a new consumer's first fetch takes a quarter of a second on the embedded broker,
-        # and the queue fills and empties with every job.)
+        # At the orders' latency while any job waits or runs (a cancellation of a waiting job must be seen before an
+        # agent that frees up is given that job, and an agent that reports idle gets the next one); in the
+        # background while the fleet is idle, when neither can change a decision. The switch is free
+        # (SwitchingConsumer), but it is made before it matters: a job that arrives at an idle fleet starts at once
+        # on an idle agent, and an agent can only free up while something runs.
+        watch = lambda: Latency.ORDERS if self._fleet_busy() else Latency.BACKGROUND  # noqa: E731
+        latencies = (Latency.ORDERS, Latency.BACKGROUND)
         self.control = TopicFollower(self.settings, topics.CONTROL, self.client_id, start="beginning",
-                                     latency=Latency.ORDERS)
-        self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end", latency=Latency.ORDERS)
+                                     latency=watch, latencies=latencies)
+        self.agents = TopicFollower(self.settings, topics.AGENTS, self.client_id, start="end", latency=watch,
+                                    latencies=latencies)
         self.active = True
         log.info("scheduler %s leads (epoch %d): %d decisions folded in %.2f s, %d jobs waiting, %d running",
                  self.handler.scheduler_id, dispatcher.leader_epoch, count, time.monotonic() - started,
@@ -180,6 +184,12 @@ class SchedulerRuntime(StageRuntime):
     def _jobs_waiting(self) -> bool:
         dispatcher = self.handler.dispatcher
         return dispatcher is not None and len(dispatcher.policy) > 0
+
+    def _fleet_busy(self) -> bool:
+        """Jobs wait or run."""
+        dispatcher = self.handler.dispatcher
+        return self._jobs_waiting() or (dispatcher is not None and any(
+            record.state == "assigned" for record in dispatcher.jobs.values()))
 
     def _step_down(self) -> None:
         self.active = False
@@ -247,7 +257,7 @@ class SchedulerRuntime(StageRuntime):
         if now >= self._queue_due:
             self._queue_due = now + QUEUE_SNAPSHOT_S
             self._queue = self.queue_snapshot()
-            if not self._queue_exported and serve_metrics(self.settings.metrics_port):
+            if not self._queue_exported and serve_metrics(self.settings.metrics_port, self.settings.metrics_host):
                 register_scheduler_queue(lambda: self._queue if self.active else None)
                 self._queue_exported = True
         super().report_stats()

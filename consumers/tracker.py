@@ -196,7 +196,7 @@ def run_tracker(settings: Settings) -> int:
     """Run the tracker worker until SIGTERM/SIGINT (faust's worker handles both: it commits and leaves the group)."""
     from streams.metrics import serve_metrics
 
-    serve_metrics(settings.metrics_port)  # the process's own metrics; the table's progress is in faust's logs
+    serve_metrics(settings.metrics_port, settings.metrics_host)  # the process's own metrics; the table's progress is in faust's logs
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app = build_tracker_app(settings, loop=loop)

@@ -55,12 +55,12 @@ import asyncio
 import base64
 import binascii
 import functools
-import hashlib
 import json
 import logging
 import math
 import re
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections import OrderedDict
@@ -68,21 +68,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from compliance.input_image import MAX_INPUT_IMAGE_BYTES, InputImage, InputImageError, read_input_image
-from consumers.job_state import public_params
+from consumers.job_state import request_fingerprint
 from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, store_input_image, video_request
 from streams import topics
 from streams.blobs import open_blob_store
+from streams.metrics import AUTH_FAILURES
 from streams.events import new_job_id
-from streams.settings import Settings
+from streams.settings import Settings, private_dir
 
 from .delivery import serve_blob
-from .errors import ApiError, error_middleware, not_found
+from .errors import ApiError, ClientGone, error_middleware, not_found
 from .limits import RateLimiter, retry_after_header
 from .openapi import Route, openapi_document
 from .publisher import PublishError
-from .tenants import Tenant, TenantStore
+from .server import (SERVER_NAME, GuardedAppRunner, RateLimitedLog, ServeLimits, WebsocketCounts,
+                     fit_to_open_file_limit, raise_open_file_limit)
+from .tenants import Tenant, TenantStore, install_key_redaction
 
 log = logging.getLogger(__name__)
 #: The gateway's modules share state through string keys (app["jobs"], request["tenant"]: the shared contract
@@ -94,6 +98,7 @@ IDEMPOTENCY_NAMESPACE = uuid.UUID("0b9d7c1e-3f57-4c2a-9a51-7d0f3e6b2a44")
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 MAX_SEED = 2**63 - 1  # GenerationParams.seed is an Avro long
+MAX_NUMBER = 1e6  # the largest float parameter taken at all; the model's own limits come after
 CREATE_FIELDS = ("prompt", "model", "size", "seconds", "frames", "fps", "tier", "steps", "seed", "negative_prompt",
                  "preset", "guidance_scale", "guidance_scale_2", "consent_ref", "input_reference")
 #: The largest input image as a base64 data URL (4 characters per 3 bytes), plus 1 MiB for the other fields and the
@@ -172,6 +177,8 @@ def _number(body: dict, name: str, form: bool) -> float | None:
             raise _invalid(name, f"{name} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _invalid(name, f"{name} must be a finite number, got {json.dumps(value)}")
+    if abs(value) > MAX_NUMBER:  # finite but absurd: 1e308 seconds would overflow the frame count
+        raise _invalid(name, f"{name} must be at most {MAX_NUMBER:g}, got {value:g}")
     return float(value)
 
 
@@ -279,13 +286,42 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _Catalogu
 
 
 async def read_body(request: web.Request) -> tuple[dict, bool]:
-    """The body as a dict, and whether it came as a form (whose values are text to convert)."""
+    """The body as a dict, and whether it came as a form (whose values are text to convert). The body must arrive
+    within the gateway's body deadline (gateway/server.py ServeLimits): a body sent a byte at a time is cut."""
+    deadline_s = request.app["limits"].body_timeout_s
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _read_body(request)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"the request body did not arrive within {deadline_s:g} s",
+                       close=True) from None
+    except (ConnectionError, web.HTTPException, asyncio.IncompleteReadError) as exc:
+        if isinstance(exc, web.HTTPException):
+            raise
+        raise ClientGone() from None
+    except Exception as exc:  # noqa: BLE001 - aiohttp's payload errors: the client broke off mid-body
+        if type(exc).__name__ in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError"):
+            raise ClientGone() from None
+        raise
+
+
+async def _read_body(request: web.Request) -> tuple[dict, bool]:
     ctype = request.content_type
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    if ctype == "application/x-www-form-urlencoded":
+        # Decoded strictly here (aiohttp's form parser replaces bytes that are not in the charset)
+        try:
+            text = (await request.read()).decode(request.charset or "utf-8")
+            return dict(urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                                               errors="strict")), True
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise ApiError(400, "invalid_body", f"the form is not text in charset {request.charset or 'utf-8'}: "
+                                                f"{type(exc).__name__}") from None
+    if ctype == "multipart/form-data":
         try:
             form = await request.post()
-        except (ValueError, LookupError, AssertionError) as exc:  # no boundary, an unknown charset, a torn body
-            raise ApiError(400, "invalid_body", f"the {ctype} body cannot be read: {exc}") from None
+        except (ValueError, LookupError, AssertionError, BadHttpMessage) as exc:  # no boundary, an unknown
+            # charset, a torn body, a part with too many or too long headers
+            raise ApiError(400, "invalid_body", f"the {ctype} body cannot be read: {str(exc)[:200]}") from None
         body = {}
         for name, value in form.items():
             if not isinstance(value, str):
@@ -306,6 +342,8 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
         body = json.loads(text)
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     return body, False
@@ -344,22 +382,21 @@ def idempotent_job_id(tenant_id: str, key: str) -> str:
     return uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant_id}\n{key}").hex
 
 
-def request_facts(event: dict, image: InputImage | None) -> dict:
-    """What an Idempotency-Key binds, in the shape a job's public state shows it: the input image by its sha256 and
-    size (its blob is written only once the request is accepted)."""
-    image_ref = None if image is None else {"sha256": image.sha256, "bytes": len(image.data)}
-    return {**{k: event[k] for k in ("prompt", "negative_prompt", "tier", "consent_ref")},
-            "params": public_params({**event["params"], "input_reference": image_ref})}
+def fingerprint_of(event: dict, image: InputImage | None) -> str:
+    """What an Idempotency-Key binds (consumers.job_state.request_fingerprint, which the tracker keeps for every
+    job), before the input image's blob is written: the image by its sha256 and size, as the event will name it."""
+    image_ref = None if image is None else {"uri": "", "sha256": image.sha256, "bytes": len(image.data)}
+    return request_fingerprint({**event, "params": {**event["params"], "input_reference": image_ref}})
 
 
-def request_fingerprint(facts: dict) -> str:
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+def _key_reused() -> ApiError:
+    return ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with a different request",
+                    param="Idempotency-Key")
 
 
-def _same_request(facts: dict, state: dict) -> bool:
-    """Whether a job's state (from the platform) shows this request: what the state keeps of it must agree."""
-    return (state.get("prompt") == facts["prompt"] and (state.get("tier") or "") == facts["tier"].lower()
-            and (state.get("params") is None or state["params"] == facts["params"]))
+#: How long an accepted request with an Idempotency-Key waits to see the job's first request on Kafka: another
+#: gateway may have published one under the same key at the same moment, and the first on the log is the job's.
+IDEMPOTENCY_CONFIRM_S = 5.0
 
 
 class IdempotencyRecords:
@@ -501,16 +538,14 @@ async def create_video(request: web.Request) -> web.Response:
                        param="Idempotency-Key")
     job_id = idempotent_job_id(tenant.id, key) if key else new_job_id()
     event = create.event(job_id, tenant)
-    facts = request_facts(event, image)
     jobs, records = app["jobs"], app["idempotency"]
 
     if key:
-        fingerprint = request_fingerprint(facts)
+        fingerprint = fingerprint_of(event, image)
         record = records.get(tenant.id, key)
         if record is not None:
             if record[0] != fingerprint:
-                raise ApiError(409, "idempotency_key_reused",
-                               "this Idempotency-Key was used with a different request", param="Idempotency-Key")
+                raise _key_reused()
             first = record[2]
             if not first.done():
                 await asyncio.wait([first])  # the first request's publication; never raises here
@@ -520,9 +555,8 @@ async def create_video(request: web.Request) -> web.Response:
             return _replay(jobs, job_id)
         state = jobs.get(job_id)  # published by another gateway process, or before a restart
         if state is not None:
-            if state.get("tenant") != tenant.id or not _same_request(facts, state):
-                raise ApiError(409, "idempotency_key_reused",
-                               "this Idempotency-Key was used with a different request", param="Idempotency-Key")
+            if state.get("tenant") != tenant.id or jobs.request_fingerprint(job_id) not in (None, fingerprint):
+                raise _key_reused()
             return _replay(jobs, job_id)
 
     pending = app["pending"]
@@ -560,6 +594,16 @@ async def create_video(request: web.Request) -> web.Response:
         pending[tenant.id] -= 1
     jobs.note_submitted(job_id, tenant.id, event)
     published.set_result(job_id)
+    if key:
+        # Another gateway may have published this job id (the same key) a moment before: the job is the first
+        # request on the log, and ours, if it is not that one, is skipped by the platform.
+        first = await jobs.first_request(job_id, IDEMPOTENCY_CONFIRM_S)
+        if first is None:
+            log.warning("job %s: its request was not seen on Kafka within %g s; answered without that check",
+                        job_id, IDEMPOTENCY_CONFIRM_S)
+        elif first != fingerprint:
+            records.put(tenant.id, key, first, job_id, published)  # later requests compare with the job's own
+            raise _key_reused()
     state = jobs.get(job_id)
     return web.json_response(video_object(state))
 
@@ -737,10 +781,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _static_path(app: web.Application, name: str) -> Path:
+    shown = name[:80] + ("..." if len(name) > 80 else "")
+    if "\x00" in name or len(name) > 255:  # no asset has such a name; the filesystem would raise
+        raise ApiError(404, "not_found", f"no file {shown!r}")
     root = app["static_dir"].resolve()
-    path = (root / name).resolve()
-    if root not in path.parents or not path.is_file():
-        raise ApiError(404, "not_found", f"no file {name!r}")
+    try:
+        path = (root / name).resolve()
+        found = root in path.parents and path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, and the like
+        found = False
+    if not found:
+        raise ApiError(404, "not_found", f"no file {shown!r}")
     return path
 
 
@@ -860,12 +911,33 @@ ROUTES: list[Route] = [
 
 
 # -- middleware and app ------------------------------------------------------------------------------------------------
-def _api_key(request: web.Request) -> str | None:
+#: Routes a browser reaches without headers — websockets, and media elements' and links' URLs — where the key may
+#: come as ?api_key=; every other route takes it in the Authorization header only (a query string ends up in
+#: proxies' and servers' logs and in browser history).
+QUERY_KEY_ROUTES = frozenset({"videoEvents", "tenantEvents", "getVideoContent", "getVideoSegment",
+                              "getPublishedFile"})
+
+
+def _api_key(request: web.Request, route: Route) -> str | None:
     header = request.headers.get("Authorization")
     if header:
         scheme, _, value = header.partition(" ")
         return value.strip() if scheme.lower() == "bearer" else None
+    if "api_key" in request.query and route.name not in QUERY_KEY_ROUTES:
+        raise ApiError(401, "api_key_in_query", "send your API key in the Authorization header: ?api_key= is taken "
+                                                "only on websockets and media URLs",
+                       headers={"WWW-Authenticate": 'Bearer realm="vidgen"'})
     return request.query.get("api_key")
+
+
+def _failed_authentication(request: web.Request, code: str) -> None:
+    """Counted per client address (vidgen_gateway_auth_failures_total) and logged at a bounded rate."""
+    address = request.remote or "?"
+    failures = request.app["auth_failures"]
+    failures[address] = failures.get(address, 0) + 1
+    AUTH_FAILURES.labels(address=address if len(failures) <= MAX_FAILURE_ADDRESSES else "other").inc()
+    request.app["auth_log"]("auth", logging.WARNING, "failed authentication from %s (%s, %d from there so far)",
+                            address, code, failures[address])
 
 
 @web.middleware
@@ -873,12 +945,18 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     route = request.app["route_specs"].get(request.match_info.route.name)
     if route is None or not route.auth:  # public routes, and unknown paths (answered 404/405 as JSON)
         return await handler(request)
-    key = _api_key(request)
     challenge = {"WWW-Authenticate": 'Bearer realm="vidgen"'}
+    try:
+        key = _api_key(request, route)
+    except ApiError:
+        _failed_authentication(request, "api_key_in_query")
+        raise
     if not key:
+        _failed_authentication(request, "missing_api_key")
         raise ApiError(401, "missing_api_key", "send your API key: Authorization: Bearer <key>", headers=challenge)
     tenant = request.app["tenants"].authenticate(key)
     if tenant is None:
+        _failed_authentication(request, "invalid_api_key")
         raise ApiError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
     wait_s = request.app["limiter"].check(tenant.id, tenant.rate_per_s, tenant.burst)
     if wait_s > 0:
@@ -889,8 +967,31 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
+#: Headers on every answer: no MIME sniffing; the page's own (below) keep it from being framed or loading anything
+#: from elsewhere.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; media-src 'self' blob:; img-src 'self' data: blob:; "
+                                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                                "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+}
+#: Addresses counted one by one in the failed-authentication metric; the rest are "other" (bounded cardinality).
+MAX_FAILURE_ADDRESSES = 1000
+
+
+async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME  # no versions
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    route = request.match_info.route.name if request.match_info is not None else None
+    if route in ("indexPage", "staticFile"):
+        response.headers.update(PAGE_HEADERS)
+
+
 def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, model_ids: tuple[str, ...] | None = None,
-              static_dir: Path | None = None, limiter: RateLimiter | None = None) -> web.Application:
+              static_dir: Path | None = None, limiter: RateLimiter | None = None,
+              limits: ServeLimits | None = None) -> web.Application:
     """The gateway's aiohttp app over a JobsView (gateway/jobs.py), tenants and a publisher (gateway/publisher.py).
 
     ``jobs.start/stop`` and ``publisher.start/stop`` (where they exist) run at the app's start-up and clean-up.
@@ -903,6 +1004,11 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     app["blobs"] = open_blob_store(settings)
     app["static_dir"] = Path(static_dir or STATIC_DIR)
     app["limiter"] = limiter or RateLimiter()
+    app["limits"] = limits = limits or ServeLimits()
+    app["websockets"] = WebsocketCounts(limits.max_websockets_per_tenant)
+    app["auth_failures"] = {}
+    app["auth_log"] = RateLimitedLog(limits.log_every_s)
+    app.on_response_prepare.append(_response_headers)
     app["idempotency"] = IdempotencyRecords()
     app["pending"] = {}
     app["route_specs"] = {route.name: route for route in ROUTES}
@@ -943,17 +1049,37 @@ def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080, *
 
     from streams.metrics import serve_metrics
 
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_host or host)  # not on every interface behind a loopback API
+    private_dir(settings.var_dir)
+    soft, _hard = raise_open_file_limit()
+    limits = fit_to_open_file_limit(ServeLimits.from_env(), soft)
     path = Path(tenants_file) if tenants_file else tenants_path(settings)
     tenants, new_key = load_or_create(path)
     if new_key:
         print(f"created {path} with tenant 'dev'; its API key (shown once, only its hash is stored):\n"
               f"  {new_key}", flush=True)
-    app = build_app(settings, jobs=JobsView(settings), tenants=tenants, publisher=KafkaPublisher(settings))
+    app = build_app(settings, jobs=JobsView(settings), tenants=tenants, publisher=KafkaPublisher(settings),
+                    limits=limits)
     print(f"vidgen gateway on http://{host}:{port} ({len(tenants)} tenants from {path})", flush=True)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, handle_signals=True,
-                shutdown_timeout=5.0)
+    asyncio.run(serve(app, host, port, limits))
     return 0
+
+
+async def serve(app: web.Application, host: str, port: int, limits: ServeLimits) -> None:
+    """Serve ``app`` through gateway/server.py's connection limits until SIGINT or SIGTERM."""
+    import signal
+
+    runner = GuardedAppRunner(app, limits, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -971,4 +1097,5 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpx2", "aiohttp.access"):  # a line per registry request is noise
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    install_key_redaction()
     return run_gateway(load_settings(), args.host, args.port, tenants_file=args.tenants)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 #: OpenAI's error ``type`` per status, so OpenAI clients classify vidgen's errors as they would theirs.
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
     416: "invalid_request_error", 429: "rate_limit_error", 501: "server_error", 503: "server_error",
 }
 #: Codes for aiohttp's own HTTP errors (raised by the router or the request parser, not by our handlers).
@@ -34,13 +34,18 @@ class ApiError(Exception):
     """An error the client should see: HTTP status, a stable code, a message, optionally the field at fault."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, close: bool = False):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.headers = headers or {}
+        self.close = close  # the connection ends after the answer (a body that did not arrive in time)
 
     def body(self) -> dict:
         return error_body(self.status, self.code, self.message, self.param)
+
+
+class ClientGone(Exception):
+    """The client broke the connection off before its request was read: nobody to answer, nothing to log loudly."""
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
@@ -64,7 +69,15 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+        if exc.close:
+            response.force_close()
+        return response
+    except ClientGone:
+        log.debug("%s %s: the client went away mid-request", request.method, request.path)
+        response = error_response(400, "client_gone", "the connection broke off before the request was read")
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are answers, not errors
             raise

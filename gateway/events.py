@@ -65,6 +65,7 @@ first envelope is the current state again); 4404 the job disappeared while conne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -104,14 +105,15 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     state = jobs.get(job_id)
     if state is None or state["tenant"] != tenant:  # another tenant's job is answered exactly like an unknown one
         return error_response(404, "video_not_found", f"no video with id {job_id!r}", param="video_id")
-    ws = _response()
-    await ws.prepare(request)
-    try:
-        subscription = jobs.subscribe(tenant, job_id)
-    except KeyError:
-        await ws.close(code=4404, message=b"video not found")
-        return ws
-    return await _serve(ws, jobs, subscription)
+    async with _websocket_of(request, tenant) as ws:
+        if not isinstance(ws, web.WebSocketResponse):
+            return ws  # the tenant's limit: 429
+        try:
+            subscription = jobs.subscribe(tenant, job_id)
+        except KeyError:
+            await ws.close(code=4404, message=b"video not found")
+            return ws
+        return await _serve(ws, jobs, subscription)
 
 
 async def tenant_events(request: web.Request) -> web.StreamResponse:
@@ -120,9 +122,29 @@ async def tenant_events(request: web.Request) -> web.StreamResponse:
     if tenant is None:
         return _unauthenticated()
     jobs: JobsView = request.app["jobs"]
-    ws = _response()
-    await ws.prepare(request)
-    return await _serve(ws, jobs, jobs.subscribe(tenant, None))
+    async with _websocket_of(request, tenant) as ws:
+        if not isinstance(ws, web.WebSocketResponse):
+            return ws  # the tenant's limit: 429
+        return await _serve(ws, jobs, jobs.subscribe(tenant, None))
+
+
+@contextlib.asynccontextmanager
+async def _websocket_of(request: web.Request, tenant: str):
+    """The upgraded websocket, counted against the tenant's limit while it is open; or, over the limit, a 429
+    (before the upgrade: a browser sees the status) naming the limit."""
+    counts = request.app.get("websockets")
+    if counts is not None and not counts.take(tenant):
+        yield error_response(429, "too_many_websockets",
+                             f"the tenant has its limit of {counts.limit} open websockets; close one first "
+                             f"(/v1/events follows all of a tenant's jobs on one)", headers={"Retry-After": "1"})
+        return
+    try:
+        ws = _response()
+        await ws.prepare(request)
+        yield ws
+    finally:
+        if counts is not None:
+            counts.give_back(tenant)
 
 
 def add_routes(app: web.Application) -> None:

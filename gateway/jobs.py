@@ -36,7 +36,7 @@ import logging
 import threading
 
 from consumers.job_state import (FLAGGED, PUBLISHED, TERMINAL_STATUSES, FOLDED_TOPICS, JobState, fold,
-                                 to_public)
+                                 request_fingerprint, to_public)
 from streams import topics
 from streams.events import now_ms
 from streams.kafka import Latency
@@ -259,7 +259,7 @@ class Subscription:
 
 
 class _Job:
-    __slots__ = ("job_id", "state", "base", "live", "overflowed")
+    __slots__ = ("job_id", "state", "base", "live", "overflowed", "first_request", "waiters")
 
     def __init__(self, job_id: str):
         self.job_id = job_id
@@ -267,6 +267,8 @@ class _Job:
         self.base: JobState | None = None  # the tracker's newest state
         self.live: collections.deque = collections.deque(maxlen=LIVE_BUFFER)  # (topic, event) not in base yet
         self.overflowed = False
+        self.first_request: str | None = None  # the fingerprint of the first VideoRequested read from Kafka
+        self.waiters: list[asyncio.Future] = []  # first_request() calls waiting for it
 
 
 def _sort_key(state: JobState) -> tuple:
@@ -450,12 +452,15 @@ class JobsView:
                 log.exception("jobs view: cannot take %s", item[:2])
 
     # -- folding ----------------------------------------------------------------------------------------------------
-    def ingest_event(self, topic_name: str, event: dict) -> bool:
-        """Fold one live lifecycle event (decoded) into its job; True if it changed the job's state."""
+    def ingest_event(self, topic_name: str, event: dict, local: bool = False) -> bool:
+        """Fold one live lifecycle event (decoded) into its job; True if it changed the job's state. ``local``: this
+        process's own request (note_submitted), not read from Kafka."""
         job_id = event["job_id"]
         job = self._jobs.get(job_id)
         if job is None:
             job = self._jobs[job_id] = _Job(job_id)
+        if topic_name == topics.REQUESTED.name and not local:
+            self._first_request_read(job, event)
         old = job.state
         new = fold(old, topic_name, event)
         self.counters["live_events"] += 1
@@ -505,7 +510,50 @@ class JobsView:
     def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
         """The gateway just published this VideoRequested: show the job ("requested") before Kafka brings it back."""
         event = dict(request_event, job_id=job_id, tenant=tenant)  # the authenticated tenant, whatever the event says
-        self.ingest_event(topics.REQUESTED.name, event)
+        self.ingest_event(topics.REQUESTED.name, event, local=True)
+
+    def request_fingerprint(self, job_id: str) -> str | None:
+        """The fingerprint (consumers.job_state.request_fingerprint) of the job's request as this view has it."""
+        job = self._jobs.get(job_id)
+        return None if job is None or job.state is None else job.state.seen.get("request")
+
+    async def first_request(self, job_id: str, timeout_s: float) -> str | None:
+        """The fingerprint of the job's first VideoRequested on Kafka — the one the platform runs, whichever gateway
+        published it — once the live reader has read it; None if it has not within ``timeout_s``."""
+        if not self._threads:
+            return None  # nothing reads Kafka (a view fed by hand)
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _Job(job_id)
+        if job.first_request is not None:
+            return job.first_request
+        waiter = asyncio.get_running_loop().create_future()
+        job.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            if waiter in job.waiters:
+                job.waiters.remove(waiter)
+
+    def _first_request_read(self, job: _Job, event: dict) -> None:
+        """A VideoRequested came from Kafka: the first one is the job's. If this process's own request lost a race
+        for the job id (shown at once by note_submitted), the job is shown as the platform has it."""
+        if job.first_request is not None:
+            return
+        job.first_request = request_fingerprint(event)
+        for waiter in job.waiters:
+            if not waiter.done():
+                waiter.set_result(job.first_request)
+        if job.state is not None and job.state.seen.get("request") not in (None, job.first_request):
+            lost = [(t, e) for t, e in job.live if t == topics.REQUESTED.name
+                    and request_fingerprint(e) != job.first_request]
+            job.live = collections.deque(((t, e) for t, e in job.live if (t, e) not in lost), maxlen=LIVE_BUFFER)
+            rebuilt = job.base
+            for topic_name, live_event in job.live:
+                rebuilt = fold(rebuilt, topic_name, live_event)
+            job.state = rebuilt
 
     def _changed(self, job: _Job, old: JobState | None, new: JobState) -> None:
         tenant = new.tenant

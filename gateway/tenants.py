@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,35 @@ TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}  # premium 0, standa
 
 class TenantError(ValueError):
     """A tenants file or a tenant definition that cannot be used (the message says why)."""
+
+
+#: An API key as it may appear in text (a header line quoted in an error, a URL with ?api_key=).
+_KEY_IN_TEXT = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-]{6,}")
+
+
+def redact_keys(text: str) -> str:
+    return _KEY_IN_TEXT.sub(KEY_PREFIX + "<redacted>", text)
+
+
+class RedactKeys(logging.Filter):
+    """On a log handler: API keys in a record's message or traceback are replaced before anything is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if KEY_PREFIX in message:
+            record.msg, record.args = redact_keys(message), ()
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            if KEY_PREFIX in text:
+                record.exc_text, record.exc_info = redact_keys(text), None
+        return True
+
+
+def install_key_redaction(logger: logging.Logger | None = None) -> None:
+    """Every handler of ``logger`` (the root logger by default) redacts API keys."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactKeys) for f in handler.filters):
+            handler.addFilter(RedactKeys())
 
 
 def hash_key(key: str) -> str:

@@ -11,8 +11,8 @@ The consumer thread never waits on a job (a denoising job outlives max.poll.inte
 2. Read the control topic (cancellations; from its start, as every process that may run a job must).
 3. When the worker is done: report at once how the job ended (COMPLETED: it needs no GPU any more; INTERRUPTED:
    it stopped after a checkpoint and must resume elsewhere), so the scheduler can hand out the next job.
-4. Report the agent's state on vidgen.agents when it changes, and every REPORT_INTERVAL_S anyway: the scheduler
-   declares an agent that stops reporting dead.
+4. Report the agent's state on vidgen.agents when it changes, and every REPORT_INTERVAL_S anyway (less often
+   while idle: IDLE_REPORT_INTERVAL_S): the scheduler declares an agent that stops reporting dead.
 
 A job stops only at a step boundary: cancelled (it ends, terminal event), preempted or drained on SIGTERM (after a
 checkpoint at that step; it resumes elsewhere), or fenced — the scheduler took it back (REVOKE, after it declared
@@ -44,9 +44,13 @@ CANCELLATIONS_REMEMBERED = 100_000  # newest cancellation requests kept (the con
 #: The consumer thread's beat while a job runs (a blocking poll of the orders, which an order ends as it arrives,
 #: then the job's confirmations and cancellations); shorter beats cost the denoising thread GIL time for nothing.
 POLL_S = 0.02
-#: An idle agent's beat: what a beat does besides reading orders (a report a second) can wait this long.
-IDLE_POLL_S = 0.1
+#: An idle agent's beat: an order ends it as it arrives, and what a beat does besides (reports every few seconds,
+#: cancellations read in the background) can wait this long. Each beat costs an idle process CPU.
+IDLE_POLL_S = 0.25
 REPORT_INTERVAL_S = 1.0
+#: ... while idle, when only the agent's liveness is news: every 3 s, or four times per agent timeout if that is
+#: shorter (every report wakes each reader of vidgen.agents on the broker: the scheduler, the archiver).
+IDLE_REPORT_INTERVAL_S = 3.0
 CONFIRM_TIMEOUT_S = 5.0
 
 
@@ -83,7 +87,7 @@ class AgentRuntime(StageRuntime):
         self.handler = self.stage.build(self.settings, self.blobs)
         self.agent_id = self.handler.agent_id
         self.client_id = f"{self.stage.name}-{self.agent_id}"
-        if serve_metrics(self.settings.metrics_port):
+        if serve_metrics(self.settings.metrics_port, self.settings.metrics_host):
             register_stage_counters(self.stage.name, self.counters)
         self.producer = Producer(producer_config(self.settings, self.client_id))
         # Read from the end: every message for this agent is sent after its first report, which follows this. Only
@@ -264,7 +268,9 @@ class AgentRuntime(StageRuntime):
         now = time.monotonic()
         if not force and key == self._last_state and now < self._next_status:
             return
-        self._last_state, self._next_status = key, now + REPORT_INTERVAL_S
+        idle_interval = max(REPORT_INTERVAL_S, min(IDLE_REPORT_INTERVAL_S, self.settings.agent_timeout_s / 4))
+        self._last_state = key
+        self._next_status = now + (REPORT_INTERVAL_S if job is not None else idle_interval)
         status = self.handler.status()
         finished_job, finished_epoch, outcome, reason = self.finished
         fields = dict(

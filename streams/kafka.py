@@ -44,7 +44,12 @@ CONSUMER_DEFAULTS = {
 #: records or not — is handled per reader: see Latency.
 TANSU_WORKAROUNDS = {
     "session.timeout.ms": 6000,
-    "heartbeat.interval.ms": 1000,
+    "heartbeat.interval.ms": 2000,  # a third of the session, as Kafka advises; each one costs the broker ~0.7 ms
+}
+#: ... and for every client (consumers, producers, admin): Tansu offers no telemetry subscription (KIP-714), and
+#: librdkafka asks for one again every few seconds per client.
+TANSU_CLIENT_WORKAROUNDS = {
+    "enable.metrics.push": False,
 }
 
 
@@ -78,7 +83,7 @@ def key_partition(key: str, partitions: int) -> int:
 
 
 def client_config(settings: Settings) -> dict:
-    return {"bootstrap.servers": settings.require_kafka()}
+    return {"bootstrap.servers": settings.require_kafka(), **(TANSU_CLIENT_WORKAROUNDS if settings.embedded else {})}
 
 
 def producer_config(settings: Settings, client_id: str = "vidgen") -> dict:
@@ -112,9 +117,11 @@ def admin_config(settings: Settings) -> dict:
     return conf
 
 
-def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = ARCHIVED, timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = ARCHIVED, timeout_s: float = 30.0,
+                  at_least: dict[str, int] | None = None) -> list[str]:
     """Create the catalogue's topics (and the tracker's state topics, so that the archiver's subscription finds them
-    from the start) that do not exist yet; returns the names created.
+    from the start) that do not exist yet; returns the names created. ``at_least``: more partitions for some topics
+    than the catalogue asks (an archive of a broker made when the catalogue asked more, restored into a new one).
 
     Existing topics are left alone but checked: fewer partitions than the catalogue asks for is an error,
     because partition counts cannot be raised on every broker (and re-keying would break per-job order).
@@ -140,7 +147,7 @@ def ensure_topics(settings: Settings, topics: tuple[Topic, ...] = ARCHIVED, time
         return []
     futures = admin.create_topics(
         [
-            NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=topic_config(t))
+            NewTopic(t.name, num_partitions=max(t.partitions, (at_least or {}).get(t.name, 0)), replication_factor=-1, config=topic_config(t))
             for t in missing
         ],
         operation_timeout=timeout_s,
@@ -224,7 +231,7 @@ class TopicFollower:
                  timeout_s: float = 10.0, latency: str | Callable[[], str] = Latency.PIPELINE,
                  key: str | None = None, latencies: tuple[str, ...] = ()):
         """``key``: read only the partition of the records with this key (an agent's orders)."""
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+        from confluent_kafka import TopicPartition
 
         if start not in ("beginning", "end"):
             raise ValueError(f"start must be 'beginning' or 'end', got {start!r}")
@@ -242,11 +249,12 @@ class TopicFollower:
             partitions = [key_partition(key, len(partitions))]
         self.next: dict[int, int] = {}
         for p in partitions:
-            if start == "end":
-                self.next[p] = self.consumer.get_watermark_offsets(TopicPartition(topic.name, p), timeout=timeout_s,
-                                                                   cached=False)[1]
-            else:
-                self.next[p] = OFFSET_BEGINNING
+            # Real offsets, never a logical one: a switch of fetch wait (SwitchingConsumer) seeks the other consumer
+            # to these, and a seek to "the beginning" would read a partition's history again, after an offset
+            # lookup of its own.
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(topic.name, p), timeout=timeout_s,
+                                                            cached=False)
+            self.next[p] = high if start == "end" else low
         self.reader.assign([TopicPartition(topic.name, p, offset) for p, offset in self.next.items()], first)
 
     @property

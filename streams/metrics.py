@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict
 
-from prometheus_client import REGISTRY, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,24 @@ COMPLIANCE_SECONDS = Histogram("vidgen_compliance_seconds", "Compliance work per
                                buckets=SECONDS_BUCKETS)
 JOB_SECONDS = Histogram("vidgen_job_seconds", "From the request to the end of compliance", ["outcome"],
                         buckets=SECONDS_BUCKETS)
+AUTH_FAILURES = Counter("vidgen_gateway_auth_failures", "Gateway requests refused for a missing or invalid API key, "
+                        "by client address", ["address"])
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
 
 
-def serve_metrics(port: int | None) -> int | None:
-    """Serve /metrics on the port once per process (None or 0: off). Returns the port served."""
+def serve_metrics(port: int | None, host: str | None = None) -> int | None:
+    """Serve /metrics on the port once per process (None or 0: off), on ``host`` (all interfaces when None).
+    Returns the port served."""
     global _server_port
     if not port:
         return None
     with _server_lock:
         if _server_port is None:
-            start_http_server(port)
+            start_http_server(port, addr=host or "0.0.0.0")
             _server_port = port
-            log.info("metrics on :%d/metrics", port)
+            log.info("metrics on %s:%d/metrics", host or "*", port)
     return _server_port
 
 

@@ -37,10 +37,13 @@ Environment variables:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PLATFORM_FILE = "platform.json"
 DAY_S = 24 * 3600.0
@@ -111,6 +114,9 @@ class Settings:
     rendition_ladder: str | None = None
     #: Serve Prometheus /metrics on this port (None: off); send a StageStats report every N seconds (0: off).
     metrics_port: int | None = None
+    #: The address /metrics binds to: all interfaces when unset (a pod's scrape target), except in the gateway,
+    #: which binds it where its API listens unless this says otherwise.
+    metrics_host: str | None = None
     stats_interval_s: float = 10.0
     #: True when the addresses came from the embedded platform's run file (Tansu client workarounds apply).
     embedded: bool = False
@@ -172,6 +178,18 @@ def _parse_model_devices(text: str) -> dict[str, int]:
             raise ValueError(f"model_devices entry {item!r} is not model=N")
         devices[name] = int(count)
     return devices
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (the var folder: prompts in the archive, the tenants' key digests, the dedupe ledgers) readable by
+    its owner alone: created 0700, or tightened if an earlier version left it open to others."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+        log.warning("%s was readable by others (mode %o); now owner-only", path, mode)
+    return path
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -261,6 +279,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     observability = file_settings.get("observability", {})
     port = env.get("VIDGEN_METRICS_PORT") or observability.get("metrics_port")
     settings.metrics_port = int(port) if port else None
+    settings.metrics_host = env.get("VIDGEN_METRICS_HOST") or observability.get("metrics_host") or None
     interval = env.get("VIDGEN_STATS_INTERVAL_S") or observability.get("stats_interval_s")
     settings.stats_interval_s = float(interval) if interval not in (None, "") else 10.0
     if settings.encoder_batch < 1:

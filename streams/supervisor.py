@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .settings import Settings, load_settings, read_platform_file
+from .settings import Settings, load_settings, private_dir, read_platform_file
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ BACKGROUND_NICENESS = 10
 class PlatformProcesses:
     """`vidgen broker` (which starts Tansu and the registry unless the settings name real ones) plus stages."""
     def __init__(self, var_dir: Path, stages: tuple[str, ...] = STAGE_NAMES, env: dict[str, str] | None = None):
-        self.var_dir = Path(var_dir).resolve()
+        self.var_dir = private_dir(Path(var_dir).resolve())
         self.stage_names = stages
         self.env = {**os.environ, **(env or {}), "VIDGEN_VAR_DIR": str(self.var_dir)}
         self.broker: subprocess.Popen | None = None

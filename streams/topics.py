@@ -1,7 +1,8 @@
 """The topic catalogue: every topic vidgen uses, with its partitions, key and value schema. Nothing else names topics.
 
-Generation topics are split by tier so the GPU agents can weigh them; they get the most partitions because their
-consumers are the scarce GPUs (a partition is the unit of parallelism in a consumer group).
+Generation topics are split by tier so the scheduler can weigh them. Only the one active scheduler reads them (the
+agents take orders from it), so a few partitions each are plenty: every partition is named in every fetch, and on
+the embedded broker each costs CPU in every one (streams.kafka.Latency).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Topic:
 
 REQUESTED = Topic("vidgen.requested", 6, "VideoRequested", doc="requests from upstream services and the gateway")
 ENCODED = {
-    tier: Topic(f"vidgen.encoded.{tier}", 12, "PromptEncoded", doc=f"generation queue of the {tier} tier")
+    tier: Topic(f"vidgen.encoded.{tier}", 3, "PromptEncoded", doc=f"generation queue of the {tier} tier")
     for tier in TIERS
 }
 STEP_PROGRESS = Topic("vidgen.step-progress", 6, "StepProgress", retention_ms=DAY_MS, archive_retention_ms=7 * DAY_MS)
@@ -97,6 +98,10 @@ STATE_TOPICS: tuple[Topic, ...] = (TRACKER_EVENTS, TRACKER_CHANGELOG)
 ARCHIVED: tuple[Topic, ...] = CATALOGUE + STATE_TOPICS
 
 BY_NAME = {topic.name: topic for topic in ARCHIVED}
+
+#: Reports that no consumer group reads (the scheduler follows AGENTS, the autoscaler reads STATS by time): a record
+#: on them moves no group's committed offsets, so the archiver's record of the groups' positions ignores them.
+UNGROUPED: tuple[Topic, ...] = (STATS, AGENTS)
 
 #: Topics whose events end a job: exactly one of them per job (on vidgen.flagged, only decision BLOCK ends it).
 TERMINAL = (PUBLISHED, FLAGGED, FAILED, CANCELLED)

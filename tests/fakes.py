@@ -17,6 +17,7 @@ class FakeJobsView:
     def __init__(self):
         self.states = {}  # job_id → JobState
         self.order: list[str] = []  # submission order (newest last)
+        self.log = None  # a FakePublisher: what "Kafka" holds, for first_request
         self.started = self.stopped = False
 
     async def start(self) -> None:
@@ -43,6 +44,27 @@ class FakeJobsView:
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
         return [to_public(self.states[j]) for j in ids[:limit]]
+
+    def request_fingerprint(self, job_id: str) -> str | None:
+        state = self.states.get(job_id)
+        return None if state is None else state.seen.get("request")
+
+    async def first_request(self, job_id: str, timeout_s: float) -> str | None:
+        """The first request of the job on "Kafka": what ``log`` (a FakePublisher several gateways may share)
+        received first; None when nothing links the view to one."""
+        from consumers.job_state import request_fingerprint
+
+        first = next((e for e in getattr(self.log, "requests", []) if e["job_id"] == job_id), None)
+        return None if first is None else request_fingerprint(first)
+
+    def subscribe(self, tenant: str, job_id: str | None = None):
+        """A feed that carries nothing (the websocket handlers' contract; gateway/jobs.py has the real one)."""
+        from gateway.jobs import Subscription
+
+        return Subscription(tenant, job_id)
+
+    def unsubscribe(self, subscription) -> None:
+        pass
 
     def in_flight(self, tenant: str) -> int:
         return sum(1 for s in self.states.values() if s.tenant == tenant and not s.terminal)

@@ -110,6 +110,8 @@ def job_ids_on_partition(tier: str, partition: int, count: int) -> list[str]:
     partitioner (consistent_random) takes CRC-32 of the key modulo the partition count. The tests check where
     the records really landed (the QUEUED decisions name their source partition)."""
     n = topics.encoded_topic(tier).partitions
+    if not 0 <= partition < n:
+        raise ValueError(f"the {tier} tier's topic has {n} partitions, not a partition {partition}")
     found = []
     while len(found) < count:
         job_id = uuid.uuid4().hex

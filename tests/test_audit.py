@@ -248,3 +248,15 @@ def test_the_same_log_twice_gives_the_same_report():
 def test_bad_times_are_refused(text):
     with pytest.raises(ValueError):
         parse_time(text)
+
+
+def test_a_second_request_of_a_job_asking_something_else_is_a_violation():
+    """Issue 24: one Idempotency-Key with two prompts sent to two gateways at once put two VideoRequested of one job
+    id on the log; the first is the job's, the second must be reported."""
+    first = requested("j1")
+    second = requested("j1", at=T0 - 5, retry=1)  # stamped earlier, but later in the log
+    second[1]["prompt"] = "a wolf"
+    report = replay(log_of([first, second] + job_lifecycle("j1")[1:]))
+    assert kinds(report) == [("j1", "request")] and "a wolf" in report.violations[0]["detail"]
+    same = requested("j1", retry=1)  # the same request again (a client retry): not a violation
+    assert replay(log_of([first, same] + job_lifecycle("j1")[1:])).ok

@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from consumers.job_state import fold
 from gateway.app import ROUTES, build_app, frames_for_seconds, idempotent_job_id
 from gateway.limits import RateLimiter, TokenBucket, retry_after_header
+from gateway.server import GuardedAppRunner, ServeLimits
 from gateway.tenants import TenantStore, Tenant, hash_key, load_or_create
 from streams import topics
 from streams.blobs import LocalBlobStore
@@ -28,6 +29,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:It is recommended to use web")
 BODY = {"prompt": "a red fox in the snow", "size": "64x48", "frames": 5, "steps": 2, "preset": "fast"}
 
 
+class GuardedTestServer(TestServer):
+    """aiohttp's test server, serving through the gateway's own runner (gateway/server.py: connection limits)."""
+
+    def __init__(self, app, limits: ServeLimits, **kwargs):
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
+    async def _make_runner(self, **kwargs):
+        return GuardedAppRunner(self.app, self.limits, **kwargs)
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0
@@ -39,7 +51,8 @@ class Clock:
 class Gateway:
     """An app over fakes, two tenants (acme: premium, other: standard), and a client."""
 
-    def __init__(self, tmp_path, *, acme_rate=1000.0, acme_burst=1000, acme_in_flight=50, jobs=None):
+    def __init__(self, tmp_path, *, acme_rate=1000.0, acme_burst=1000, acme_in_flight=50, jobs=None,
+                 limits: ServeLimits | None = None):
         self.settings = Settings(var_dir=tmp_path, blob_url=(tmp_path / "blobs").as_uri())
         self.blobs = LocalBlobStore(tmp_path / "blobs")
         self.tenants = TenantStore()
@@ -49,13 +62,16 @@ class Gateway:
                                                        max_in_flight=50)
         self.jobs = jobs or FakeJobsView()
         self.publisher = FakePublisher()
+        if isinstance(self.jobs, FakeJobsView) and self.jobs.log is None:
+            self.jobs.log = self.publisher
         self.clock = Clock()
         self.app = build_app(self.settings, jobs=self.jobs, tenants=self.tenants, publisher=self.publisher,
-                             limiter=RateLimiter(clock=self.clock), static_dir=tmp_path / "static")
+                             limiter=RateLimiter(clock=self.clock), static_dir=tmp_path / "static", limits=limits)
+        self.limits = self.app["limits"]
         self.client: TestClient | None = None
 
     async def __aenter__(self) -> "Gateway":
-        self.client = TestClient(TestServer(self.app))
+        self.client = TestClient(GuardedTestServer(self.app, self.limits))
         await self.client.start_server()
         return self
 
@@ -228,7 +244,8 @@ async def test_api_keys(tmp_path):
         response = await gw.client.get("/v1/videos", headers={"Authorization": f"Basic {gw.acme_key}"})
         assert_error(response, await _json(response), 401, "missing_api_key")
         response = await gw.client.get("/v1/videos", params={"api_key": gw.acme_key})
-        assert response.status == 200  # the fallback for websockets and the page
+        # ?api_key= only where a browser cannot send a header (websockets, media URLs): not on the API's calls
+        assert_error(response, await _json(response), 401, "api_key_in_query")
         for path in ("/openapi.json", "/healthz", "/"):
             assert (await gw.client.get(path)).status == 200, path
         assert not gw.publisher.requests
@@ -543,8 +560,8 @@ async def test_models_lists_what_the_gateway_serves_in_openai_shape(tmp_path):
             assert_error(response, error, 404, "model_not_found", "model_id")
         response = await gw.client.get("/v1/models/tiny-wan")
         assert_error(response, await _json(response), 401, "missing_api_key")
-        response = await gw.client.get("/v1/models", params={"api_key": gw.acme_key})
-        assert response.status == 200  # as the web page asks
+        response, _ = await gw.get("/v1/models")
+        assert response.status == 200  # as the web page asks (with the header)
 
 
 @async_test

@@ -411,3 +411,21 @@ def test_queue_bookkeeping_survives_json():
 def test_the_tracker_folds_the_queue_and_the_audit_does_not_read_it():
     assert topics.QUEUE in FOLDED_TOPICS and topics.QUEUE not in LIFECYCLE_TOPICS
     assert set(FOLDED_TOPICS) - set(LIFECYCLE_TOPICS) == {topics.QUEUE}
+
+
+def test_the_first_request_of_a_job_wins_over_a_later_different_one():
+    """Issue 24: the tracker showed prompt B for a video made from prompt A (the encoder takes the first request
+    and skips the second as a duplicate). The fold keeps the first in log order, whatever its time stamp."""
+    from consumers.job_state import request_fingerprint
+
+    first = requested("j1")
+    second = requested("j1", at=T0 - 5, retry=1)
+    second[1]["prompt"], second[1]["negative_prompt"] = "a wolf", "blur"
+    state = fold_all([first, second, encoded("j1")])
+    assert state.prompt == "a fox" and state.seen["conflicting_requests"] == 1
+    assert state.seen["request"] == request_fingerprint(first[1]) != request_fingerprint(second[1])
+    only_negative = requested("j1", retry=2)
+    only_negative[1]["negative_prompt"] = "blur"
+    assert request_fingerprint(only_negative[1]) != request_fingerprint(first[1])  # negative prompts count
+    again = fold_all([first, requested("j1", at=T0 + 7, retry=3)])  # the same request again: no conflict
+    assert "conflicting_requests" not in again.seen and again.prompt == "a fox"

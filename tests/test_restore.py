@@ -269,9 +269,29 @@ def test_a_group_missing_from_a_later_reading_keeps_its_positions(tmp_path, monk
     consumer = FakeConsumer({})
     readings = iter([{"a": {"t/0": 4}, "b": {"t/0": 2, "t/1": 1}}, {"b": {"t/0": 3}}])
     monkeypatch.setattr(positions, "read_groups", lambda: next(readings))
-    for now in (10.0, 10.0, 12.0, 12.0):
-        positions.step(consumer, {}, True, now=now)
+    for now, consumed in ((10.0, {}), (10.0, {}), (12.0, {("t", 0): 5}), (12.0, {("t", 0): 5})):
+        positions.step(consumer, consumed, True, now=now)
     assert read_restore_file(tmp_path, GROUP_OFFSETS_FILE)["groups"] == {"a": {"t/0": 4}, "b": {"t/0": 3, "t/1": 1}}
+
+
+def test_while_no_record_arrives_the_groups_are_read_only_every_idle_interval(tmp_path, monkeypatch):
+    """An idle broker is not asked for every group's offsets every second (issue 23: that was a fifth of its CPU)."""
+    positions = GroupPositions(tmp_path, FakeAdmin(None), generation=1, every_s=1.0, margin_s=0.0, idle_every_s=30.0)
+    consumer, readings = FakeConsumer({}), []
+    monkeypatch.setattr(positions, "read_groups", lambda: readings.append(1) or {"a": {"t/0": len(readings)}})
+
+    def rounds(now: float, consumed: dict) -> int:
+        positions.step(consumer, consumed, True, now=now)  # takes T0
+        positions.step(consumer, consumed, True, now=now)  # records
+        return len(readings)
+
+    assert rounds(10.0, {("t", 0): 1}) == 1
+    assert rounds(12.0, {("t", 0): 1}) == 1  # nothing arrived: no round
+    assert rounds(39.0, {("t", 0): 1}) == 1
+    assert rounds(40.5, {("t", 0): 1}) == 2  # the idle interval is over
+    assert rounds(42.0, {("t", 0): 2}) == 3  # a record arrived: every second again
+    assert rounds(43.5, {("t", 0): 2, ("vidgen.agents", 0): 9, ("vidgen.stats", 1): 4}) == 3  # no group reads those
+    assert read_restore_file(tmp_path, GROUP_OFFSETS_FILE)["groups"] == {"a": {"t/0": 3}}
 
 
 def test_what_a_crash_left_unfinished_is_cut_not_refused(tmp_path, fresh_broker):
@@ -283,3 +303,45 @@ def test_what_a_crash_left_unfinished_is_cut_not_refused(tmp_path, fresh_broker)
     report = restore_platform(fresh_broker, root)
     assert report.records == 10
     assert [m.offset() for m in read_partition(fresh_broker, PROGRESS, 1)] == [0, 1, 2]
+
+
+def test_no_consumer_group_reads_the_ungrouped_topics():
+    """The archiver skips position rounds while only UNGROUPED topics get records: no stage's group and not the
+    tracker may read them, or that group's recorded positions would lag by up to the idle interval."""
+    import importlib
+
+    from consumers.job_state import FOLDED_TOPICS
+    from vidgen.cli import STAGES
+
+    for name, module in STAGES.items():
+        stage = getattr(importlib.import_module(module), "STAGE", None)
+        if stage is not None:  # the tracker is a faust app: FOLDED_TOPICS below
+            assert not set(stage.consumes) & set(topics.UNGROUPED), name
+    assert not set(FOLDED_TOPICS) & set(topics.UNGROUPED)
+
+
+def test_an_archive_from_a_catalogue_with_more_partitions_restores_every_partition(tmp_path):
+    """vidgen.encoded.* had 12 partitions before issue 23 (3 now): an archive made then holds jobs on partition 7,
+    and a restart must not forget them — the new broker gets the partitions the archive holds."""
+    from consumers.archiver import archive_settings
+    from consumers.restore import archived_partitions
+
+    settings = Settings(var_dir=tmp_path / "var", embedded=True)
+    encoded = topics.ENCODED["free"].name
+    writer = ArchiveWriter(archive_settings(settings))
+    for offset in range(2):
+        writer.append(encoded, 7, offset, 1_700_000_000_000 + offset, 1, b"job-%d" % offset,
+                      b"\x00\x00\x00\x00\x01" + os.urandom(20), [])
+    writer.flush()
+    writer.close()
+    assert topics.ENCODED["free"].partitions <= 7 and archived_partitions(settings) == {encoded: 8}
+
+    broker = TansuBroker(tmp_path / "broker.log")
+    try:
+        settings.kafka_bootstrap = broker.start()
+        ensure_topics(settings, at_least=archived_partitions(settings))
+        report = restore_platform(settings)
+        assert report.records == 2 and not report.skipped_topics
+        assert [m.key() for m in read_partition(settings, encoded, 7)] == [b"job-0", b"job-1"]
+    finally:
+        broker.stop()

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from streams.kafka import TANSU_WORKAROUNDS, consumer_config, producer_config
+from streams.kafka import TANSU_WORKAROUNDS, admin_config, consumer_config, producer_config
 from streams.settings import SettingsError, load_settings
 
 
@@ -45,6 +45,10 @@ def test_embedded_platform_file_is_used_only_while_its_process_lives(tmp_path):
     settings = load_settings({"VIDGEN_VAR_DIR": str(tmp_path)})
     assert settings.embedded and settings.kafka_bootstrap == "127.0.0.1:1234"
     assert consumer_config(settings, "g")["session.timeout.ms"] == TANSU_WORKAROUNDS["session.timeout.ms"]
+    for config in (consumer_config(settings, "g"), producer_config(settings), admin_config(settings)):
+        assert config["enable.metrics.push"] is False  # Tansu has no telemetry; librdkafka would keep asking
+    cluster = load_settings({"VIDGEN_VAR_DIR": str(tmp_path), "VIDGEN_KAFKA_BOOTSTRAP": "kafka:9092"})
+    assert "enable.metrics.push" not in consumer_config(cluster, "g")  # a real cluster keeps librdkafka's default
 
     record["pid"] = 2**22 + 12345  # no such process: a stale file from a killed broker
     (run_dir / "platform.json").write_text(json.dumps(record))

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "parallel": "bench.parallel",
     "storage": "bench.storage",
     "idle": "bench.idle",
+    "abuse": "bench.abuse",
 }
 SAMPLE_PROMPT = "a red fox trotting through fresh snow at dawn, cinematic"
 
@@ -43,6 +44,9 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for chatty in ("httpx", "httpx2", "aiohttp.access"):  # a line per registry request is noise, not news
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    from gateway.tenants import install_key_redaction
+
+    install_key_redaction()  # no API key in any process's log, whatever quotes it
 
 
 def load_stage(name: str):
@@ -65,11 +69,11 @@ def cmd_broker(args) -> int:
     from streams.embedded import embedded_platform
     from streams.settings import load_settings
 
-    from consumers.restore import ArchiveVerificationFailed, RestoreFailed, restore_before_start
+    from consumers.restore import ArchiveVerificationFailed, RestoreFailed, archived_partitions, restore_before_start
 
     settings = load_settings()
     try:
-        with embedded_platform(settings, prepare=restore_before_start) as running:
+        with embedded_platform(settings, prepare=restore_before_start, partitions=archived_partitions) as running:
             print(f"kafka {running.kafka_bootstrap}  schema registry {running.schema_registry_url}", flush=True)
             print(f"recorded in {settings.platform_file}; Ctrl-C stops", flush=True)
             _wait_for_signal()
