@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 #: What every response names as its server: no versions.
 SERVER_NAME = "vidgen"
+LINGERING_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,10 @@ class GuardedAppRunner(web.AppRunner):
         app.freeze()
         # as web.Application._make_handler builds its server, with the header deadline as the keep-alive timeout
         kwargs = {"access_log_class": AccessLogger, **self._kwargs, "debug": app._debug, **(app._handler_args or {}),
-                  "keepalive_timeout": self.limits.header_timeout_s}
+                  "keepalive_timeout": self.limits.header_timeout_s,
+                  # after an answer to a request whose body is still coming (a 408), read what is left for at most
+                  # this long before closing (aiohttp's default, 10 s, would keep a slow sender's socket open)
+                  "lingering_time": LINGERING_S}
         server = GuardedServer(app._handle, request_factory=app._make_request, loop=loop, limits=self.limits,
                                **kwargs)
         install_accept_error_log(loop, server.logs)
