@@ -11,8 +11,8 @@ The consumer thread never waits on a job (a denoising job outlives max.poll.inte
 2. Read the control topic (cancellations; from its start, as every process that may run a job must).
 3. When the worker is done: report at once how the job ended (COMPLETED: it needs no GPU any more; INTERRUPTED:
    it stopped after a checkpoint and must resume elsewhere), so the scheduler can hand out the next job.
-4. Report the agent's state on vidgen.agents when it changes, and every REPORT_INTERVAL_S anyway (less often
-   while idle: IDLE_REPORT_INTERVAL_S): the scheduler declares an agent that stops reporting dead.
+4. Report the agent's state on vidgen.agents when it changes, and every REPORT_INTERVAL_S anyway: the scheduler
+   declares an agent that stops reporting dead.
 
 A job stops only at a step boundary: cancelled (it ends, terminal event), preempted or drained on SIGTERM (after a
 checkpoint at that step; it resumes elsewhere), or fenced — the scheduler took it back (REVOKE, after it declared
@@ -47,10 +47,9 @@ POLL_S = 0.02
 #: An idle agent's beat: an order ends it as it arrives, and what a beat does besides (reports every few seconds,
 #: cancellations read in the background) can wait this long. Each beat costs an idle process CPU.
 IDLE_POLL_S = 0.25
+#: Also while idle: a scheduler that takes over follows vidgen.agents from its end, so it knows an idle agent only
+#: once that agent reports again (every 2.5 s while idle cost each takeover as much before the first dispatch).
 REPORT_INTERVAL_S = 1.0
-#: ... while idle, when only the agent's liveness is news: every 3 s, or four times per agent timeout if that is
-#: shorter (every report wakes each reader of vidgen.agents on the broker: the scheduler, the archiver).
-IDLE_REPORT_INTERVAL_S = 3.0
 CONFIRM_TIMEOUT_S = 5.0
 
 
@@ -268,9 +267,7 @@ class AgentRuntime(StageRuntime):
         now = time.monotonic()
         if not force and key == self._last_state and now < self._next_status:
             return
-        idle_interval = max(REPORT_INTERVAL_S, min(IDLE_REPORT_INTERVAL_S, self.settings.agent_timeout_s / 4))
-        self._last_state = key
-        self._next_status = now + (REPORT_INTERVAL_S if job is not None else idle_interval)
+        self._last_state, self._next_status = key, now + REPORT_INTERVAL_S
         status = self.handler.status()
         finished_job, finished_epoch, outcome, reason = self.finished
         fields = dict(
