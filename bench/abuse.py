@@ -153,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         platform.start()
         tenants = TenantStore()
-        _, victim = tenants.create_tenant("victim", "premium", rate_per_s=1e6, burst=10**6, max_in_flight=10**6)
-        _, abuser = tenants.create_tenant("abuser", "free", rate_per_s=1e6, burst=10**6, max_in_flight=10**6)
+        _, victim = tenants.create_tenant("victim", "premium", rate_per_s=1e6, burst=10**6,
+                                          max_in_flight=10**6, max_per_hour=10**9)
+        _, abuser = tenants.create_tenant("abuser", "free", rate_per_s=1e6, burst=10**6,
+                                          max_in_flight=10**6, max_per_hour=10**9)
         tenants_file = tenants.save(var_dir / "tenants.toml")
         port = free_port()
         base = f"http://127.0.0.1:{port}"

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         platform.start()
         tenants = TenantStore()
         # Limits out of the way: this measures intake, not the limiter refusing it.
-        _, key = tenants.create_tenant("bench", "premium", rate_per_s=1e9, burst=10**9, max_in_flight=10**9)
+        _, key = tenants.create_tenant("bench", "premium", rate_per_s=1e9, burst=10**9,
+                                       max_in_flight=10**9, max_per_hour=10**9)
         tenants_file = tenants.save(var_dir / "tenants.toml")
         port = free_port()
         base = f"http://127.0.0.1:{port}"

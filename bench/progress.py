@@ -59,7 +59,7 @@ class BenchPlatform:
         tenants = TenantStore()
         # No rate limit worth the name: thousands of websocket upgrades come at once.
         _, self.api_key = tenants.create_tenant(TENANT, "premium", rate_per_s=1e6, burst=10**6,
-                                                max_in_flight=10**6)
+                                                max_in_flight=10**6, max_per_hour=10**9)
         tenants_file = tenants.save(self.var_dir / "tenants.toml")
         log = open(self.var_dir / "log" / "gateway.log", "ab")
         self.gateway = subprocess.Popen(

@@ -109,7 +109,8 @@ def main(argv: list[str]) -> int:
             settings = platform.start()
             store = open_blob_store(settings)
             tenants = TenantStore()
-            _, key = tenants.create_tenant(TENANT, "premium", rate_per_s=1e6, burst=10**6, max_in_flight=10**6)
+            _, key = tenants.create_tenant(TENANT, "premium", rate_per_s=1e6, burst=10**6,
+                                           max_in_flight=10**6, max_per_hour=10**9)
             tenants_file = tenants.save(var_dir / "tenants.toml")
             gateways = {}
             for mode in ("never", "auto"):

@@ -24,10 +24,14 @@ Tenancy and limits (gateway/tenants.py, gateway/limits.py):
   client never believes it bought a tier it did not get.
 * Rate limit: a token bucket per tenant and gateway process over every authenticated request → 429
   ``rate_limit_exceeded`` with ``Retry-After``.
-* In-flight quota: jobs of the tenant not yet finished (from the job states, so every gateway process counts the
-  same jobs; plus this process's POSTs still being acknowledged) ≥ ``max_in_flight`` → 429
-  ``in_flight_limit``, without Retry-After (a job's end cannot be predicted). 429 rather than 403/409: the
-  request is fine and will succeed later, which is what OpenAI clients' retry logic expects of a 429.
+* Quotas that hold across every gateway process (gateway/quota.py: a claim on ``vidgen.quota``, decided in that
+  topic's order by every gateway alike, released when the job ends): jobs of the tenant not yet finished
+  ≥ ``max_in_flight`` → 429 ``in_flight_limit``, without Retry-After (a job's end cannot be predicted); jobs created
+  in the last hour ≥ ``max_per_hour`` → 429 ``hourly_limit`` with Retry-After. 429 rather than 403/409: the request
+  is fine and will succeed later, which is what OpenAI clients' retry logic expects of a 429.
+* Blocked prompts: once ``max_blocked_per_hour`` of the tenant's jobs were blocked by the content policy within the
+  last hour, new ones → 429 ``blocked_prompt_limit`` with Retry-After (a flood of refused prompts ends at once and
+  would otherwise barely count against the in-flight quota).
 * ``Idempotency-Key``: the job id is uuid5(tenant, key), so every gateway process maps the same key to the same
   job. The same key with the same request returns the existing job (200, header ``Idempotent-Replayed: true``)
   and publishes nothing; with a different request → 409 ``idempotency_key_reused``. Within a process a record of
@@ -81,9 +85,11 @@ from streams.settings import Settings, private_dir
 
 from .delivery import serve_blob
 from .errors import ApiError, ClientGone, error_middleware, not_found
+from .jobs import BLOCKED_WINDOW_MS
 from .limits import RateLimiter, retry_after_header
 from .openapi import Route, openapi_document
-from .publisher import PublishError
+from .publisher import KafkaPublisher, PublishError
+from .quota import FleetQuota, QuotaFollower, QuotaUnavailable
 from .server import (SERVER_NAME, GuardedAppRunner, RateLimitedLog, ServeLimits, WebsocketCounts,
                      fit_to_open_file_limit, raise_open_file_limit)
 from .tenants import Tenant, TenantStore, install_key_redaction
@@ -526,6 +532,20 @@ def _publish_failed(exc: Exception) -> ApiError:
                     headers={"Retry-After": "1"})
 
 
+def throttle_blocked_prompts(jobs, tenant: Tenant) -> None:
+    """429 ``blocked_prompt_limit`` while the platform blocked ``max_blocked_per_hour`` of the tenant's jobs within
+    the last hour: a client that keeps sending what the policy refuses is slowed down, whichever gateway it uses
+    (every gateway sees every job's end)."""
+    hour_ago = int(time.time() * 1000) - BLOCKED_WINDOW_MS
+    blocked = jobs.blocked_since(tenant.id, hour_ago)
+    if len(blocked) >= tenant.max_blocked_per_hour:
+        wait_s = (blocked[-tenant.max_blocked_per_hour] - hour_ago) / 1000.0
+        raise ApiError(429, "blocked_prompt_limit",
+                       f"{len(blocked)} of this tenant's requests were blocked by the content policy within the last "
+                       f"hour (limit {tenant.max_blocked_per_hour}); new ones are refused until fewer were",
+                       headers={"Retry-After": retry_after_header(wait_s)})
+
+
 async def create_video(request: web.Request) -> web.Response:
     app, tenant = request.app, request["tenant"]
     body, form = await read_body(request)
@@ -549,6 +569,8 @@ async def create_video(request: web.Request) -> web.Response:
             first = record[2]
             if not first.done():
                 await asyncio.wait([first])  # the first request's publication; never raises here
+            if not first.cancelled() and isinstance(first.exception(), ApiError):
+                raise first.exception()  # the first request's answer (a quota's 429) is this one's too
             if first.cancelled() or first.exception() is not None:
                 raise ApiError(503, "unavailable", "the first request with this Idempotency-Key could not be "
                                                    "queued; retry", headers={"Retry-After": "1"})
@@ -559,14 +581,10 @@ async def create_video(request: web.Request) -> web.Response:
                 raise _key_reused()
             return _replay(jobs, job_id)
 
-    pending = app["pending"]
-    if jobs.in_flight(tenant.id) + pending.get(tenant.id, 0) >= tenant.max_in_flight:
-        raise ApiError(429, "in_flight_limit",
-                       f"this tenant has {tenant.max_in_flight} jobs in flight, its limit; retry when one has ended")
+    throttle_blocked_prompts(jobs, tenant)
     published = asyncio.get_running_loop().create_future()
     if key:
         records.put(tenant.id, key, fingerprint, job_id, published)
-    pending[tenant.id] = pending.get(tenant.id, 0) + 1
 
     def fail(error: Exception | None) -> None:
         if key:
@@ -577,21 +595,27 @@ async def create_video(request: web.Request) -> web.Response:
             published.set_exception(error)
             published.exception()  # marked retrieved: no warning when nobody else waited on it
 
+    quota, claimed = app["quota"], False
     try:
+        verdict = await quota.claim(tenant, job_id)  # every gateway's claims of this tenant, in one order
+        if not verdict.granted:
+            wait_s = verdict.retry_after_s
+            raise ApiError(429, verdict.code, verdict.message,
+                           headers={} if wait_s is None else {"Retry-After": retry_after_header(wait_s)})
+        claimed = True
         if image is not None:  # its blob first: the event names it
             stored = await asyncio.get_running_loop().run_in_executor(None, store_input_image, app["blobs"], job_id,
                                                                       image)
             event = create.event(job_id, tenant, input_reference=stored)
         await app["publisher"].publish_request(event)
-    except PublishError as exc:
-        error = _publish_failed(exc)
-        fail(error)
-        raise error from None
     except BaseException as exc:
-        fail(exc if isinstance(exc, Exception) and not isinstance(exc, asyncio.CancelledError) else None)
+        if claimed:
+            quota.release_soon(tenant.id, job_id, "not published")
+        error = _publish_failed(exc) if isinstance(exc, (PublishError, QuotaUnavailable)) else exc
+        fail(error if isinstance(error, Exception) and not isinstance(error, asyncio.CancelledError) else None)
+        if error is not exc:
+            raise error from None
         raise
-    finally:
-        pending[tenant.id] -= 1
     jobs.note_submitted(job_id, tenant.id, event)
     published.set_result(job_id)
     if key:
@@ -843,7 +867,8 @@ ROUTES: list[Route] = [
                      403: ("a tier above the tenant's", "Error"),
                      409: ("Idempotency-Key reused with a different request", "Error"),
                      415: ("unsupported content type", "Error"),
-                     429: ("rate limit (Retry-After) or in-flight quota (code in_flight_limit)", "Error"),
+                     429: ("rate limit (Retry-After), in-flight quota (in_flight_limit), hourly quota "
+                           "(hourly_limit, Retry-After) or blocked prompts (blocked_prompt_limit, Retry-After)", "Error"),
                      503: ("the request could not be queued", "Error")}),
     Route("GET", "/v1/videos", list_videos, "listVideos", "The tenant's videos, newest first",
           query=({"name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
@@ -991,7 +1016,7 @@ async def _response_headers(request: web.Request, response: web.StreamResponse) 
 
 def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, model_ids: tuple[str, ...] | None = None,
               static_dir: Path | None = None, limiter: RateLimiter | None = None,
-              limits: ServeLimits | None = None) -> web.Application:
+              limits: ServeLimits | None = None, quota: FleetQuota | None = None) -> web.Application:
     """The gateway's aiohttp app over a JobsView (gateway/jobs.py), tenants and a publisher (gateway/publisher.py).
 
     ``jobs.start/stop`` and ``publisher.start/stop`` (where they exist) run at the app's start-up and clean-up.
@@ -1010,7 +1035,8 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     app["auth_log"] = RateLimitedLog(limits.log_every_s)
     app.on_response_prepare.append(_response_headers)
     app["idempotency"] = IdempotencyRecords()
-    app["pending"] = {}
+    app["quota"] = quota or FleetQuota(publisher, jobs, QuotaFollower(settings) if isinstance(publisher, KafkaPublisher)
+                                       else None)
     app["route_specs"] = {route.name: route for route in ROUTES}
     app["openapi"] = openapi_document(ROUTES)
     for route in ROUTES:
@@ -1020,12 +1046,12 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
             app.router.add_route(route.method, route.path, route.handler, name=route.name)
 
     async def start(app: web.Application) -> None:
-        for part in (publisher, jobs):
+        for part in (publisher, jobs, app["quota"]):
             if hasattr(part, "start"):
                 await part.start()
 
     async def stop(app: web.Application) -> None:
-        for part in (jobs, publisher):
+        for part in (app["quota"], jobs, publisher):
             if hasattr(part, "stop"):
                 try:
                     await part.stop()

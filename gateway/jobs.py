@@ -21,6 +21,11 @@ Websocket envelopes are derived from state changes, never from single events: ``
 merged state before and after a change, whichever reader brought it. A redelivered or replayed event changes
 nothing and sends nothing; a tracker state that is ahead of the live reader sends what it brought, once.
 
+Memory: only jobs in flight, and finished ones that a websocket still follows, are held in memory. A finished job
+the tracker has folded entirely leaves for the view's index (gateway/job_index.py: SQLite, a file per process),
+which also keeps every job's place in its tenant's listing, so a listing page reads ``limit`` rows of an index
+instead of sorting all of the tenant's jobs. Asking for a finished job reads it back.
+
 Threads: the two reader threads only decode and hand (topic, event) / (job_id, state) items to the event loop
 (batched through ``loop.call_soon_threadsafe``, never blocking on subscribers). Folding, the indices and the
 subscriber queues live on the event loop thread only, so none of them needs a lock. A subscriber whose queue is full
@@ -29,6 +34,7 @@ subscriber queues live on the event loop thread only, so none of them needs a lo
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import gc
 import json
@@ -40,7 +46,9 @@ from consumers.job_state import (FLAGGED, PUBLISHED, TERMINAL_STATUSES, FOLDED_T
 from streams import topics
 from streams.events import now_ms
 from streams.kafka import Latency
-from streams.settings import Settings
+from streams.settings import Settings, private_dir
+
+from .job_index import JobIndex
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ log = logging.getLogger(__name__)
 LIVE_MARGIN_MS = 60_000
 #: Live events kept per job until the tracker has them (a safety bound; the tracker normally catches up at once).
 LIVE_BUFFER = 1000
+#: How far back blocked jobs are remembered (for the blocked-prompt throttle: gateway/app.py).
+BLOCKED_WINDOW_MS = 3600 * 1000
 #: Envelopes a subscriber may be behind before it is disconnected.
 SUBSCRIBER_QUEUE = 1000
 #: How often the changelog follower looks for new tracker states (the live reader carries the latency).
@@ -289,9 +299,11 @@ class JobsView:
         self.live_margin_ms = live_margin_ms
         self.subscriber_queue = subscriber_queue
         self.tracker_timeout_s = tracker_timeout_s
-        self._jobs: dict[str, _Job] = {}
-        self._by_tenant: dict[str, set[str]] = {}
+        self._jobs: dict[str, _Job] = {}  # jobs in flight, and finished ones someone still follows
+        self._index = JobIndex(None if settings is None else private_dir(settings.var_dir) / "gateway")
         self._in_flight: dict[str, set[str]] = {}
+        self._end_listeners: list = []  # called with (tenant, job id) when a job ends (gateway/quota.py)
+        self._blocked: dict[str, list[int]] = {}  # tenant → when its flagged (blocked) jobs ended, the last hour's
         self._job_subs: dict[str, set[Subscription]] = {}
         self._tenant_subs: dict[str, set[Subscription]] = {}
         # Hand-over from the reader threads to the loop.
@@ -361,6 +373,7 @@ class JobsView:
         if self._reader is not None:
             await loop.run_in_executor(None, self._reader.close)
             self._reader = None
+        self._index.close()  # its file goes: the tracker's changelog is read again at the next start
 
     # -- reader threads ---------------------------------------------------------------------------------------------
     def _load_tracker(self) -> dict[str, dict]:
@@ -455,22 +468,20 @@ class JobsView:
     def ingest_event(self, topic_name: str, event: dict, local: bool = False) -> bool:
         """Fold one live lifecycle event (decoded) into its job; True if it changed the job's state. ``local``: this
         process's own request (note_submitted), not read from Kafka."""
-        job_id = event["job_id"]
-        job = self._jobs.get(job_id)
-        if job is None:
-            job = self._jobs[job_id] = _Job(job_id)
+        job = self._job(event["job_id"], create=True)
         if topic_name == topics.REQUESTED.name and not local:
             self._first_request_read(job, event)
         old = job.state
         new = fold(old, topic_name, event)
         self.counters["live_events"] += 1
         if new == old:
+            self._shelve_if_done(job)  # (a finished job it brought back from the index goes back)
             return False  # a redelivery, a replay, or what the tracker already had
         # It changed the state, so the tracker's state (if any) does not have it yet: keep it for the next one.
         if len(job.live) == job.live.maxlen and not job.overflowed:
             job.overflowed = True
             log.warning("jobs view: job %s has %d live events the tracker has not folded yet; the oldest go",
-                        job_id, LIVE_BUFFER)
+                        job.job_id, LIVE_BUFFER)
         job.live.append((topic_name, event))
         job.state = new
         self._changed(job, old, new)
@@ -479,13 +490,11 @@ class JobsView:
     def ingest_tracker_state(self, job_id: str, state: dict | None) -> bool:
         """Take the tracker's newest state of a job (None: the job left the table); True if the view changed."""
         self.counters["tracker_states"] += 1
-        job = self._jobs.get(job_id)
+        job = self._job(job_id, create=state is not None)
         if state is None:
             if job is not None and job.state is not None:
                 self._forget(job)
             return job is not None
-        if job is None:
-            job = self._jobs[job_id] = _Job(job_id)
         base = JobState.from_dict(state)
         if job.base is not None and (base.updated_at or 0) < (job.base.updated_at or 0):
             # Tracker states of a job only grow (updated_at is a maximum): an older one is a replayed copy (or a
@@ -502,9 +511,11 @@ class JobsView:
         job.base = base
         old = job.state
         if merged == old:
+            self._shelve_if_done(job)
             return False
         job.state = merged
         self._changed(job, old, merged)
+        self._shelve_if_done(job)
         return True
 
     def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
@@ -514,17 +525,15 @@ class JobsView:
 
     def request_fingerprint(self, job_id: str) -> str | None:
         """The fingerprint (consumers.job_state.request_fingerprint) of the job's request as this view has it."""
-        job = self._jobs.get(job_id)
-        return None if job is None or job.state is None else job.state.seen.get("request")
+        state = self.state(job_id)
+        return None if state is None else state.seen.get("request")
 
     async def first_request(self, job_id: str, timeout_s: float) -> str | None:
         """The fingerprint of the job's first VideoRequested on Kafka — the one the platform runs, whichever gateway
         published it — once the live reader has read it; None if it has not within ``timeout_s``."""
         if not self._threads:
             return None  # nothing reads Kafka (a view fed by hand)
-        job = self._jobs.get(job_id)
-        if job is None:
-            job = self._jobs[job_id] = _Job(job_id)
+        job = self._job(job_id, create=True)
         if job.first_request is not None:
             return job.first_request
         waiter = asyncio.get_running_loop().create_future()
@@ -536,6 +545,7 @@ class JobsView:
         finally:
             if waiter in job.waiters:
                 job.waiters.remove(waiter)
+            self._shelve_if_done(job)
 
     def _first_request_read(self, job: _Job, event: dict) -> None:
         """A VideoRequested came from Kafka: the first one is the job's. If this process's own request lost a race
@@ -560,14 +570,21 @@ class JobsView:
         if tenant is not None:
             if old is None or old.tenant != tenant:
                 if old is not None and old.tenant is not None:
-                    self._by_tenant.get(old.tenant, set()).discard(job.job_id)
                     self._in_flight.get(old.tenant, set()).discard(job.job_id)
-                self._by_tenant.setdefault(tenant, set()).add(job.job_id)
+            if old is None or old.tenant != tenant or _sort_key(old) != _sort_key(new):
+                self._index.place(job.job_id, tenant, _sort_key(new)[0])
             in_flight = self._in_flight.setdefault(tenant, set())
             if new.terminal:
                 in_flight.discard(job.job_id)
             else:
                 in_flight.add(job.job_id)
+            if new.terminal and (old is None or not old.terminal):
+                for listener in self._end_listeners:
+                    listener(tenant, job.job_id)
+            if new.status == FLAGGED and (old is None or old.status != FLAGGED) and new.finished_at:
+                ended = self._blocked.setdefault(tenant, [])
+                bisect.insort(ended, new.finished_at)
+                del ended[:bisect.bisect_left(ended, ended[-1] - BLOCKED_WINDOW_MS)]
         job_subs = self._job_subs.get(job.job_id)
         tenant_subs = self._tenant_subs.get(tenant) if tenant is not None else None
         if not job_subs and not tenant_subs:
@@ -603,14 +620,40 @@ class JobsView:
     def _forget(self, job: _Job) -> None:
         state = job.state
         self._jobs.pop(job.job_id, None)
+        self._index.remove(job.job_id)
         if state is not None and state.tenant is not None:
-            self._by_tenant.get(state.tenant, set()).discard(job.job_id)
             self._in_flight.get(state.tenant, set()).discard(job.job_id)
+
+    # -- finished jobs leave memory ---------------------------------------------------------------------------------
+    def _job(self, job_id: str, create: bool = False) -> _Job | None:
+        """The job in memory: brought back from the index if it was shelved, made if ``create``."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            shelved = self._index.take(job_id)
+            if shelved is not None:
+                job = self._jobs[job_id] = _Job(job_id)
+                job.state = job.base = shelved[0]
+                job.first_request = shelved[1]
+                self.counters["jobs_unshelved"] += 1
+            elif create:
+                job = self._jobs[job_id] = _Job(job_id)
+        return job
+
+    def _shelve_if_done(self, job: _Job) -> None:
+        """A finished job the tracker has folded entirely (no live event of its own left), that no websocket
+        follows and no request waits on, leaves memory for the index (gateway/job_index.py)."""
+        state = job.state
+        if (state is None or not state.terminal or state.tenant is None or job.live or job.waiters
+                or job.job_id in self._job_subs or self._jobs.get(job.job_id) is not job):
+            return
+        self._index.shelve(job.job_id, state, job.first_request)
+        del self._jobs[job.job_id]
+        self.counters["jobs_shelved"] += 1
 
     # -- queries ----------------------------------------------------------------------------------------------------
     def state(self, job_id: str) -> JobState | None:
         job = self._jobs.get(job_id)
-        return None if job is None else job.state
+        return self._index.peek(job_id) if job is None else job.state
 
     def get(self, job_id: str) -> dict | None:
         """The job's public state (``consumers.job_state.to_public``), or None if this gateway has not seen it."""
@@ -622,21 +665,30 @@ class JobsView:
 
         An ``after`` the view does not know (another tenant's job, or none) gives an empty page.
         """
-        states = [self._jobs[j].state for j in self._by_tenant.get(tenant, ())]
-        states.sort(key=_sort_key, reverse=True)
-        if after is not None:
-            cursor = self._jobs.get(after)
-            if cursor is None or cursor.state is None or cursor.state.tenant != tenant:
-                return []
-            key = _sort_key(cursor.state)
-            states = [s for s in states if _sort_key(s) < key]
-        return [to_public(s) for s in states[:max(0, limit)]]
+        page = []
+        for job_id, shelved in self._index.page(tenant, max(0, limit), after):  # one range of an index: O(limit)
+            job = self._jobs.get(job_id)
+            state = job.state if job is not None else JobState.from_dict(json.loads(shelved)) if shelved else None
+            if state is not None:
+                page.append(to_public(state))
+        return page
 
     def in_flight(self, tenant: str) -> int:
         """How many of the tenant's jobs have not ended (requested, queued, running, decoding, in review)."""
         return len(self._in_flight.get(tenant, ()))
 
+    def add_end_listener(self, listener) -> None:
+        """``listener(tenant, job_id)`` is called (on the loop) whenever a job this view follows ends."""
+        self._end_listeners.append(listener)
+
+    def blocked_since(self, tenant: str, since_ms: int) -> list[int]:
+        """When the tenant's jobs that the platform blocked (flagged) since ``since_ms`` (at most an hour ago)
+        ended, oldest first."""
+        ended = self._blocked.get(tenant, [])
+        return ended[bisect.bisect_left(ended, since_ms):]
+
     def jobs_count(self) -> int:
+        """Jobs in memory (in flight, or followed); the finished ones are in the index."""
         return len(self._jobs)
 
     # -- subscriptions ----------------------------------------------------------------------------------------------
@@ -668,6 +720,9 @@ class JobsView:
             subs.discard(sub)
             if not subs:
                 del index[key]
+                job = self._jobs.get(key) if sub.job_id is not None else None
+                if job is not None:
+                    self._shelve_if_done(job)
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._job_subs.values()) + sum(len(s) for s in self._tenant_subs.values())

@@ -1,5 +1,5 @@
-"""The gateway's Kafka producer: VideoRequested on vidgen.requested, JobCancelled on vidgen.control, without ever
-blocking the event loop.
+"""The gateway's Kafka producer: VideoRequested on vidgen.requested, JobCancelled on vidgen.control, quota claims on
+vidgen.quota, without ever blocking the event loop.
 
 ``producers.requests.VideoRequests`` flushes after every event, which is right for a CLI and wrong for a server:
 a flush waits for the broker while every other request waits for the loop. Here ``produce`` only enqueues (it is
@@ -52,6 +52,8 @@ class KafkaPublisher:
 
         await loop.run_in_executor(None, self.codec.encode, topics.REQUESTED.name, video_request("warm-up"))
         await loop.run_in_executor(None, self.codec.encode, topics.CONTROL.name, new_event("warm-up"))
+        await loop.run_in_executor(None, self.codec.encode, topics.QUOTA.name, new_event(
+            "warm-up", tenant="warm-up", action="RELEASE", gateway_id="warm-up"))
         self.producer = Producer(producer_config(self.settings, self.client_id))
         self._stop.clear()
         self._poller = threading.Thread(target=self._poll, name="gateway-kafka-poll", daemon=True)
@@ -83,30 +85,37 @@ class KafkaPublisher:
         await self._produce(topics.CONTROL, event)
         return event
 
-    async def _produce(self, topic: topics.Topic, event: dict) -> None:
+    async def publish_quota(self, record: dict) -> tuple[int, int]:
+        """Publish a QuotaClaim (gateway/quota.py) keyed by its tenant; returns its (partition, offset) once
+        acknowledged."""
+        return await self._produce(topics.QUOTA, record)
+
+    async def _produce(self, topic: topics.Topic, event: dict) -> tuple[int, int]:
+        """Returns the record's (partition, offset) once the broker has acknowledged it."""
         if self.producer is None:
             raise PublishError("the publisher is not started")
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
-        def resolve(error) -> None:
+        def resolve(outcome) -> None:
             if not done.done():
-                done.set_result(error)
+                done.set_result(outcome)
 
-        def on_delivery(error, _message) -> None:  # on the poll thread
-            loop.call_soon_threadsafe(resolve, error)
+        def on_delivery(error, message) -> None:  # on the poll thread
+            loop.call_soon_threadsafe(resolve, (error, message.partition(), message.offset()))
 
         value = self.codec.encode(topic.name, event)
         try:
-            self.producer.produce(topic.name, key=encode_key(event["job_id"]), value=value,
+            self.producer.produce(topic.name, key=encode_key(event[topic.key]), value=value,
                                   headers=current_trace_headers(), on_delivery=on_delivery)
         except BufferError:
             raise PublishError("the gateway's Kafka queue is full; retry shortly") from None
         except KafkaException as exc:
             raise PublishError(f"cannot produce to {topic.name}: {exc}") from exc
         try:
-            error = await asyncio.wait_for(done, self.timeout_s)
+            error, partition, offset = await asyncio.wait_for(done, self.timeout_s)
         except asyncio.TimeoutError:
             raise PublishError(f"{topic.name}: no acknowledgement from the broker in {self.timeout_s:g} s") from None
         if error is not None:
             raise PublishError(f"{topic.name}: the broker refused the event: {error}")
+        return partition, offset

@@ -7,6 +7,8 @@ Tenants live in a TOML file, ``<var>/tenants.toml`` by default or the path in ``
     rate_per_s = 20.0         # sustained requests per second (token bucket refill), per gateway process
     burst = 40                # bucket size: requests that may come at once
     max_in_flight = 50        # jobs not yet finished (published, flagged, failed, cancelled) at any time
+    max_per_hour = 1000       # jobs created in any hour (every gateway together: gateway/quota.py)
+    max_blocked_per_hour = 30 # prompts refused by the safety policy in the last hour before creation is throttled
     key_sha256 = ["9f86d0...", "..."]   # SHA-256 (hex) of each API key; the keys themselves are never stored
 
 ``create_tenant`` / ``add_key`` generate a key (``vg_`` + 32 random bytes, URL-safe base64), store only its
@@ -92,14 +94,18 @@ class Tenant:
     burst: int = 20
     max_in_flight: int = 20
     key_sha256: tuple[str, ...] = field(default=(), repr=False)
+    max_per_hour: int = 1000
+    max_blocked_per_hour: int = 30
 
     def __post_init__(self):
         if not _TENANT_ID.match(self.id):
             raise TenantError(f"tenant id {self.id!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.tier not in TIER_RANK:
             raise TenantError(f"tenant {self.id}: unknown tier {self.tier!r}; tiers: {', '.join(TIERS)}")
-        if not self.rate_per_s > 0 or self.burst < 1 or self.max_in_flight < 1:
-            raise TenantError(f"tenant {self.id}: rate_per_s must be > 0, burst and max_in_flight >= 1")
+        if (not self.rate_per_s > 0 or self.burst < 1 or self.max_in_flight < 1 or self.max_per_hour < 1
+                or self.max_blocked_per_hour < 1):
+            raise TenantError(f"tenant {self.id}: rate_per_s must be > 0, burst, max_in_flight, max_per_hour and "
+                              "max_blocked_per_hour >= 1")
         for digest in self.key_sha256:
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise TenantError(f"tenant {self.id}: key_sha256 entries must be 64 lower-case hex digits")
@@ -151,12 +157,14 @@ class TenantStore:
 
     # -- administration ------------------------------------------------------------------------------------------
     def create_tenant(self, tenant_id: str, tier: str = "standard", *, rate_per_s: float = 10.0, burst: int = 20,
-                      max_in_flight: int = 20) -> tuple[Tenant, str]:
+                      max_in_flight: int = 20, max_per_hour: int = 1000,
+                      max_blocked_per_hour: int = 30) -> tuple[Tenant, str]:
         """Add a tenant with one fresh API key; returns (tenant, key). The key is not stored, only its hash."""
         if tenant_id in self._tenants:
             raise TenantError(f"tenant {tenant_id} exists already; use add_key for another key")
         key = generate_key()
-        tenant = Tenant(tenant_id, tier, float(rate_per_s), int(burst), int(max_in_flight), (hash_key(key),))
+        tenant = Tenant(tenant_id, tier, float(rate_per_s), int(burst), int(max_in_flight), (hash_key(key),),
+                        int(max_per_hour), int(max_blocked_per_hour))
         self._put(tenant)
         return tenant, key
 
@@ -181,6 +189,7 @@ class TenantStore:
         for t in self._tenants.values():
             lines += [f"[tenants.{json.dumps(t.id)}]", f"tier = {json.dumps(t.tier)}", f"rate_per_s = {float(t.rate_per_s)!r}",
                       f"burst = {int(t.burst)}", f"max_in_flight = {int(t.max_in_flight)}",
+                      f"max_per_hour = {int(t.max_per_hour)}", f"max_blocked_per_hour = {int(t.max_blocked_per_hour)}",
                       "key_sha256 = [" + ", ".join(json.dumps(d) for d in t.key_sha256) + "]", ""]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -199,7 +208,7 @@ class TenantStore:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TenantError(f"cannot read tenants file {path}: {exc}") from exc
         tenants = []
-        known = {"tier", "rate_per_s", "burst", "max_in_flight", "key_sha256"}
+        known = {"tier", "rate_per_s", "burst", "max_in_flight", "key_sha256", "max_per_hour", "max_blocked_per_hour"}
         for tenant_id, entry in data.get("tenants", {}).items():
             unknown = set(entry) - known
             if unknown:
@@ -207,7 +216,8 @@ class TenantStore:
             try:
                 tenants.append(Tenant(tenant_id, entry.get("tier", "standard"), float(entry.get("rate_per_s", 10.0)),
                                       int(entry.get("burst", 20)), int(entry.get("max_in_flight", 20)),
-                                      tuple(entry.get("key_sha256", ()))))
+                                      tuple(entry.get("key_sha256", ())), int(entry.get("max_per_hour", 1000)),
+                                      int(entry.get("max_blocked_per_hour", 30))))
             except (TypeError, ValueError) as exc:
                 raise TenantError(f"{path}: {exc}") from exc
         return cls(tenants, path)

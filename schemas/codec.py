@@ -44,6 +44,7 @@ EVENT_NAMES = (
     "Assignment",
     "SchedulerDecision",
     "QueuePosition",
+    "QuotaClaim",
     "BlobsDeleted",
 )
 

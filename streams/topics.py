@@ -59,6 +59,9 @@ SCHEDULER_LEASE = Topic("vidgen.scheduler-lease", 1, "SchedulerDecision",
                         doc="holds no records: the scheduler that owns its one partition is the active one")
 QUEUE = Topic("vidgen.queue", 6, "QueuePosition", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
               doc="waiting jobs' positions and ETAs")
+# The gateways' fleet-wide quotas (gateway/quota.py): claims and releases keyed by tenant, folded alike by every gateway.
+QUOTA = Topic("vidgen.quota", 3, "QuotaClaim", key="tenant", retention_ms=2 * DAY_MS, archive_retention_ms=2 * DAY_MS,
+              doc="gateways' claims of a tenant's in-flight and hourly quotas, and their releases")
 # What the lifecycle stage (consumers/lifecycle.py) deleted from the blob store, and by which rule: `vidgen audit`
 # reads it to tell a blob that expired from one that went missing, so it lives as long as the jobs' own events do
 # on Kafka, and for ever in the archive.
@@ -84,6 +87,7 @@ CATALOGUE: tuple[Topic, ...] = (
     SCHEDULER_LOG,
     SCHEDULER_LEASE,
     QUEUE,
+    QUOTA,
     BLOB_LIFECYCLE,
 )
 
@@ -99,9 +103,10 @@ ARCHIVED: tuple[Topic, ...] = CATALOGUE + STATE_TOPICS
 
 BY_NAME = {topic.name: topic for topic in ARCHIVED}
 
-#: Reports that no consumer group reads (the scheduler follows AGENTS, the autoscaler reads STATS by time): a record
-#: on them moves no group's committed offsets, so the archiver's record of the groups' positions ignores them.
-UNGROUPED: tuple[Topic, ...] = (STATS, AGENTS)
+#: Reports that no consumer group reads (the scheduler follows AGENTS, the autoscaler reads STATS by time, the gateways
+#: follow QUOTA): a record on them moves no group's committed offsets, so the archiver's record of the groups'
+#: positions ignores them.
+UNGROUPED: tuple[Topic, ...] = (STATS, AGENTS, QUOTA)
 
 #: Topics whose events end a job: exactly one of them per job (on vidgen.flagged, only decision BLOCK ends it).
 TERMINAL = (PUBLISHED, FLAGGED, FAILED, CANCELLED)

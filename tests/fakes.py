@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from consumers.job_state import fold, to_public
+from consumers.job_state import FLAGGED, fold, to_public
 from gateway.publisher import PublishError
 from streams import topics
 from streams.events import new_event
@@ -19,6 +19,7 @@ class FakeJobsView:
         self.order: list[str] = []  # submission order (newest last)
         self.log = None  # a FakePublisher: what "Kafka" holds, for first_request
         self.started = self.stopped = False
+        self.end_listeners = []
 
     async def start(self) -> None:
         self.started = True
@@ -30,10 +31,20 @@ class FakeJobsView:
         job_id = event["job_id"]
         if job_id not in self.states:
             self.order.append(job_id)
-        self.states[job_id] = fold(self.states.get(job_id), topic_name, event)
+        old = self.states.get(job_id)
+        new = self.states[job_id] = fold(old, topic_name, event)
+        if new.terminal and (old is None or not old.terminal):
+            for listener in self.end_listeners:
+                listener(new.tenant, job_id)
 
     def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
         self.fold(topics.REQUESTED.name, dict(request_event, job_id=job_id, tenant=tenant))
+
+    def state(self, job_id: str):
+        return self.states.get(job_id)
+
+    def add_end_listener(self, listener) -> None:
+        self.end_listeners.append(listener)
 
     def get(self, job_id: str) -> dict | None:
         state = self.states.get(job_id)
@@ -69,6 +80,10 @@ class FakeJobsView:
     def in_flight(self, tenant: str) -> int:
         return sum(1 for s in self.states.values() if s.tenant == tenant and not s.terminal)
 
+    def blocked_since(self, tenant: str, since_ms: int) -> list[int]:
+        return sorted(s.finished_at for s in self.states.values()
+                      if s.tenant == tenant and s.status == FLAGGED and s.finished_at >= since_ms)
+
     # What the platform would do next, for tests.
     def publish(self, job_id: str, video_ref: dict, renditions: list[dict] = ()) -> None:
         state = self.states[job_id]
@@ -76,6 +91,11 @@ class FakeJobsView:
         self.fold(topics.PUBLISHED.name, new_event(
             job_id, tenant=state.tenant, video=video_ref, frames=params["num_frames"], width=params["width"],
             height=params["height"], fps=params["fps"], renditions=list(renditions), manifest=None, playlist=None))
+
+    def block(self, job_id: str) -> None:
+        self.fold(topics.FLAGGED.name, new_event(job_id, tenant=self.states[job_id].tenant, stage="PRE_GEN",
+                                                 decision="BLOCK", reasons=["policy"], scores={},
+                                                 policy_version="test"))
 
     def fail(self, job_id: str, reason: str = "boom") -> None:
         self.fold(topics.FAILED.name, new_event(job_id, stage="gpu-agent", reason=reason))
@@ -87,6 +107,7 @@ class FakePublisher:
     def __init__(self):
         self.requests: list[dict] = []
         self.cancels: list[dict] = []
+        self.quota: list[dict] = []  # vidgen.quota as one partition
         self.fail_with: str | None = None
         self.delay_s = 0.0
 
@@ -96,6 +117,10 @@ class FakePublisher:
         if self.fail_with:
             raise PublishError(self.fail_with)
         self.requests.append(event)
+
+    async def publish_quota(self, record: dict) -> tuple[int, int]:
+        self.quota.append(record)
+        return 0, len(self.quota) - 1
 
     async def publish_cancel(self, job_id: str, reason: str = "", requested_by: str = "") -> dict:
         if self.fail_with:

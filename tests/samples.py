@@ -59,6 +59,8 @@ def sample_events() -> dict[str, dict]:
                                        agent_id="host-1-42-ab12", epoch=2, reason="preempted", job=None,
                                        source_topic="", source_partition=-1, source_offset=-1),
         "QueuePosition": new_event(job, tenant="acme", tier="PREMIUM", position=3, waiting=12, eta_s=41.5),
+        "QuotaClaim": new_event(job, tenant="acme", action="CLAIM", gateway_id="gateway-1f2e3d", max_in_flight=20,
+                                max_per_hour=1000, reason=""),
         "BlobsDeleted": new_event(job, rule="job-ended", window_s=600.0, trigger="vidgen.published/2@17",
                                   store="file:///var/vidgen/blobs",
                                   blobs=[{"key": "j1/checkpoint-00010.safetensors", "blob_class": "checkpoint",

@@ -52,12 +52,13 @@ class Gateway:
     """An app over fakes, two tenants (acme: premium, other: standard), and a client."""
 
     def __init__(self, tmp_path, *, acme_rate=1000.0, acme_burst=1000, acme_in_flight=50, jobs=None,
-                 limits: ServeLimits | None = None):
+                 limits: ServeLimits | None = None, acme_per_hour=1000, acme_blocked=30):
         self.settings = Settings(var_dir=tmp_path, blob_url=(tmp_path / "blobs").as_uri())
         self.blobs = LocalBlobStore(tmp_path / "blobs")
         self.tenants = TenantStore()
         _, self.acme_key = self.tenants.create_tenant("acme", "premium", rate_per_s=acme_rate, burst=acme_burst,
-                                                      max_in_flight=acme_in_flight)
+                                                      max_in_flight=acme_in_flight, max_per_hour=acme_per_hour,
+                                                      max_blocked_per_hour=acme_blocked)
         _, self.other_key = self.tenants.create_tenant("other", "standard", rate_per_s=1000, burst=1000,
                                                        max_in_flight=50)
         self.jobs = jobs or FakeJobsView()
@@ -310,6 +311,43 @@ async def test_in_flight_quota_holds_for_concurrent_requests(tmp_path):
         results = await asyncio.gather(*(gw.post() for _ in range(5)))
         assert sorted(r.status for r, _ in results) == [200, 200, 429, 429, 429]
         assert len(gw.publisher.requests) == 2
+
+
+@async_test
+async def test_a_job_that_could_not_be_published_gives_its_place_back(tmp_path):
+    async with Gateway(tmp_path, acme_in_flight=1) as gw:
+        gw.publisher.fail_with = "broker down"
+        assert (await gw.post())[0].status == 503
+        gw.publisher.fail_with = None
+        await asyncio.sleep(0)  # the release is written by a task of its own
+        assert (await gw.post())[0].status == 200
+        assert [(r["action"], r.get("reason")) for r in gw.publisher.quota] == [
+            ("CLAIM", ""), ("RELEASE", "not published"), ("CLAIM", "")]
+
+
+@async_test
+async def test_hourly_creation_quota(tmp_path):
+    async with Gateway(tmp_path, acme_in_flight=100, acme_per_hour=2) as gw:
+        for _ in range(2):
+            _, video = await gw.post()
+            gw.jobs.fail(video["id"])  # ended at once (as a blocked prompt would): in flight does not hold it back
+        response, error = await gw.post()
+        assert_error(response, error, 429, "hourly_limit")
+        assert 3500 <= int(response.headers["Retry-After"]) <= 3600
+        assert (await gw.post(key=gw.other_key))[0].status == 200, "another tenant's hour"
+
+
+@async_test
+async def test_a_flood_of_blocked_prompts_is_throttled(tmp_path):
+    async with Gateway(tmp_path, acme_blocked=2) as gw:
+        for _ in range(2):
+            _, video = await gw.post()
+            assert (await gw.post())[0].status == 200  # blocked ones only count
+            gw.jobs.block(video["id"])
+        response, error = await gw.post()
+        assert_error(response, error, 429, "blocked_prompt_limit")
+        assert 3500 <= int(response.headers["Retry-After"]) <= 3600 and "blocked" in error["error"]["message"]
+        assert (await gw.post(key=gw.other_key))[0].status == 200
 
 
 # -- idempotency ------------------------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_tracker_states_and_live_events_in_any_order_give_the_full_fold():
         assert view.state("j1") == expected, f"trial {trial}"
         # Once the tracker has everything, no live event is kept.
         view.ingest_tracker_state("j1", expected.to_dict())
-        assert view.state("j1") == expected and len(view._jobs["j1"].live) == 0
+        assert view.state("j1") == expected and "j1" not in view._jobs, "finished and folded: out of memory"
 
 
 def _interleave(view, live: list, tracker_states: list[dict], rng: random.Random) -> None:
@@ -322,6 +322,55 @@ def test_listing_in_flight_and_a_submitted_job():
     assert [j["job_id"] for j in page] == ["new", "j4"]
     assert [j["job_id"] for j in view.list_for_tenant("acme", limit=10, after="j4")] == ["j3", "j2", "j1", "j0"]
     assert view.list_for_tenant("globex") == [] and view.list_for_tenant("acme", after="unknown") == []
+
+
+def test_finished_jobs_leave_memory_and_a_listing_reads_one_page_of_an_index(tmp_path):
+    from streams.settings import Settings
+
+    view = JobsView(Settings(var_dir=tmp_path))
+    finished = {}
+    for i in range(2000):
+        job_id = f"done-{i:04d}"
+        events = [(t, dict(e, timestamp=e["timestamp"] + 7 * i)) for t, e in job_lifecycle(job_id, total=2)]
+        finished[job_id] = fold_all(events)
+        view.ingest_tracker_state(job_id, finished[job_id].to_dict())  # what a gateway reads at start
+    for i in range(3):
+        feed(view, [requested(f"running-{i}", at=T0 + 20_000 + i)])
+    feed(view, with_tenant([requested("theirs", at=T0 + 30_000)], "globex"))
+    assert view.jobs_count() == 4, "only the jobs in flight are held in memory"
+    assert view.get("done-0007") == to_public(finished["done-0007"])  # read back from the index
+    assert view.jobs_count() == 4
+
+    # Pages in listing order (newest request first), through every job of the tenant and nobody else's.
+    listed, after = [], None
+    while True:
+        page = view.list_for_tenant("acme", limit=100, after=after)
+        if not page:
+            break
+        listed += [j["job_id"] for j in page]
+        after = page[-1]["job_id"]
+    assert listed == [f"running-{i}" for i in (2, 1, 0)] + [f"done-{i:04d}" for i in reversed(range(2000))]
+    assert view.list_for_tenant("globex", limit=5)[0]["job_id"] == "theirs"
+    assert view.list_for_tenant("acme", after="theirs") == [], "another tenant's job is no cursor"
+    plan = " ".join(row[-1] for row in view._index.db.execute(
+        "EXPLAIN QUERY PLAN SELECT job_id, state FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
+        "ORDER BY sort_at DESC, job_id DESC LIMIT ?", ("acme", 0, "", 100)))
+    assert "USING INDEX jobs_by_tenant" in plan and "TEMP B-TREE" not in plan, plan  # a range, never a sort
+
+    # A websocket on a finished job holds it in memory only while it is open; an event of it (a late copy) reads
+    # it back, and it leaves again.
+    sub = view.subscribe("acme", "done-0001")
+    assert drain(sub)[0]["data"]["status"] == PUBLISHED
+    topic_name, request = job_lifecycle("done-0001", total=2)[0]
+    assert not view.ingest_event(topic_name, dict(request, timestamp=request["timestamp"] + 7))  # a redelivery
+    view.unsubscribe(sub)
+    assert view.jobs_count() == 4
+    view.ingest_tracker_state("done-0002", None)  # the tracker let it go
+    assert view.get("done-0002") is None
+    assert [j["job_id"] for j in view.list_for_tenant("acme", limit=100, after="done-0003")] == ["done-0001",
+                                                                                              "done-0000"]
+    asyncio.run(view.stop())
+    assert not list((tmp_path / "gateway").iterdir()), "the index's file goes with the view"
 
 
 # -- the websocket handlers on a hand-fed view ---------------------------------------------------------------------------

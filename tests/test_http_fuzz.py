@@ -89,9 +89,9 @@ class Gateway:
         self.tenants = TenantStore()
         # Limits out of the way: the fuzzer sends thousands of requests, and 429s would hide the handlers.
         _, self.key = self.tenants.create_tenant("acme", "premium", rate_per_s=1e9, burst=10**9,
-                                                 max_in_flight=10**9)
+                                                 max_in_flight=10**9, max_per_hour=10**9)
         _, self.other_key = self.tenants.create_tenant("other", "free", rate_per_s=1e9, burst=10**9,
-                                                       max_in_flight=10**9)
+                                                       max_in_flight=10**9, max_per_hour=10**9)
         self.jobs = FakeJobsView()
         self.publisher = FakePublisher()
         (tmp_path / "static").mkdir()
