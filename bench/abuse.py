@@ -8,11 +8,13 @@ from 127.0.0.1 — sends GET /v1/videos one after the other and times each:
 1. ``baseline``: no abuse;
 2. ``idle``: the abuser opens ``--idle`` TCP connections and sends nothing;
 3. ``slow_body``: ``--slow`` connections each send a POST's headers, then a byte of its body every second;
-4. ``websockets``: ``--websockets`` websocket upgrades with the abuser's key, held open.
+4. ``websockets``: ``--websockets`` websocket upgrades with the abuser's key, held open;
+5. ``list_flood``: the abuser, who created ``--jobs`` jobs first, lists them 100 at a time over ``--listers``
+   connections as fast as the gateway answers (a listing used to sort all of a tenant's jobs on the event loop).
 
 Prints per phase the other tenant's p50/p99/max, errors, and what the abuser's connections got (admitted, refused
 with 429/503, closed). Ends with ``RESULT baseline_p99_ms=… idle_p99_ms=… slow_body_p99_ms=… websockets_p99_ms=…
-worst_delta_ms=…`` (the largest p99 above the baseline's). The machine is shared: compare phases of one run.
+list_flood_p99_ms=… worst_delta_ms=…`` (the largest p99 above the baseline's). The machine is shared: compare phases of one run.
 """
 from __future__ import annotations
 
@@ -48,6 +50,22 @@ async def _abuse(mode: str, host: str, port: int, key: str, count: int, hold_s: 
         outcome["opened"] += 1
         held.append(writer)
         return reader, writer
+
+    if mode == "list_flood":
+        headers = {"Authorization": f"Bearer {key}"}
+        connector = aiohttp.TCPConnector(limit=0, local_addr=(ABUSER_ADDRESS, 0))
+        stop_at = time.monotonic() + hold_s
+
+        async def lister(session):
+            while time.monotonic() < stop_at:
+                async with session.get(f"http://{host}:{port}/v1/videos?limit=100", headers=headers) as response:
+                    await response.read()
+                    outcome["opened" if response.status == 200 else "refused"] += 1
+
+        async with aiohttp.ClientSession(connector=connector) as session:
+            print("ready", flush=True)
+            await asyncio.gather(*(lister(session) for _ in range(count)))
+        return outcome
 
     if mode == "websockets":
         connector = aiohttp.TCPConnector(limit=0, local_addr=(ABUSER_ADDRESS, 0))
@@ -130,6 +148,25 @@ async def _measure(base: str, key: str, duration_s: float) -> dict:
             "p99_ms": percentile(latencies, 99) if latencies else None, "max_ms": max(latencies, default=None)}
 
 
+async def _create_jobs(base: str, key: str, count: int, concurrency: int = 16) -> None:
+    """The abuser's jobs (nothing runs them: they stay requested), listed in the list flood."""
+    import aiohttp
+
+    body = {"prompt": "a red fox trotting through fresh snow", "size": "64x64", "frames": 5, "steps": 2}
+    remaining = iter(range(count))
+
+    async def creator(session):
+        for _ in remaining:
+            async with session.post(f"{base}/v1/videos", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"creating the abuser's jobs: {r.status} {await r.text()}")
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(creator(session) for _ in range(concurrency)))
+    print(f"the abuser created {count} jobs in {time.monotonic() - started:.1f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--abuse"]:
@@ -140,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=int, default=200, help="slow-body connections")
     parser.add_argument("--websockets", type=int, default=300, help="websocket upgrades")
     parser.add_argument("--nofile", type=int, default=1024, help="the gateway's open-file limit (soft and hard)")
+    parser.add_argument("--jobs", type=int, default=3000, help="jobs the abuser creates before its list flood")
+    parser.add_argument("--listers", type=int, default=8, help="the list flood's connections")
     args = parser.parse_args(argv)
 
     from gateway.tenants import TenantStore
@@ -169,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         log_size = log_path.stat().st_size
         print(f"gateway pid {gateway.pid} on {base} (open-file limit {args.nofile}); logs in {var_dir}/log",
               flush=True)
+        asyncio.run(_create_jobs(base, abuser, args.jobs))
         phases = [("baseline", None, 0), ("idle", "idle", args.idle), ("slow_body", "slow_body", args.slow),
-                  ("websockets", "websockets", args.websockets)]
+                  ("websockets", "websockets", args.websockets), ("list_flood", "list_flood", args.listers)]
         for name, mode, count in phases:
             abuse, outcome = None, {}
             if mode is not None:
@@ -203,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     deltas = [v - p99["baseline"] for k, v in p99.items() if k != "baseline" and v is not None]
     print_result(baseline_p99_ms=round(p99["baseline"], 1), idle_p99_ms=round(p99["idle"], 1),
                  slow_body_p99_ms=round(p99["slow_body"], 1), websockets_p99_ms=round(p99["websockets"], 1),
+                 list_flood_p99_ms=round(p99["list_flood"], 1),
                  worst_delta_ms=round(max(deltas, default=0.0), 1), log_bytes=log_growth)
     return 0
 

@@ -121,10 +121,12 @@ class JobState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "JobState":
-        """Inverse of to_dict; keys it does not know (a newer tracker's) are ignored, missing ones get defaults."""
+    def from_dict(cls, data: dict, owned: bool = False) -> "JobState":
+        """Inverse of to_dict; keys it does not know (a newer tracker's) are ignored, missing ones get defaults.
+        ``owned``: ``data`` is the caller's to give (freshly decoded), so it is not copied."""
         known = {f.name for f in fields(cls)}
-        return cls(**copy.deepcopy({k: v for k, v in data.items() if k in known}))
+        kept = {k: v for k, v in data.items() if k in known}
+        return cls(**(kept if owned else copy.deepcopy(kept)))
 
 
 # -- folding ---------------------------------------------------------------------------------------------------------

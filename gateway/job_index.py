@@ -19,7 +19,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from consumers.job_state import JobState
+from consumers.job_state import JobState, to_public
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     tenant TEXT NOT NULL,
     sort_at INTEGER NOT NULL,
     first_request TEXT,
-    state TEXT
+    state TEXT,
+    public TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, sort_at DESC, job_id DESC);
 """
@@ -61,9 +62,10 @@ class JobIndex:
                         "DO UPDATE SET tenant = excluded.tenant, sort_at = excluded.sort_at", (job_id, tenant, sort_at))
 
     def shelve(self, job_id: str, state: JobState, first_request: str | None) -> None:
-        """A finished job's state, kept here instead of in memory."""
-        self.db.execute("UPDATE jobs SET state = ?, first_request = ? WHERE job_id = ?",
-                        (json.dumps(state.to_dict(), separators=(",", ":")), first_request, job_id))
+        """A finished job's state, kept here instead of in memory, with its public form (what GET and listings
+        show, read back without folding anything)."""
+        self.db.execute("UPDATE jobs SET state = ?, public = ?, first_request = ? WHERE job_id = ?",
+                        (_json(state.to_dict()), _json(to_public(state)), first_request, job_id))
 
     def take(self, job_id: str) -> tuple[JobState, str | None] | None:
         """A shelved job's state and first request's fingerprint, which leave the shelf (the job is back in memory);
@@ -72,30 +74,39 @@ class JobIndex:
                               (job_id,)).fetchone()
         if row is None:
             return None
-        self.db.execute("UPDATE jobs SET state = NULL WHERE job_id = ?", (job_id,))
-        return JobState.from_dict(json.loads(row[0])), row[1]
+        self.db.execute("UPDATE jobs SET state = NULL, public = NULL WHERE job_id = ?", (job_id,))
+        return JobState.from_dict(json.loads(row[0]), owned=True), row[1]
 
     def peek(self, job_id: str) -> JobState | None:
         """A shelved job's state, left on the shelf."""
         row = self.db.execute("SELECT state FROM jobs WHERE job_id = ? AND state IS NOT NULL", (job_id,)).fetchone()
-        return None if row is None else JobState.from_dict(json.loads(row[0]))
+        return None if row is None else JobState.from_dict(json.loads(row[0]), owned=True)
+
+    def public(self, job_id: str) -> dict | None:
+        """A shelved job's public form (consumers.job_state.to_public)."""
+        row = self.db.execute("SELECT public FROM jobs WHERE job_id = ? AND public IS NOT NULL", (job_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def remove(self, job_id: str) -> None:
         self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
 
     def page(self, tenant: str, limit: int, after: str | None = None) -> list[tuple[str, str | None]]:
-        """(job id, shelved state JSON or None) of the tenant's jobs in listing order (newest first), after the job
-        ``after`` (which must be the tenant's: else an empty page)."""
+        """(job id, a shelved job's public form as JSON, else None) of the tenant's jobs in listing order (newest
+        first), after the job ``after`` (which must be the tenant's: else an empty page)."""
         if after is None:
-            return self.db.execute("SELECT job_id, state FROM jobs WHERE tenant = ? ORDER BY sort_at DESC, "
+            return self.db.execute("SELECT job_id, public FROM jobs WHERE tenant = ? ORDER BY sort_at DESC, "
                                    "job_id DESC LIMIT ?", (tenant, limit)).fetchall()
         cursor = self.db.execute("SELECT sort_at FROM jobs WHERE job_id = ? AND tenant = ?",
                                  (after, tenant)).fetchone()
         if cursor is None:
             return []
-        return self.db.execute("SELECT job_id, state FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
+        return self.db.execute("SELECT job_id, public FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
                                "ORDER BY sort_at DESC, job_id DESC LIMIT ?", (tenant, cursor[0], after, limit)).fetchall()
 
     def count(self, shelved: bool | None = None) -> int:
         where = "" if shelved is None else (" WHERE state IS NOT NULL" if shelved else " WHERE state IS NULL")
         return self.db.execute("SELECT count(*) FROM jobs" + where).fetchone()[0]
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))

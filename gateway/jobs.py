@@ -657,8 +657,10 @@ class JobsView:
 
     def get(self, job_id: str) -> dict | None:
         """The job's public state (``consumers.job_state.to_public``), or None if this gateway has not seen it."""
-        state = self.state(job_id)
-        return None if state is None else to_public(state)
+        job = self._jobs.get(job_id)
+        if job is None:
+            return self._index.public(job_id)
+        return None if job.state is None else to_public(job.state)
 
     def list_for_tenant(self, tenant: str, limit: int = 50, after: str | None = None) -> list[dict]:
         """The tenant's jobs, newest request first; ``after`` (a job id from the previous page) continues a listing.
@@ -668,9 +670,10 @@ class JobsView:
         page = []
         for job_id, shelved in self._index.page(tenant, max(0, limit), after):  # one range of an index: O(limit)
             job = self._jobs.get(job_id)
-            state = job.state if job is not None else JobState.from_dict(json.loads(shelved)) if shelved else None
-            if state is not None:
-                page.append(to_public(state))
+            if job is not None and job.state is not None:
+                page.append(to_public(job.state))
+            elif shelved is not None:
+                page.append(json.loads(shelved))
         return page
 
     def in_flight(self, tenant: str) -> int:

@@ -353,7 +353,7 @@ def test_finished_jobs_leave_memory_and_a_listing_reads_one_page_of_an_index(tmp
     assert view.list_for_tenant("globex", limit=5)[0]["job_id"] == "theirs"
     assert view.list_for_tenant("acme", after="theirs") == [], "another tenant's job is no cursor"
     plan = " ".join(row[-1] for row in view._index.db.execute(
-        "EXPLAIN QUERY PLAN SELECT job_id, state FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
+        "EXPLAIN QUERY PLAN SELECT job_id, public FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
         "ORDER BY sort_at DESC, job_id DESC LIMIT ?", ("acme", 0, "", 100)))
     assert "USING INDEX jobs_by_tenant" in plan and "TEMP B-TREE" not in plan, plan  # a range, never a sort
 
