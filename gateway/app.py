@@ -5,6 +5,7 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   POST   /v1/videos                          create a job (OpenAI Videos API body + vidgen fields) → video object
   GET    /v1/videos                          the tenant's jobs, newest first: ?limit=1..100&after=<id>
   GET    /v1/videos/{video_id}               one job → video object (OpenAI shape + `vidgen`: the full state)
+  POST   /v1/videos/{video_id}/media-token   a short-lived ?token= for its media URLs and websocket (a browser's)
   DELETE /v1/videos/{video_id}               cancel it (asynchronous: a JobCancelled on vidgen.control)
   GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist; Range ok
   GET    /v1/videos/{video_id}/segments/{name}   live fMP4 segments, init.mp4 and playlist.m3u8 while it decodes
@@ -17,7 +18,8 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   GET    /openapi.json, /healthz, /, /static/{filename}   without authentication
 
 Tenancy and limits (gateway/tenants.py, gateway/limits.py):
-* ``Authorization: Bearer <key>`` (or ``?api_key=``, for websockets and the web page) names the tenant; no key or
+* ``Authorization: Bearer <key>`` (or, where a browser cannot send a header — websockets, media URLs — ``?token=``
+  from ``POST /v1/videos/{id}/media-token``, gateway/media_tokens.py, or ``?api_key=``) names the tenant; no key or
   an unknown key → 401.
 * The tier is the tenant's. A request may name a tier at or BELOW its tenant's (a premium tenant may submit a
   cheap free job); a higher one is refused with 403 ``tier_not_allowed`` rather than silently lowered, so a
@@ -87,6 +89,7 @@ from .delivery import serve_blob
 from .errors import ApiError, ClientGone, error_middleware, not_found
 from .jobs import BLOCKED_WINDOW_MS
 from .limits import RateLimiter, retry_after_header
+from .media_tokens import MediaTokens
 from .openapi import Route, openapi_document
 from .publisher import KafkaPublisher, PublishError
 from .quota import FleetQuota, QuotaFollower, QuotaUnavailable
@@ -643,6 +646,12 @@ async def get_video(request: web.Request) -> web.Response:
     return web.json_response(video_object(_own_job(request)))
 
 
+async def create_media_token(request: web.Request) -> web.Response:
+    state = _own_job(request)
+    token, expires_at = request.app["media_tokens"].issue(request["tenant"].id, state["job_id"])
+    return web.json_response({"video_id": state["job_id"], "token": token, "expires_at": expires_at})
+
+
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query.get(name)
     if text is None:
@@ -877,6 +886,16 @@ ROUTES: list[Route] = [
           responses={200: ("a page of videos", "VideoList"), 400: ("bad limit or cursor", "Error")}),
     Route("GET", "/v1/videos/{video_id}", get_video, "getVideo", "A video job's state",
           responses={200: ("the job", "Video"), 404: ("no such video for this tenant", "Error")}),
+    Route("POST", "/v1/videos/{video_id}/media-token", create_media_token, "createMediaToken",
+          "A short-lived token for this video's media URLs and websocket",
+          description=("For a browser, whose media elements, links and websockets cannot send an Authorization "
+                       "header: `?token=` on /content, /segments/, /published/ and /events of this video reads it "
+                       "as its tenant until `expires_at` (epoch seconds), so the API key never goes into a URL."),
+          responses={200: ("the token", {"application/json": {"schema": {
+              "type": "object", "required": ["video_id", "token", "expires_at"],
+              "properties": {"video_id": {"type": "string"}, "token": {"type": "string"},
+                             "expires_at": {"type": "integer"}}}}}),
+                     404: ("no such video for this tenant", "Error")}),
     Route("DELETE", "/v1/videos/{video_id}", cancel_video, "cancelVideo", "Cancel a video job",
           description=("Publishes a JobCancelled on vidgen.control: a queued job is skipped, a running one stops "
                        "within a step; the job then ends with status failed, error.code cancelled."),
@@ -971,18 +990,28 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     if route is None or not route.auth:  # public routes, and unknown paths (answered 404/405 as JSON)
         return await handler(request)
     challenge = {"WWW-Authenticate": 'Bearer realm="vidgen"'}
-    try:
-        key = _api_key(request, route)
-    except ApiError:
-        _failed_authentication(request, "api_key_in_query")
-        raise
-    if not key:
-        _failed_authentication(request, "missing_api_key")
-        raise ApiError(401, "missing_api_key", "send your API key: Authorization: Bearer <key>", headers=challenge)
-    tenant = request.app["tenants"].authenticate(key)
-    if tenant is None:
-        _failed_authentication(request, "invalid_api_key")
-        raise ApiError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
+    if "token" in request.query and route.name in QUERY_KEY_ROUTES and "Authorization" not in request.headers:
+        tenant_id = request.app["media_tokens"].verify(request.query["token"], request.match_info.get("video_id"))
+        tenant = request.app["tenants"].get(tenant_id) if tenant_id is not None else None
+        if tenant is None:
+            _failed_authentication(request, "invalid_token")
+            raise ApiError(401, "invalid_token", "the media token is not valid for this video, or has expired; ask "
+                                                 "POST /v1/videos/{video_id}/media-token for another",
+                           headers=challenge)
+    else:
+        try:
+            key = _api_key(request, route)
+        except ApiError:
+            _failed_authentication(request, "api_key_in_query")
+            raise
+        if not key:
+            _failed_authentication(request, "missing_api_key")
+            raise ApiError(401, "missing_api_key", "send your API key: Authorization: Bearer <key>",
+                           headers=challenge)
+        tenant = request.app["tenants"].authenticate(key)
+        if tenant is None:
+            _failed_authentication(request, "invalid_api_key")
+            raise ApiError(401, "invalid_api_key", "the API key is not valid", headers=challenge)
     wait_s = request.app["limiter"].check(tenant.id, tenant.rate_per_s, tenant.burst)
     if wait_s > 0:
         raise ApiError(429, "rate_limit_exceeded",
@@ -1035,6 +1064,7 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     app["auth_log"] = RateLimitedLog(limits.log_every_s)
     app.on_response_prepare.append(_response_headers)
     app["idempotency"] = IdempotencyRecords()
+    app["media_tokens"] = MediaTokens.from_settings(settings)
     app["quota"] = quota or FleetQuota(publisher, jobs, QuotaFollower(settings) if isinstance(publisher, KafkaPublisher)
                                        else None)
     app["route_specs"] = {route.name: route for route in ROUTES}

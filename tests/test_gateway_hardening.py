@@ -438,3 +438,37 @@ def test_the_jobs_view_shows_the_request_kafka_has_first_when_its_own_lost_the_r
     assert view.get("j1")["prompt"] == "prompt A"
     from consumers.job_state import request_fingerprint
     assert view.request_fingerprint("j1") == request_fingerprint(theirs)
+
+
+@async_test
+async def test_a_media_token_reads_its_own_video_and_nothing_else(tmp_path):
+    from gateway.media_tokens import MediaTokens
+
+    async with Gateway(tmp_path) as gw:
+        _, video = await gw.post()
+        job_id = video["id"]
+        gw.jobs.publish(job_id, gw.blobs.put(b"\x00\x00\x00\x18ftypmp42 the video", job_id, "video.mp4",
+                                             dtype="video/mp4"))
+        _, other = await gw.post()
+        response = await gw.client.post(f"/v1/videos/{job_id}/media-token")
+        assert response.status == 401, "minted only with the key in the header"
+        response = await gw.client.post(f"/v1/videos/{job_id}/media-token", headers=gw.auth())
+        minted = await response.json()
+        assert response.status == 200 and minted["video_id"] == job_id and gw.acme_key not in minted["token"]
+        token = {"token": minted["token"]}
+
+        response = await gw.client.get(f"/v1/videos/{job_id}/content", params=token)
+        assert response.status == 200 and (await response.read()).endswith(b"the video")
+        for path in (f"/v1/videos/{other['id']}/content", f"/v1/videos/{job_id}", "/v1/videos"):
+            response = await gw.client.get(path, params=token)
+            assert response.status == 401, path  # another video, or a route that takes the header only
+        tampered = minted["token"].rsplit(".", 1)[0] + ".other"  # the same signature, another tenant
+        response = await gw.client.get(f"/v1/videos/{job_id}/content", params={"token": tampered})
+        assert_error(response, await response.json(), 401, "invalid_token")
+        response = await gw.client.post(f"/v1/videos/{job_id}/media-token", headers=gw.auth(gw.other_key))
+        assert response.status == 404, "another tenant's video: no token"
+
+        expired = MediaTokens(gw.app["media_tokens"].secret, ttl_s=-1).issue("acme", job_id)[0]
+        response = await gw.client.get(f"/v1/videos/{job_id}/content", params={"token": expired})
+        assert_error(response, await response.json(), 401, "invalid_token")
+        assert (tmp_path / "gateway-url-secret").stat().st_mode & 0o777 == 0o600

@@ -121,9 +121,13 @@ def streaming_job():
     pytest.fail(f"no frame count up to {rules.max_frames} gives {STREAMING_MODEL} {MIN_CHUNKS} chunks")
 
 
-def open_page(browser, base: str, problems: list[str]):
-    """The web page in a new tab, with every page error, console error and failed request noted in ``problems``."""
+def open_page(browser, base: str, problems: list[str], urls: list[str] | None = None):
+    """The web page in a new tab, with every page error, console error and failed request noted in ``problems``
+    (and every URL it asks for, websockets too, in ``urls``)."""
     page = browser.new_page()
+    if urls is not None:
+        page.on("request", lambda r: urls.append(r.url))
+        page.on("websocket", lambda ws: urls.append(ws.url))
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("response", lambda r: problems.append(f"HTTP {r.status} for {r.url}") if r.status >= 400 else None)
@@ -173,7 +177,8 @@ def test_page_generates_streams_and_plays_the_signed_video(gateway):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=gateway["chromium"], args=CHROMIUM_ARGS)
         try:
-            page = open_page(browser, gateway["base"], problems)
+            urls: list[str] = []
+            page = open_page(browser, gateway["base"], problems, urls)
 
             page.get_by_label("API key").fill(gateway["key"])
             page.get_by_label("Prompt").fill(PROMPT)
@@ -240,7 +245,11 @@ def test_page_generates_streams_and_plays_the_signed_video(gateway):
                 timeout=10_000)
             assert page.get_by_test_id("rendition-native").count() == 1
             href = page.get_by_test_id("rendition-native").get_attribute("href")
-            assert href.startswith(f"/v1/videos/{job_id}/content?variant=native")
+            assert href.startswith(f"/v1/videos/{job_id}/content?variant=native&token=")
+            # The key never went into a URL: the video element, the links and the websocket carry a media token.
+            assert not [u for u in urls if gateway["key"] in u or "api_key" in u], urls
+            assert any(f"/v1/videos/{job_id}/events?token=" in u for u in urls), urls
+            assert "token=" in facts["video"]["src"], facts["video"]["src"]
             assert not problems, problems
             print("page timeline (ms):", json.dumps(page.evaluate("() => window.vidgen.marks")))
         finally:

@@ -40,11 +40,23 @@
   // -- small helpers ----------------------------------------------------------------------------------------
   const authHeaders = () => ({ Authorization: `Bearer ${apiKey}` });
 
-  // Media elements and plain links cannot send an Authorization header: the gateway accepts ?api_key= there.
-  function withKey(path) {
+  // Media elements, plain links and websockets cannot send an Authorization header: their URLs carry a short-lived
+  // token for the job's own media (POST /v1/videos/{id}/media-token), never the API key.
+  function withToken(path) {
     const url = new URL(path, location.href);
-    url.searchParams.set("api_key", apiKey);
+    if (job && job.token) url.searchParams.set("token", job.token);
     return url.pathname + url.search;
+  }
+
+  async function refreshToken(current) {
+    if (current.token && current.tokenExpires - Date.now() / 1000 > 300) return;
+    const response = await fetch(`/v1/videos/${encodeURIComponent(current.id)}/media-token`, {
+      method: "POST", headers: authHeaders(), cache: "no-store",
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const body = await response.json();
+    current.token = body.token;
+    current.tokenExpires = body.expires_at;
   }
 
   async function fetchBytes(path) {
@@ -309,7 +321,7 @@
     mode = "final";
     diag.final.src = url;
     video.loop = true; // a generated clip is short: keep it going
-    video.src = withKey(url);
+    video.src = withToken(url);
     playWithSound(video);
     $("player-caption").textContent = "The published video: watermarked and C2PA-signed.";
   }
@@ -341,7 +353,7 @@
     for (const r of summary.renditions || []) {
       listItem(renditions, (li) => {
         const a = document.createElement("a");
-        a.href = withKey(r.url);
+        a.href = withToken(r.url);
         a.textContent = r.name;
         a.dataset.testid = `rendition-${r.name}`;
         li.appendChild(a);
@@ -517,10 +529,16 @@
     if (job && job.ws && job.ws.readyState <= WebSocket.OPEN) job.ws.close(1000);
   }
 
-  function connect(current) {
+  async function connect(current) {
+    try {
+      await refreshToken(current);
+    } catch (error) {
+      setTimeout(() => { if (job === current && !current.terminal) connect(current); }, 1000);
+      return;
+    }
     const url = new URL(`/v1/videos/${encodeURIComponent(current.id)}/events`, location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    url.searchParams.set("api_key", apiKey);
+    url.searchParams.set("token", current.token);
     const ws = new WebSocket(url.href);
     current.ws = ws;
     ws.addEventListener("message", (message) => {
@@ -703,12 +721,13 @@
       if (!response.ok) throw new Error(await errorMessage(response));
       const video = await response.json();
       const id = video.id || video.job_id;
-      job = { id, terminal: false, ws: null, player: null, published: false, retries: 0 };
+      job = { id, terminal: false, ws: null, player: null, published: false, retries: 0, token: null,
+        tokenExpires: 0 };
       diag.jobId = id;
       mark("submitted");
       $("job-id").textContent = id;
       setStatus("Requested: waiting for the prompt stage…");
-      connect(job);
+      await connect(job);
     } catch (error) {
       setStatus("Not submitted.");
       showOutcome(`Could not submit: ${error.message}`, "error");
