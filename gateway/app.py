@@ -304,9 +304,7 @@ async def read_body(request: web.Request) -> tuple[dict, bool]:
     except TimeoutError:
         raise ApiError(408, "request_timeout", f"the request body did not arrive within {deadline_s:g} s",
                        close=True) from None
-    except (ConnectionError, web.HTTPException, asyncio.IncompleteReadError) as exc:
-        if isinstance(exc, web.HTTPException):
-            raise
+    except (ConnectionError, asyncio.IncompleteReadError):
         raise ClientGone() from None
     except Exception as exc:  # noqa: BLE001 - aiohttp's payload errors: the client broke off mid-body
         if type(exc).__name__ in ("ClientPayloadError", "ContentLengthError", "TransferEncodingError"):

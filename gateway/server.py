@@ -106,16 +106,16 @@ class ConnectionCounts:
         self.by_address: dict[str, int] = {}
         self.refused = {"total": 0, "address": 0}
 
-    def admit(self, address: str) -> bytes | None:
-        """None when the connection may go on (and is counted), else the answer that refuses it."""
+    def admit(self, address: str) -> tuple[bytes, str] | None:
+        """None when the connection may go on (and is counted), else (the answer that refuses it, why)."""
         if self.total >= self.limits.max_connections:
             self.refused["total"] += 1
-            return canned_response(503, "too_many_connections",
-                                   f"the gateway holds its limit of {self.limits.max_connections} connections")
+            why = f"the gateway holds its limit of {self.limits.max_connections} connections"
+            return canned_response(503, "too_many_connections", why), why
         if self.by_address.get(address, 0) >= self.limits.max_per_address:
             self.refused["address"] += 1
-            return canned_response(429, "too_many_connections",
-                                   f"more than {self.limits.max_per_address} connections from one address")
+            why = f"more than {self.limits.max_per_address} connections from one address"
+            return canned_response(429, "too_many_connections", why), why
         self.total += 1
         self.by_address[address] = self.by_address.get(address, 0) + 1
         return None
@@ -163,11 +163,11 @@ class GuardedRequestHandler(RequestHandler):
         address = peer[0] if isinstance(peer, tuple) and peer else str(peer)
         refusal = self._guard.counts.admit(address)
         if refusal is not None:
-            transport.write(refusal)
+            answer, why = refusal
+            transport.write(answer)
             transport.close()
             self._guard.logs("refused", logging.WARNING, "refusing connections (%s from %s): %s",
-                             self._guard.counts.total, address, json.loads(refusal.split(b"\r\n\r\n", 1)[1])
-                             ["error"]["message"])
+                             self._guard.counts.total, address, why)
             return  # never handed to aiohttp: no task, no parser
         self._address = address
         super().connection_made(transport)
