@@ -227,7 +227,7 @@ def restore_rate_phase(args) -> dict:
     from streams import topics
     from streams.embedded import TansuBroker
     from streams.kafka import ensure_topics
-    from streams.registry import SchemaRegistryServer
+    from schemas.registry_server import SchemaRegistryServer
     from streams.settings import load_settings
 
     work = Path(tempfile.mkdtemp(prefix="vidgen-bench-restore-"))

@@ -98,7 +98,7 @@ def embedded_platform(settings: Settings, prepare: Callable[[Settings], dict] | 
     from schemas.codec import EventCodec
 
     from .kafka import ensure_topics
-    from .registry import SchemaRegistryServer
+    from schemas.registry_server import SchemaRegistryServer
     from .serde import registry_client
     from .topics import value_schemas
 

@@ -1,4 +1,4 @@
-"""streams.registry against the real confluent-kafka SchemaRegistryClient, AvroSerializer and AvroDeserializer."""
+"""schemas.registry_server against the real confluent-kafka SchemaRegistryClient and Avro (de)serializers."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from streams.registry import (
+from schemas.registry_server import (
     IncompatibleSchemaError,
     RegistryStateError,
     SchemaRegistryServer,

@@ -12,7 +12,7 @@ atomically on every change, so ids survive restarts. Subjects, versions and sche
 DELETE endpoints answer 405, because an id that once framed a Kafka message must keep resolving.
 
 Run it in-process with ``SchemaRegistryServer(path).start()`` (a background thread), in a foreground process
-with ``python -m streams.registry --state var/registry/schemas.json --port 8081``, or embed ``make_app(store)``
+with ``python -m schemas.registry_server --state var/registry/schemas.json --port 8081``, or embed ``make_app(store)``
 in another aiohttp application.
 """
 from __future__ import annotations
@@ -888,7 +888,7 @@ class SchemaRegistryServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m streams.registry --state FILE [--host H] [--port P]``: serve in the foreground."""
+    """``python -m schemas.registry_server --state FILE [--host H] [--port P]``: serve in the foreground."""
     parser = argparse.ArgumentParser(description="vidgen's embedded Confluent-compatible schema registry (Avro)")
     parser.add_argument("--state", required=True, type=Path, help="JSON file holding the registry's state")
     parser.add_argument("--host", default="127.0.0.1")
