@@ -72,6 +72,7 @@ class JobState:
     tier: str | None = None  # lower case, as in streams.topics.TIERS
     prompt: str | None = None
     params: dict | None = None  # GenerationParams
+    seconds_requested: float | None = None  # the duration asked for, when the request named one in seconds
     status: str = REQUESTED
     # Denoising progress of the newest attempt.
     step: int = 0
@@ -185,6 +186,8 @@ def _adopt_profile(state: JobState, rank: int, at: int, event: dict) -> None:
     state.params = copy.deepcopy(event.get("params", state.params))
     if "prompt" in event:
         state.prompt = event["prompt"]
+    if rank == 0:  # only a request says what was asked
+        state.seconds_requested = event.get("seconds")
 
 
 def request_fingerprint(event: dict) -> str:
@@ -442,6 +445,7 @@ def to_public(state: JobState | dict) -> dict:
         "terminal": state.terminal,
         "prompt": state.prompt,
         "params": public_params(state.params),
+        "seconds_requested": state.seconds_requested,
         "step": state.step,
         "total_steps": state.total_steps,
         "progress": progress,

@@ -3,7 +3,7 @@
 Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.json describes):
 
   POST   /v1/videos                          create a job (OpenAI Videos API body + vidgen fields) → video object
-  GET    /v1/videos                          the tenant's jobs, newest first: ?limit=1..100&after=<id>
+  GET    /v1/videos                          the tenant's jobs, newest first: ?limit=1..100&after=<id>&order=asc|desc
   GET    /v1/videos/{video_id}               one job → video object (OpenAI shape + `vidgen`: the full state)
   POST   /v1/videos/{video_id}/media-token   a short-lived ?token= for its media URLs and websocket (a browser's)
   DELETE /v1/videos/{video_id}               cancel it (asynchronous: a JobCancelled on vidgen.control)
@@ -213,15 +213,17 @@ class CreateRequest:
     preset: str
     params: dict  # only what the client gave (the preset's and DEFAULT_PARAMS fill the rest)
     consent_ref: str | None
+    seconds: float | None = None  # as asked, when the frame count came from seconds
 
     def event(self, job_id: str, tenant: Tenant, input_reference: dict | None = None) -> dict:
         return video_request(self.prompt, job_id=job_id, tier=self.tier, tenant=tenant.id,
                              negative_prompt=self.negative_prompt, consent_ref=self.consent_ref, model=self.model,
-                             preset=self.preset, input_reference=input_reference, **self.params)
+                             preset=self.preset, input_reference=input_reference, seconds=self.seconds,
+                             **self.params)
 
 
 def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _CatalogueIds,
-                 default_model: str) -> CreateRequest:
+                 default_model: str, aliases: dict[str, str] | None = None) -> CreateRequest:
     """Check a create body field by field; raises ApiError (400, or 403 for a tier above the tenant's)."""
     check_request, InvalidEvent, max_chars, _, _ = _pipeline_checks()
     for name in body:
@@ -236,8 +238,10 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _Catalogu
         if len(text) > max_chars:  # before anything else touches a huge string
             raise _invalid(name, f"{name} has {len(text)} characters; the limit is {max_chars}")
     model = _string(body, "model") or default_model
+    model = (aliases or {}).get(model, model)  # an operator's name for it (VIDGEN_MODEL_ALIASES: sora-2=...)
     if not catalogue.known(model):
-        raise ApiError(400, "unknown_model", f"unknown model {model!r}; models: {', '.join(catalogue.ids)}",
+        also = f"; also: {', '.join(aliases)} (aliases)" if aliases else ""
+        raise ApiError(400, "unknown_model", f"unknown model {model!r}; models: {', '.join(catalogue.ids)}{also}",
                        param="model")
     tier = (_string(body, "tier") or tenant.tier).lower()
     if tier not in topics.TIERS:
@@ -278,7 +282,8 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _Catalogu
         if guidance is not None:
             params[name] = guidance
 
-    request = CreateRequest(prompt, negative_prompt, tier, model, preset, params, consent_ref)
+    request = CreateRequest(prompt, negative_prompt, tier, model, preset, params, consent_ref,
+                            seconds if frames is None else None)
     # The image is read after these cheap checks (read_input_reference); here it only counts as present or not,
     # which decides whether the model fits (text-to-video only, image-to-video only, or both).
     image_ref = _IMAGE_NOT_YET_STORED if body.get("input_reference") is not None else None
@@ -508,7 +513,10 @@ def video_object(state: dict) -> dict:
         "expires_at": None,
         "prompt": state.get("prompt"),
         "size": f"{params['width']}x{params['height']}" if "width" in params else None,
-        "seconds": f"{frames / fps:g}" if frames and fps else None,
+        # As asked (the SDK's "4"), when the client asked in seconds; the exact length in duration_seconds.
+        "seconds": (f"{state['seconds_requested']:g}" if state.get("seconds_requested")
+                    else f"{frames / fps:g}" if frames and fps else None),
+        "duration_seconds": frames / fps if frames and fps else None,
         "remixed_from_video_id": None,
         "error": _job_error(state),
         # Where the job stands in the fleet's queue while it waits (the scheduler's QueuePosition); null otherwise.
@@ -551,7 +559,7 @@ async def create_video(request: web.Request) -> web.Response:
     app, tenant = request.app, request["tenant"]
     body, form = await read_body(request)
     create = parse_create(body, tenant, form=form, catalogue=app["catalogue"],
-                          default_model=app["settings"].default_model)
+                          default_model=app["settings"].default_model, aliases=app["settings"].model_aliases)
     image = await read_input_reference(body.get("input_reference"))  # after the cheap checks of the other fields
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
@@ -666,12 +674,15 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
 async def list_videos(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
     after = request.query.get("after") or None
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise _invalid("order", f"order must be asc (oldest first) or desc (newest first), got {order!r}")
     tenant = request["tenant"]
     if after is not None:  # a cursor must be one of the tenant's own jobs
         state = request.app["jobs"].get(after)
         if state is None or state.get("tenant") != tenant.id:
             raise _invalid("after", f"after must be the id of one of your videos, got {after!r}")
-    states = request.app["jobs"].list_for_tenant(tenant.id, limit + 1, after)
+    states = request.app["jobs"].list_for_tenant(tenant.id, limit + 1, after, newest_first=order == "desc")
     data = [video_object(s) for s in states[:limit]]
     return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": len(states) > limit})
@@ -880,7 +891,9 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/videos", list_videos, "listVideos", "The tenant's videos, newest first",
           query=({"name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
                                               "default": DEFAULT_LIST_LIMIT}},
-                 {"name": "after", "schema": {"type": "string"}, "description": "a video id: the page after it"}),
+                 {"name": "after", "schema": {"type": "string"}, "description": "a video id: the page after it"},
+                 {"name": "order", "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+                  "description": "desc: newest first; asc: oldest first"}),
           responses={200: ("a page of videos", "VideoList"), 400: ("bad limit or cursor", "Error")}),
     Route("GET", "/v1/videos/{video_id}", get_video, "getVideo", "A video job's state",
           responses={200: ("the job", "Video"), 404: ("no such video for this tenant", "Error")}),

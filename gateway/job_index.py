@@ -90,18 +90,21 @@ class JobIndex:
     def remove(self, job_id: str) -> None:
         self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
 
-    def page(self, tenant: str, limit: int, after: str | None = None) -> list[tuple[str, str | None]]:
+    def page(self, tenant: str, limit: int, after: str | None = None,
+             newest_first: bool = True) -> list[tuple[str, str | None]]:
         """(job id, a shelved job's public form as JSON, else None) of the tenant's jobs in listing order (newest
-        first), after the job ``after`` (which must be the tenant's: else an empty page)."""
+        first, or oldest first), after the job ``after`` (which must be the tenant's: else an empty page)."""
+        order, beyond = ("DESC", "<") if newest_first else ("ASC", ">")
         if after is None:
-            return self.db.execute("SELECT job_id, public FROM jobs WHERE tenant = ? ORDER BY sort_at DESC, "
-                                   "job_id DESC LIMIT ?", (tenant, limit)).fetchall()
+            return self.db.execute(f"SELECT job_id, public FROM jobs WHERE tenant = ? ORDER BY sort_at {order}, "
+                                   f"job_id {order} LIMIT ?", (tenant, limit)).fetchall()
         cursor = self.db.execute("SELECT sort_at FROM jobs WHERE job_id = ? AND tenant = ?",
                                  (after, tenant)).fetchone()
         if cursor is None:
             return []
-        return self.db.execute("SELECT job_id, public FROM jobs WHERE tenant = ? AND (sort_at, job_id) < (?, ?) "
-                               "ORDER BY sort_at DESC, job_id DESC LIMIT ?", (tenant, cursor[0], after, limit)).fetchall()
+        return self.db.execute(f"SELECT job_id, public FROM jobs WHERE tenant = ? AND (sort_at, job_id) {beyond} "
+                               f"(?, ?) ORDER BY sort_at {order}, job_id {order} LIMIT ?",
+                               (tenant, cursor[0], after, limit)).fetchall()
 
     def count(self, shelved: bool | None = None) -> int:
         where = "" if shelved is None else (" WHERE state IS NOT NULL" if shelved else " WHERE state IS NULL")

@@ -662,13 +662,15 @@ class JobsView:
             return self._index.public(job_id)
         return None if job.state is None else to_public(job.state)
 
-    def list_for_tenant(self, tenant: str, limit: int = 50, after: str | None = None) -> list[dict]:
-        """The tenant's jobs, newest request first; ``after`` (a job id from the previous page) continues a listing.
+    def list_for_tenant(self, tenant: str, limit: int = 50, after: str | None = None,
+                        newest_first: bool = True) -> list[dict]:
+        """The tenant's jobs, newest request first (or oldest first); ``after`` (a job id from the previous page)
+        continues a listing.
 
         An ``after`` the view does not know (another tenant's job, or none) gives an empty page.
         """
         page = []
-        for job_id, shelved in self._index.page(tenant, max(0, limit), after):  # one range of an index: O(limit)
+        for job_id, shelved in self._index.page(tenant, max(0, limit), after, newest_first):  # one index range
             job = self._jobs.get(job_id)
             if job is not None and job.state is not None:
                 page.append(to_public(job.state))

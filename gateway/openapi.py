@@ -122,7 +122,9 @@ SCHEMAS: dict[str, dict] = {
             "expires_at": {"type": "null"},
             "prompt": _nullable({"type": "string"}),
             "size": {"type": "string"},
-            "seconds": {"type": "string", "description": "frames / fps"},
+            "seconds": {"type": "string", "description": "the duration asked for (when the request named seconds), "
+                                                          "else frames / fps"},
+            "duration_seconds": _nullable({"type": "number", "description": "the video's exact length: frames / fps"}),
             "remixed_from_video_id": {"type": "null"},
             "error": _nullable({"type": "object", "required": ["code", "message"],
                                 "properties": {"code": {"type": "string",
@@ -148,6 +150,8 @@ SCHEMAS: dict[str, dict] = {
             "terminal": {"type": "boolean"}, "prompt": _nullable({"type": "string"}),
             "params": _nullable({"type": "object", "description": "the generation parameters; input_reference (the "
                                                                    "input image) only as {sha256, bytes}, or null"}),
+            "seconds_requested": _nullable({"type": "number", "description": "the duration asked for, when the "
+                                                                             "request named seconds"}),
             "step": {"type": "integer"}, "total_steps": _nullable({"type": "integer"}),
             "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
             "eta_ms": _nullable({"type": "integer"}),

@@ -55,11 +55,12 @@ def parse_size(text: str) -> tuple[int, int]:
 def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standard", tenant: str = "default",
                   negative_prompt: str = "", consent_ref: str | None = None, model: str = "tiny-wan",
                   preset: str = "quality", input_reference: dict | None = None, guidance_scale_2: float | None = None,
-                  **params) -> dict:
+                  seconds: float | None = None, **params) -> dict:
     """A VideoRequested event; unspecified generation parameters take the preset's, then DEFAULT_PARAMS.
 
     ``input_reference`` is the BlobRef of an image-to-video job's input image (``store_input_image``);
-    ``guidance_scale_2`` the guidance of a two-expert model's low-noise expert (None: as guidance_scale)."""
+    ``guidance_scale_2`` the guidance of a two-expert model's low-noise expert (None: as guidance_scale);
+    ``seconds`` the duration the client asked for, if it asked in seconds (num_frames is what it gets)."""
     unknown = set(params) - set(DEFAULT_PARAMS)
     if unknown:
         raise TypeError(f"unknown generation parameters: {', '.join(sorted(unknown))}")
@@ -77,6 +78,7 @@ def video_request(prompt: str, *, job_id: str | None = None, tier: str = "standa
         params={**DEFAULT_PARAMS, **PRESETS[preset], **params, "model": model, "preset": preset,
                 "input_reference": input_reference, "guidance_scale_2": guidance_scale_2},
         consent_ref=consent_ref,
+        seconds=seconds,
     )
 
 

@@ -25,6 +25,8 @@ Environment variables:
                                TAKEN_DOWN (off: kept), DELETED (0); "off" keeps them
   VIDGEN_MODELS                local diffusers model directories: "name=/path,other=/path2"
   VIDGEN_DEFAULT_MODEL         model used when a request names none (default tiny-wan)
+  VIDGEN_MODEL_ALIASES         other names the gateway takes for models, e.g. "sora-2=tiny-wan,sora-2-pro=wan2.1"
+                               (clients written for OpenAI's model names; file: [model_aliases])
   VIDGEN_LATENT_CHUNK_FRAMES   latent frames per LatentChunk (default 2)
   VIDGEN_TIER_WEIGHTS          the scheduler's share of started jobs per tier: "premium=6,standard=3,free=1"
   VIDGEN_PREEMPT_AFTER_S       a job of a preempting tier waiting longer than this goes first and, with no agent
@@ -81,6 +83,7 @@ class Settings:
     lifecycle_windows: dict[str, float | None] = field(default_factory=lambda: dict(LIFECYCLE_WINDOWS))
     model_dirs: dict[str, str] = field(default_factory=dict)
     default_model: str = "tiny-wan"
+    model_aliases: dict[str, str] = field(default_factory=dict)  # a name clients use → the model it means
     latent_chunk_frames: int = 2
     #: Relative share of started jobs per tier when all are backlogged (the scheduler's tier weights).
     tier_weights: dict[str, float] = field(default_factory=lambda: {"premium": 6.0, "standard": 3.0, "free": 1.0})
@@ -159,14 +162,15 @@ def _env_passthrough(environ: dict[str, str]) -> dict[str, str]:
     }
 
 
-def _parse_model_dirs(text: str) -> dict[str, str]:
-    dirs = {}
+def _parse_pairs(text: str, variable: str, shape: str) -> dict[str, str]:
+    """"a=x,b=y" → {"a": "x", "b": "y"}; SettingsError naming ``variable`` for an entry not of ``shape``."""
+    pairs = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SettingsError(f"VIDGEN_MODELS entry {item!r} is not name=/path")
-        dirs[name.strip()] = path.strip()
-    return dirs
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise SettingsError(f"{variable} entry {item!r} is not {shape}")
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 def _parse_model_devices(text: str) -> dict[str, int]:
@@ -212,7 +216,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         schema_registry_url=env.get("VIDGEN_SCHEMA_REGISTRY_URL") or registry.get("url"),
         schema_registry_client={k: str(v) for k, v in registry.get("client", {}).items()},
         blob_url=env.get("VIDGEN_BLOB_URL") or file_settings.get("blobs", {}).get("url") or (var_dir / "blobs").as_uri(),
-        model_dirs={**file_settings.get("models", {}), **_parse_model_dirs(env.get("VIDGEN_MODELS", ""))},
+        model_dirs={**file_settings.get("models", {}),
+                    **_parse_pairs(env.get("VIDGEN_MODELS", ""), "VIDGEN_MODELS", "name=/path")},
+        model_aliases={**file_settings.get("model_aliases", {}),
+                       **_parse_pairs(env.get("VIDGEN_MODEL_ALIASES", ""), "VIDGEN_MODEL_ALIASES", "alias=model")},
         default_model=env.get("VIDGEN_DEFAULT_MODEL") or file_settings.get("default_model") or "tiny-wan",
         latent_chunk_frames=int(env.get("VIDGEN_LATENT_CHUNK_FRAMES") or file_settings.get("latent_chunk_frames") or 2),
     )

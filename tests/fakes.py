@@ -50,8 +50,8 @@ class FakeJobsView:
         state = self.states.get(job_id)
         return None if state is None else to_public(state)
 
-    def list_for_tenant(self, tenant: str, limit: int, after: str | None = None) -> list[dict]:
-        ids = [j for j in reversed(self.order) if self.states[j].tenant == tenant]
+    def list_for_tenant(self, tenant: str, limit: int, after: str | None = None, newest_first: bool = True):
+        ids = [j for j in (reversed(self.order) if newest_first else self.order) if self.states[j].tenant == tenant]
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
         return [to_public(self.states[j]) for j in ids[:limit]]

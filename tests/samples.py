@@ -16,7 +16,7 @@ def sample_events() -> dict[str, dict]:
                         prompt_truncated=True, embeddings_cached=True)
     return {
         "VideoRequested": new_event(job, tenant="acme", prompt="a fox", negative_prompt="blurry", tier="PREMIUM",
-                                    params=PARAMS, consent_ref=None),
+                                    params=PARAMS, consent_ref=None, seconds=4.0),
         "PromptEncoded": encoded,
         "StepProgress": new_event(job, step=3, total_steps=20, attempt=2, resumed_from_step=2, step_ms=15.5,
                                   agent_id="host-1", chunk_index=0, chunk_count=4),

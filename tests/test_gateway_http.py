@@ -157,11 +157,14 @@ async def test_seconds_as_string_or_number_and_explicit_frames_wins(tmp_path):
         body = {"prompt": "p", "seconds": "2", "fps": 8}
         response, video = await gw.post(body)
         assert response.status == 200, video
-        assert gw.publisher.requests[-1]["params"]["num_frames"] == 17 and video["seconds"] == "2.125"
+        assert gw.publisher.requests[-1]["params"]["num_frames"] == 17 and gw.publisher.requests[-1]["seconds"] == 2
+        assert video["seconds"] == "2" and video["duration_seconds"] == 2.125, "echoed as asked; exact beside it"
+        assert (await gw.get(f"/v1/videos/{video['id']}"))[1]["seconds"] == "2"
         response, _ = await gw.post({"prompt": "p", "seconds": 1})
         assert gw.publisher.requests[-1]["params"]["num_frames"] == 9
-        response, _ = await gw.post({"prompt": "p", "seconds": "4", "frames": 5})
-        assert gw.publisher.requests[-1]["params"]["num_frames"] == 5
+        response, video = await gw.post({"prompt": "p", "seconds": "4", "frames": 5})
+        assert gw.publisher.requests[-1]["params"]["num_frames"] == 5 and gw.publisher.requests[-1]["seconds"] is None
+        assert video["seconds"] == f"{5 / 24:g}" or video["seconds"] == f"{5 / video['vidgen']['params']['fps']:g}"
 
 
 @async_test
