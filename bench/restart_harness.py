@@ -269,9 +269,9 @@ class Api:
         return json.loads(data)["data"]
 
     def cancel(self, job_id: str, reason: str = "restart test") -> dict:
-        status, _, data = self.call("DELETE", f"/v1/videos/{job_id}?reason={urllib.request.quote(reason)}")
+        status, _, data = self.call("POST", f"/v1/videos/{job_id}/cancel?reason={urllib.request.quote(reason)}")
         if status != 200:
-            raise ApiError(status, data, f"DELETE /v1/videos/{job_id}")
+            raise ApiError(status, data, f"POST /v1/videos/{job_id}/cancel")
         return json.loads(data)
 
     def content(self, job_id: str) -> bytes:

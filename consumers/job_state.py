@@ -104,6 +104,7 @@ class JobState:
     flags: list[dict] = field(default_factory=list)  # {"event_id", "stage", "decision", "ends_job", "reasons", ...}
     error: dict | None = None  # why a job failed or was cancelled: {"kind", "stage", "reason", ...}
     cancel_requested: dict | None = None  # a JobCancelled request on vidgen.control: {"at", "reason", "requested_by"}
+    deleted: dict | None = None  # its owner deleted it (VideoDeleted): {"at", "reason", "requested_by"}
     # Event times, epoch milliseconds.
     requested_at: int | None = None
     encoded_at: int | None = None
@@ -329,6 +330,12 @@ def _apply_cancel_request(state: JobState, event: dict, at: int) -> None:
         state.cancel_requested = request
 
 
+def _apply_deleted(state: JobState, event: dict, at: int) -> None:
+    """The earliest deletion stands (a second DELETE changes nothing)."""
+    if state.deleted is None or at < state.deleted["at"]:
+        state.deleted = {"at": at, "reason": event.get("reason", ""), "requested_by": event.get("requested_by", "")}
+
+
 def _apply_queue_position(state: JobState, event: dict, at: int) -> None:
     """A QueuePosition: kept only if it is the newest by (timestamp, event_id); ``_derive_queue`` decides whether it
     still shows. Its tenant and tier are not adopted (the scheduler writes defaults for a job it no longer holds)."""
@@ -408,6 +415,7 @@ _APPLY = {
     topics.FAILED.name: _apply_failed,
     topics.CANCELLED.name: _apply_cancelled,
     topics.CONTROL.name: _apply_cancel_request,
+    topics.DELETED.name: _apply_deleted,
     topics.QUEUE.name: _apply_queue_position,
 }
 
@@ -469,6 +477,7 @@ def to_public(state: JobState | dict) -> dict:
         "error": copy.deepcopy(state.error),
         "cancel_requested": (None if state.cancel_requested is None
                              else {k: v for k, v in state.cancel_requested.items() if k != "event_id"}),
+        "deleted": copy.deepcopy(state.deleted),
         "requested_at": state.requested_at,
         "started_at": state.started_at,
         "updated_at": state.updated_at,

@@ -1,7 +1,9 @@
-"""lifecycle: a job's terminal event → (after its window) its intermediate blobs deleted → BlobsDeleted.
+"""lifecycle: a job's terminal event → (after its window) its intermediate blobs deleted → BlobsDeleted; a deleted
+video → every blob of its job deleted → BlobsDeleted.
 
 Consumes the terminal topics (``streams.topics.TERMINAL``: vidgen.published, vidgen.flagged — only a BLOCK ends a
-job there; a held REVIEW may still be published, from the intermediates —, vidgen.failed, vidgen.cancelled).
+job there; a held REVIEW may still be published, from the intermediates —, vidgen.failed, vidgen.cancelled) and
+vidgen.deleted.
 Emits ``BlobsDeleted`` on vidgen.blob-lifecycle, naming every key it deletes, its class, size and the rule that
 applied, *before* deleting: `vidgen audit` reads those events to tell a blob that expired from one that went
 missing. Between inputs it sweeps the blobs no job owns (below). The deletion is driven by the event log through a
@@ -37,9 +39,12 @@ keeps the class), and why:
   nothing left and does nothing. Sweep.
 * ``published-retention`` (window ``published``, default off: kept): a published set (master, renditions, manifest,
   playlists) older than the window, and the job's input image once no published set of it remains. Sweep.
-* ``taken-down`` (window ``taken_down``, default off: quarantined, kept but never served) and ``deleted`` (window
-  ``deleted``, 0: at once): every blob of the job. Their events (a takedown, a deletion: issues 17 and 18) do not
-  exist yet; wiring one means calling ``select_job_blobs`` with its rule, as ``handle`` does for job-ended.
+* ``deleted`` (window ``deleted``, 0: at once after the VideoDeleted on vidgen.deleted: its owner deleted the video
+  through the API): every blob of the job. Blobs a still-running job writes after it (it is cancelled at the same
+  time) go with its terminal event, by job-ended.
+* ``taken-down`` (window ``taken_down``, default off: quarantined, kept but never served): every blob of the job.
+  Its event (a takedown: issue 17) does not exist yet; wiring it means calling ``job_plan`` with its rule, as
+  ``handle`` does for job-ended and deleted.
 
 Sweeps run every ``sweep_interval_s`` (a tenth of the smallest sweep window, between 5 s and an hour) and emit
 their BlobsDeleted with job_id "". On a store with millions of ledger marks a bucket lifecycle rule on ``_ledger/``
@@ -261,8 +266,9 @@ class Lifecycle:
 
     # -- the recipe ------------------------------------------------------------------------------------------
     def handle(self, event: dict, ctx: StageContext) -> None:
-        window = self.windows.get(JOB_ENDED.window)
-        if window is None or not ends_job(ctx.source.topic, event):
+        rule = DELETED if ctx.source.topic == topics.DELETED.name else JOB_ENDED
+        window = self.windows.get(rule.window)
+        if window is None or (rule is JOB_ENDED and not ends_job(ctx.source.topic, event)):
             return
         job_id = event["job_id"]
         try:
@@ -273,25 +279,25 @@ class Lifecycle:
         due = job_due_s(epoch_ms(event["timestamp"]) / 1000, window, self.restored_s)
         if due > self.clock():
             raise NotDue(due)
-        plan = self.job_plan(ctx, job_id, folder, published=ctx.source.topic == topics.PUBLISHED.name)
+        plan = self.job_plan(ctx, job_id, folder, rule, published=ctx.source.topic == topics.PUBLISHED.name)
         if plan is not None:
-            self.announce_and_delete(ctx, job_id, JOB_ENDED, plan["blobs"], plan["trigger"])
+            self.announce_and_delete(ctx, job_id, rule, plan["blobs"], plan["trigger"])
 
-    def job_plan(self, ctx: StageContext, job_id: str, folder: str, published: bool) -> dict | None:
-        """What job-ended deletes of this job, decided once: the plan made by an earlier delivery of the terminal
-        event, else one made now from the job's folder (None: nothing to delete)."""
-        segments = plan_segments(job_id, JOB_ENDED)
+    def job_plan(self, ctx: StageContext, job_id: str, folder: str, rule: Rule, published: bool) -> dict | None:
+        """What ``rule`` deletes of this job, decided once: the plan made by an earlier delivery of its event, else
+        one made now from the job's folder (None: nothing to delete)."""
+        segments = plan_segments(job_id, rule)
         raw = ctx.blobs.read(*segments)
         if raw is not None:
             plan = _readable_plan(raw)
             if plan is not None:
                 return plan
             log.warning("lifecycle: the plan of job %s is unreadable; making it again", job_id)
-        goes = select_job_blobs(JOB_ENDED, job_id, ctx.blobs.list(folder), published)
+        goes = select_job_blobs(rule, job_id, ctx.blobs.list(folder), published)
         if not goes:
             return None
         source = ctx.source
-        plan = {"job_id": job_id, "rule": JOB_ENDED.name, "blobs": deleted_blobs(goes),
+        plan = {"job_id": job_id, "rule": rule.name, "blobs": deleted_blobs(goes),
                 "trigger": f"{source.topic}/{source.partition}@{source.offset}"}
         ctx.blobs.put(json.dumps(plan).encode("utf-8"), *segments, dtype="application/json")
         return plan
@@ -355,7 +361,7 @@ def plan_segments(job_id: str, rule: Rule) -> tuple[str, ...]:
 
 STAGE = Stage(
     name="lifecycle",
-    consumes=topics.TERMINAL,
+    consumes=(*topics.TERMINAL, topics.DELETED),
     emits=(topics.BLOB_LIFECYCLE,),
     build=Lifecycle,
     fails_jobs=False,

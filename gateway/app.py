@@ -6,7 +6,8 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   GET    /v1/videos                          the tenant's jobs, newest first: ?limit=1..100&after=<id>&order=asc|desc
   GET    /v1/videos/{video_id}               one job → video object (OpenAI shape + `vidgen`: the full state)
   POST   /v1/videos/{video_id}/media-token   a short-lived ?token= for its media URLs and websocket (a browser's)
-  DELETE /v1/videos/{video_id}               cancel it (asynchronous: a JobCancelled on vidgen.control)
+  DELETE /v1/videos/{video_id}               delete it (OpenAI's shape; cancelled first if it has not ended)
+  POST   /v1/videos/{video_id}/cancel        cancel it and keep it (asynchronous: a JobCancelled on vidgen.control)
   GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist; Range ok
   GET    /v1/videos/{video_id}/segments/{name}   live fMP4 segments, init.mp4 and playlist.m3u8 while it decodes
   GET    /v1/videos/{video_id}/published/{name}  files of the published set (rendition playlists and media)
@@ -530,8 +531,8 @@ def video_object(state: dict) -> dict:
 def _own_job(request: web.Request) -> dict:
     video_id = request.match_info["video_id"]
     state = request.app["jobs"].get(video_id)
-    if state is None or state.get("tenant") != request["tenant"].id:
-        raise not_found(video_id)  # the same answer for another tenant's job and for no job at all
+    if state is None or state.get("tenant") != request["tenant"].id or state.get("deleted"):
+        raise not_found(video_id)  # the same answer for another tenant's job, a deleted one and no job at all
     return state
 
 
@@ -686,6 +687,24 @@ async def list_videos(request: web.Request) -> web.Response:
     data = [video_object(s) for s in states[:limit]]
     return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": len(states) > limit})
+
+
+async def delete_video(request: web.Request) -> web.Response:
+    """OpenAI's DELETE: the video is gone for its owner (404 from now on, its blobs deleted by the lifecycle); one
+    still waiting or running is cancelled first, so it stops using the fleet."""
+    state = _own_job(request)
+    job_id, tenant, jobs = state["job_id"], request["tenant"], request.app["jobs"]
+    publisher = request.app["publisher"]
+    by = f"tenant:{tenant.id}"
+    try:
+        if not state.get("terminal"):
+            await publisher.publish_cancel(job_id, reason="deleted through the API", requested_by=by)
+        deleted = await publisher.publish_delete(job_id, tenant.id, reason="deleted through the API",
+                                                 requested_by=by)
+    except PublishError as exc:
+        raise _publish_failed(exc) from None
+    jobs.note_deleted(deleted)
+    return web.json_response({"id": job_id, "object": "video.deleted", "deleted": True})
 
 
 async def cancel_video(request: web.Request) -> web.Response:
@@ -907,9 +926,20 @@ ROUTES: list[Route] = [
               "properties": {"video_id": {"type": "string"}, "token": {"type": "string"},
                              "expires_at": {"type": "integer"}}}}}),
                      404: ("no such video for this tenant", "Error")}),
-    Route("DELETE", "/v1/videos/{video_id}", cancel_video, "cancelVideo", "Cancel a video job",
+    Route("DELETE", "/v1/videos/{video_id}", delete_video, "deleteVideo", "Delete a video",
+          description=("OpenAI's delete: publishes a VideoDeleted on vidgen.deleted (after a JobCancelled on "
+                       "vidgen.control if the job has not ended): the video answers 404 from then on, leaves the "
+                       "listing, and the lifecycle deletes every blob of the job at once (rule deleted)."),
+          responses={200: ("deleted", {"application/json": {"schema": {
+              "type": "object", "required": ["id", "object", "deleted"],
+              "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["video.deleted"]},
+                             "deleted": {"type": "boolean"}}}}}),
+                     404: ("no such video for this tenant", "Error"),
+                     503: ("the deletion could not be queued", "Error")}),
+    Route("POST", "/v1/videos/{video_id}/cancel", cancel_video, "cancelVideo", "Cancel a video job, keeping it",
           description=("Publishes a JobCancelled on vidgen.control: a queued job is skipped, a running one stops "
-                       "within a step; the job then ends with status failed, error.code cancelled."),
+                       "within a step; the job then ends with status failed, error.code cancelled, and stays "
+                       "listed (DELETE removes it)."),
           query=({"name": "reason", "schema": {"type": "string", "maxLength": 500}},),
           responses={200: ("the job, with vidgen.cancel_requested set", "Video"),
                      404: ("no such video for this tenant", "Error"), 409: ("the job has already ended", "Error"),

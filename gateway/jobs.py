@@ -518,6 +518,10 @@ class JobsView:
         self._shelve_if_done(job)
         return True
 
+    def note_deleted(self, event: dict) -> None:
+        """The gateway just published this VideoDeleted: the video is gone at once, before Kafka brings it back."""
+        self.ingest_event(topics.DELETED.name, event, local=True)
+
     def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
         """The gateway just published this VideoRequested: show the job ("requested") before Kafka brings it back."""
         event = dict(request_event, job_id=job_id, tenant=tenant)  # the authenticated tenant, whatever the event says
@@ -571,7 +575,10 @@ class JobsView:
             if old is None or old.tenant != tenant:
                 if old is not None and old.tenant is not None:
                     self._in_flight.get(old.tenant, set()).discard(job.job_id)
-            if old is None or old.tenant != tenant or _sort_key(old) != _sort_key(new):
+            if new.deleted is not None:  # its owner deleted it: listed nowhere, kept only while it runs
+                if old is None or old.deleted is None:
+                    self._index.remove(job.job_id)
+            elif old is None or old.tenant != tenant or _sort_key(old) != _sort_key(new):
                 self._index.place(job.job_id, tenant, _sort_key(new)[0])
             in_flight = self._in_flight.setdefault(tenant, set())
             if new.terminal:

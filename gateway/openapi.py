@@ -181,6 +181,7 @@ SCHEMAS: dict[str, dict] = {
             "flags": {"type": "array", "items": {"type": "object"}},
             "error": _nullable({"type": "object"}),
             "cancel_requested": _nullable({"type": "object"}),
+            "deleted": _nullable({"type": "object", "description": "never shown: a deleted video answers 404"}),
             "requested_at": _nullable({"type": "integer", "description": "epoch ms"}),
             "started_at": _nullable({"type": "integer"}), "updated_at": _nullable({"type": "integer"}),
             "finished_at": _nullable({"type": "integer"}),

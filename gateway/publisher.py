@@ -1,5 +1,5 @@
-"""The gateway's Kafka producer: VideoRequested on vidgen.requested, JobCancelled on vidgen.control, quota claims on
-vidgen.quota, without ever blocking the event loop.
+"""The gateway's Kafka producer: VideoRequested on vidgen.requested, JobCancelled on vidgen.control, VideoDeleted on
+vidgen.deleted, quota claims on vidgen.quota, without ever blocking the event loop.
 
 ``producers.requests.VideoRequests`` flushes after every event, which is right for a CLI and wrong for a server:
 a flush waits for the broker while every other request waits for the loop. Here ``produce`` only enqueues (it is
@@ -52,6 +52,7 @@ class KafkaPublisher:
 
         await loop.run_in_executor(None, self.codec.encode, topics.REQUESTED.name, video_request("warm-up"))
         await loop.run_in_executor(None, self.codec.encode, topics.CONTROL.name, new_event("warm-up"))
+        await loop.run_in_executor(None, self.codec.encode, topics.DELETED.name, new_event("warm-up", tenant=""))
         await loop.run_in_executor(None, self.codec.encode, topics.QUOTA.name, new_event(
             "warm-up", tenant="warm-up", action="RELEASE", gateway_id="warm-up"))
         self.producer = Producer(producer_config(self.settings, self.client_id))
@@ -83,6 +84,12 @@ class KafkaPublisher:
         """Publish a JobCancelled request on vidgen.control; returns the event once acknowledged."""
         event = new_event(job_id, reason=reason, requested_by=requested_by)
         await self._produce(topics.CONTROL, event)
+        return event
+
+    async def publish_delete(self, job_id: str, tenant: str, reason: str = "", requested_by: str = "") -> dict:
+        """Publish a VideoDeleted on vidgen.deleted; returns the event once acknowledged."""
+        event = new_event(job_id, tenant=tenant, reason=reason, requested_by=requested_by)
+        await self._produce(topics.DELETED, event)
         return event
 
     async def publish_quota(self, record: dict) -> tuple[int, int]:

@@ -38,6 +38,7 @@ EVENT_NAMES = (
     "VideoPublished",
     "JobCancelled",
     "JobFailed",
+    "VideoDeleted",
     "DeadLetter",
     "StageStats",
     "AgentStatus",

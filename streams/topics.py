@@ -41,6 +41,8 @@ PUBLISHED = Topic("vidgen.published", 6, "VideoPublished", retention_ms=30 * DAY
 FAILED = Topic("vidgen.failed", 3, "JobFailed", retention_ms=30 * DAY_MS)
 CONTROL = Topic("vidgen.control", 3, "JobCancelled", doc="cancellation requests; every agent reads all of it")
 CANCELLED = Topic("vidgen.cancelled", 3, "JobCancelled", retention_ms=30 * DAY_MS, doc="jobs stopped on request")
+DELETED = Topic("vidgen.deleted", 3, "VideoDeleted", retention_ms=30 * DAY_MS,
+                doc="videos their owners deleted: gone from the API, their blobs deleted by the lifecycle")
 DEAD_LETTER = Topic("vidgen.dead-letter", 3, "DeadLetter", retention_ms=30 * DAY_MS)
 STATS = Topic("vidgen.stats", 3, "StageStats", key="stage", retention_ms=DAY_MS, archive_retention_ms=DAY_MS,
               doc="stage processes' lag and busy reports, for `vidgen autoscale`")
@@ -80,6 +82,7 @@ CATALOGUE: tuple[Topic, ...] = (
     FAILED,
     CONTROL,
     CANCELLED,
+    DELETED,
     DEAD_LETTER,
     STATS,
     AGENTS,

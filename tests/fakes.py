@@ -37,6 +37,9 @@ class FakeJobsView:
             for listener in self.end_listeners:
                 listener(new.tenant, job_id)
 
+    def note_deleted(self, event: dict) -> None:
+        self.fold(topics.DELETED.name, event)
+
     def note_submitted(self, job_id: str, tenant: str, request_event: dict) -> None:
         self.fold(topics.REQUESTED.name, dict(request_event, job_id=job_id, tenant=tenant))
 
@@ -51,7 +54,8 @@ class FakeJobsView:
         return None if state is None else to_public(state)
 
     def list_for_tenant(self, tenant: str, limit: int, after: str | None = None, newest_first: bool = True):
-        ids = [j for j in (reversed(self.order) if newest_first else self.order) if self.states[j].tenant == tenant]
+        ids = [j for j in (reversed(self.order) if newest_first else self.order)
+               if self.states[j].tenant == tenant and self.states[j].deleted is None]
         if after is not None:
             ids = ids[ids.index(after) + 1:] if after in ids else []
         return [to_public(self.states[j]) for j in ids[:limit]]
@@ -108,6 +112,7 @@ class FakePublisher:
         self.requests: list[dict] = []
         self.cancels: list[dict] = []
         self.quota: list[dict] = []  # vidgen.quota as one partition
+        self.deletes: list[dict] = []
         self.fail_with: str | None = None
         self.delay_s = 0.0
 
@@ -117,6 +122,13 @@ class FakePublisher:
         if self.fail_with:
             raise PublishError(self.fail_with)
         self.requests.append(event)
+
+    async def publish_delete(self, job_id: str, tenant: str, reason: str = "", requested_by: str = "") -> dict:
+        if self.fail_with:
+            raise PublishError(self.fail_with)
+        event = new_event(job_id, tenant=tenant, reason=reason, requested_by=requested_by)
+        self.deletes.append(event)
+        return event
 
     async def publish_quota(self, record: dict) -> tuple[int, int]:
         self.quota.append(record)

@@ -58,6 +58,7 @@ def sample_events() -> dict[str, dict]:
         "SchedulerDecision": new_event(job, kind="REQUEUED", leader_epoch=1, scheduler_id="host-3-7", seq=0,
                                        agent_id="host-1-42-ab12", epoch=2, reason="preempted", job=None,
                                        source_topic="", source_partition=-1, source_offset=-1),
+        "VideoDeleted": new_event(job, tenant="acme", requested_by="tenant:acme", reason="no longer wanted"),
         "QueuePosition": new_event(job, tenant="acme", tier="PREMIUM", position=3, waiting=12, eta_s=41.5),
         "QuotaClaim": new_event(job, tenant="acme", action="CLAIM", gateway_id="gateway-1f2e3d", max_in_flight=20,
                                 max_per_hour=1000, reason=""),

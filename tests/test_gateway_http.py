@@ -410,8 +410,8 @@ async def test_another_tenants_job_is_indistinguishable_from_no_job(tmp_path):
         _, video = await gw.post()
         job_id = video["id"]
         unknown = "0" * 32
-        for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/content"), ("GET", "/segments/init.mp4"),
-                               ("GET", "/published/video.mp4")):
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/content"),
+                               ("GET", "/segments/init.mp4"), ("GET", "/published/video.mp4")):
             theirs = await gw.client.request(method, f"/v1/videos/{job_id}{suffix}", headers=gw.auth(gw.other_key))
             missing = await gw.client.request(method, f"/v1/videos/{unknown}{suffix}", headers=gw.auth(gw.other_key))
             theirs_body, missing_body = await _json(theirs), await _json(missing)
@@ -448,10 +448,10 @@ async def test_list_pagination(tmp_path):
 
 
 @async_test
-async def test_delete_cancels(tmp_path):
+async def test_cancel_stops_a_job_and_keeps_it(tmp_path):
     async with Gateway(tmp_path) as gw:
         _, video = await gw.post()
-        response = await gw.client.delete(f"/v1/videos/{video['id']}", headers=gw.auth())
+        response = await gw.client.post(f"/v1/videos/{video['id']}/cancel", headers=gw.auth())
         cancelled = await _json(response)
         assert response.status == 200 and cancelled["id"] == video["id"]
         assert cancelled["vidgen"]["cancel_requested"]["requested_by"] == "tenant:acme"
@@ -460,9 +460,31 @@ async def test_delete_cancels(tmp_path):
         gw.jobs.fold(topics.CANCELLED.name, new_event(video["id"], reason="asked", stage="gpu-agent"))
         _, after = await gw.get(f"/v1/videos/{video['id']}")
         assert after["status"] == "failed" and after["error"]["code"] == "cancelled"
-        response = await gw.client.delete(f"/v1/videos/{video['id']}", headers=gw.auth())
+        response = await gw.client.post(f"/v1/videos/{video['id']}/cancel", headers=gw.auth())
         assert_error(response, await _json(response), 409, "video_finished")
-        assert len(gw.publisher.cancels) == 1
+        assert len(gw.publisher.cancels) == 1 and not gw.publisher.deletes
+
+
+@async_test
+async def test_delete_removes_a_video_cancelling_it_first_if_it_runs(tmp_path):
+    async with Gateway(tmp_path) as gw:
+        _, running = await gw.post()
+        _, done = await gw.post()
+        gw.jobs.publish(done["id"], gw.blobs.put(b"the video", done["id"], "video.mp4", dtype="video/mp4"))
+        for video, cancels in ((running, 1), (done, 1)):  # the finished one is not cancelled
+            response = await gw.client.delete(f"/v1/videos/{video['id']}", headers=gw.auth())
+            assert response.status == 200
+            assert await response.json() == {"id": video["id"], "object": "video.deleted", "deleted": True}
+            assert len(gw.publisher.cancels) == cancels and gw.publisher.deletes[-1]["job_id"] == video["id"]
+            assert gw.publisher.deletes[-1]["requested_by"] == "tenant:acme"
+            for path in ("", "/content"):
+                response, error = await gw.get(f"/v1/videos/{video['id']}{path}")
+                assert_error(response, error, 404, "video_not_found")
+        assert gw.publisher.cancels[0]["job_id"] == running["id"]
+        assert (await gw.get("/v1/videos"))[1]["data"] == [], "deleted videos are not listed"
+        response = await gw.client.delete(f"/v1/videos/{done['id']}", headers=gw.auth())
+        assert_error(response, await _json(response), 404, "video_not_found")
+        assert len(gw.publisher.deletes) == 2
 
 
 # -- the queue --------------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_a_job_waiting_for_the_busy_agent_is_told_its_queue_position(gateway):
                         # While it waits, GET shows where it stands; then the long job is cancelled to free the agent.
                         status, _, body = call("GET", f"{base}/v1/videos/{job_id}", carol)
                         seen_on_get.append(json.loads(body))
-                        assert call("DELETE", f"{base}/v1/videos/{busy_id}", carol)[0] == 200
+                        assert call("POST", f"{base}/v1/videos/{busy_id}/cancel", carol)[0] == 200
         return received
 
     received = asyncio.run(watch())

@@ -225,6 +225,21 @@ def test_a_published_job_keeps_its_published_set_and_input_image(store, tmp_path
     assert keys(store.list("j2/")) == kept and len(kept) == 2  # the input image and the published video
 
 
+def test_a_deleted_video_loses_every_blob_of_its_job_at_once_announced_first(store, tmp_path):
+    write_job(store, "j3", published=True)
+    write_job(store, "j4", published=True)  # another job: untouched
+    held = sorted(keys(store.list("j3/")))
+    deleted = new_event("j3", tenant="acme", requested_by="tenant:acme", reason="deleted through the API")
+    deleted["timestamp"] = int(NOW * 1000)
+    emitted = Emitted(store)
+    handler(store, tmp_path, NOW).handle(deleted, context(store, emitted, topics.DELETED.name, 5))
+    [(topic, key, event, flushes_before)] = emitted
+    assert (topic, key, flushes_before, event["rule"]) == (topics.BLOB_LIFECYCLE.name, "j3", 0, "deleted")
+    assert sorted(b["key"] for b in event["blobs"]) == held and "published" in {b["blob_class"] for b in event["blobs"]}
+    assert set(held) <= set(emitted.held_at_flush)  # announced (flushed), then deleted
+    assert not list(store.list("j3/")) and list(store.list("j4/"))
+
+
 def test_what_does_not_end_a_job_or_has_no_window_deletes_nothing(store, tmp_path):
     write_job(store, "j1", published=False)
     before = keys(store.list())
@@ -301,8 +316,9 @@ def test_a_cache_entry_deleted_under_a_process_that_remembers_it_is_a_miss(store
     assert not list(store.list("_cache/"))  # and it did not write an entry naming missing blobs
 
 
-def test_the_lifecycle_stage_consumes_the_terminal_topics_and_never_fails_a_job():
-    assert lifecycle.STAGE.consumes == topics.TERMINAL and lifecycle.STAGE.group_id == "vidgen.lifecycle"
+def test_the_lifecycle_stage_consumes_the_terminal_topics_and_deletions_and_never_fails_a_job():
+    assert lifecycle.STAGE.consumes == (*topics.TERMINAL, topics.DELETED)
+    assert lifecycle.STAGE.group_id == "vidgen.lifecycle"
     assert lifecycle.STAGE.emits == (topics.BLOB_LIFECYCLE,) and not lifecycle.STAGE.fails_jobs
 
 
