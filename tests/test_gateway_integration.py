@@ -4,6 +4,8 @@ A job goes in over POST /v1/videos, is followed over GET until completed, its vi
 GET /v1/videos/{id}/content as an MP4 PyAV decodes (and in byte ranges), and another tenant gets 404 for it.
 A job submitted while the only GPU agent is busy is told its place in the scheduler's queue (a `queued` envelope
 with a position, and the position on GET) before its first progress.
+The official `openai` SDK drives the Videos API end to end: create_and_poll, retrieve, list (both orders, pages),
+download_content, delete (a finished video, and a running one), an aliased model name and an unknown one.
 """
 from __future__ import annotations
 
@@ -44,9 +46,11 @@ def call(method: str, url: str, key: str | None, body: dict | None = None, heade
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     var_dir = tmp_path_factory.mktemp("var")
-    platform = PlatformProcesses(var_dir, stages=(*STAGE_NAMES, "tracker"), env={
+    platform = PlatformProcesses(var_dir, stages=(*STAGE_NAMES, "tracker", "lifecycle"), env={
         "VIDGEN_KAFKA_SESSION_TIMEOUT_MS": "3000",  # Tansu holds joins for half of it
         "VIDGEN_LATENT_CHUNK_FRAMES": "1",
+        "VIDGEN_MODEL_ALIASES": "sora-2=tiny-wan",  # what the OpenAI SDK's clients ask for
+        "VIDGEN_LIFECYCLE_INTERMEDIATE_S": "off",  # only deletions delete here (the tests read intermediates)
     })
     process = None
     try:
@@ -55,6 +59,7 @@ def gateway(tmp_path_factory):
         _, alice = tenants.create_tenant("alice", "premium")
         _, bob = tenants.create_tenant("bob", "standard")
         _, carol = tenants.create_tenant("carol", "standard")  # the queue test's own: no one else's listings move
+        _, dave = tenants.create_tenant("dave", "premium")  # the OpenAI SDK's
         tenants_file = tenants.save(var_dir / "tenants.toml")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -73,7 +78,7 @@ def gateway(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"the gateway did not come up; see {platform.log_dir}"
             time.sleep(0.1)
-        yield dict(base=base, alice=alice, bob=bob, carol=carol, platform=platform)
+        yield dict(base=base, alice=alice, bob=bob, carol=carol, dave=dave, platform=platform)
         platform.check_alive()
         assert process.poll() is None, "the gateway died"
     finally:
@@ -199,3 +204,49 @@ def test_a_job_waiting_for_the_busy_agent_is_told_its_queue_position(gateway):
     cancelled = _wait_for_video(base, carol, busy_id, lambda v: v["vidgen"]["terminal"], "the cancellation",
                                 platform)
     assert cancelled["vidgen"]["status"] == "cancelled" and cancelled["queue_position"] is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks its Videos API deprecated (shut down 2026-09)
+def test_the_openai_sdk_drives_the_videos_api(gateway):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=gateway["dave"], max_retries=0, timeout=30)
+    small = {"steps": 2, "preset": "fast", "seed": 5}  # vidgen's own fields, as the SDK passes extras
+    video = client.videos.create_and_poll(prompt="a kite over a beach", model="sora-2", seconds="1", size="64x64",
+                                          poll_interval_ms=200, extra_body=small)
+    assert video.status == "completed", video
+    assert video.seconds == "1" and video.model == "tiny-wan" and video.size == "64x64"
+    assert video.model_extra["duration_seconds"] == pytest.approx(9 / 8)  # 9 frames at 8 fps: the nearest it makes
+    again = client.videos.retrieve(video.id)
+    assert again.id == video.id and again.status == "completed" and again.progress == 100
+
+    data = client.videos.download_content(video.id).read()
+    with av.open(io.BytesIO(data)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+
+    running = client.videos.create(prompt="a second kite", seconds="1", size="64x64", extra_body=small)
+    newest_first = [v.id for v in client.videos.list(limit=1)]  # the SDK follows the pages (after=)
+    oldest_first = [v.id for v in client.videos.list(order="asc", limit=1)]
+    assert newest_first == [running.id, video.id] and oldest_first == [video.id, running.id]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.videos.create(prompt="a kite", model="sora-2-pro", size="64x64")
+    assert refused.value.status_code == 400 and refused.value.code == "unknown_model"
+
+    for victim in (running, video):  # one still waiting or running (cancelled first), one finished
+        deleted = client.videos.delete(victim.id)
+        assert (deleted.id, deleted.object, deleted.deleted) == (victim.id, "video.deleted", True)
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(victim.id)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.download_content(video.id)
+    assert [v.id for v in client.videos.list()] == []
+
+    # The lifecycle deletes every blob of the deleted jobs (rule deleted); the running one also stops.
+    blobs = gateway["platform"].var_dir / "blobs"
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(path.is_file() for path in (blobs / video.id).rglob("*")):
+        assert time.monotonic() < deadline, f"the deleted video's blobs are still there: {blobs / video.id}"
+        time.sleep(0.2)
+
