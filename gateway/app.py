@@ -98,6 +98,9 @@ from .server import (SERVER_NAME, GuardedAppRunner, RateLimitedLog, ServeLimits,
                      fit_to_open_file_limit, raise_open_file_limit)
 from .tenants import Tenant, TenantStore, install_key_redaction
 
+#: How often the gateway looks whether the tenants file changed (a stat: nothing is read unless it did).
+TENANTS_POLL_S = 1.0
+
 log = logging.getLogger(__name__)
 #: The gateway's modules share state through string keys (app["jobs"], request["tenant"]: the shared contract
 #: between its modules) rather than web.AppKey / web.RequestKey objects; aiohttp's advice about that is noise here.
@@ -1120,8 +1123,12 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
         for part in (publisher, jobs, app["quota"]):
             if hasattr(part, "start"):
                 await part.start()
+        if tenants.path is not None:
+            app["tenants_watch"] = asyncio.create_task(_watch_tenants(tenants))
 
     async def stop(app: web.Application) -> None:
+        if "tenants_watch" in app:
+            app["tenants_watch"].cancel()
         for part in (app["quota"], jobs, publisher):
             if hasattr(part, "stop"):
                 try:
@@ -1134,6 +1141,16 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
         app.on_shutdown.append(jobs.close_subscriptions)
     app.on_cleanup.append(stop)
     return app
+
+
+async def _watch_tenants(tenants: TenantStore) -> None:
+    """`vidgen tenants` changes (new tenants, rotated keys, limits) reach a running gateway within a second."""
+    while True:
+        await asyncio.sleep(TENANTS_POLL_S)
+        try:
+            tenants.reload_if_changed()  # on the loop: a request never sees half of a reload (a stat; a small file)
+        except Exception:  # noqa: BLE001 - the next look tries again
+            log.exception("tenants: reading the tenants file again failed")
 
 
 def run_gateway(settings: Settings, host: str = "127.0.0.1", port: int = 8080, *,

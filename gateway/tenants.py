@@ -24,6 +24,7 @@ worthless for forging a key.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from streams.topics import TIERS
+
+log = logging.getLogger(__name__)
 
 TENANTS_FILE = "tenants.toml"
 KEY_PREFIX = "vg_"
@@ -123,6 +126,24 @@ class TenantStore:
         self._by_digest: dict[str, str] = {}
         for tenant in tenants:
             self._put(tenant)
+        self._seen = _file_identity(self.path)
+
+    def reload_if_changed(self) -> bool:
+        """Read the tenants file again if it changed since it was read (`vidgen tenants` rewrites it atomically);
+        True if the tenants changed. A file that cannot be used is logged and the tenants stay as they were: a
+        typo in the file must not lock every client out."""
+        seen = _file_identity(self.path)
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            fresh = TenantStore.load(self.path)
+        except TenantError as exc:
+            log.error("tenants: %s; keeping the %d tenants read before", exc, len(self._tenants))
+            return False
+        self._tenants, self._by_digest = fresh._tenants, fresh._by_digest
+        log.info("tenants: %d tenants read again from %s", len(self._tenants), self.path)
+        return True
 
     def _put(self, tenant: Tenant) -> None:
         old = self._tenants.get(tenant.id)
@@ -181,6 +202,38 @@ class TenantStore:
         tenant = self._tenants[tenant_id]
         self._put(replace(tenant, key_sha256=tuple(d for d in tenant.key_sha256 if d != key_sha256)))
 
+    def rotate_key(self, tenant_id: str, keep_old: bool = False) -> str:
+        """A new key for the tenant; its other keys are revoked unless ``keep_old`` (a grace period for clients
+        being moved over: revoke them later with another rotation)."""
+        tenant = self._existing(tenant_id)
+        key = generate_key()
+        self._put(replace(tenant, key_sha256=(*(tenant.key_sha256 if keep_old else ()), hash_key(key))))
+        return key
+
+    def set_limits(self, tenant_id: str, **limits) -> Tenant:
+        """Change a tenant's tier or limits (the Tenant fields: tier, rate_per_s, burst, max_in_flight, max_per_hour,
+        max_blocked_per_hour); None leaves one as it is."""
+        tenant = self._existing(tenant_id)
+        unknown = set(limits) - LIMIT_FIELDS
+        if unknown:
+            raise TenantError(f"unknown settings {', '.join(sorted(unknown))}; settings: {', '.join(LIMIT_FIELDS)}")
+        changed = replace(tenant, **{k: v for k, v in limits.items() if v is not None})
+        self._put(changed)
+        return changed
+
+    def remove(self, tenant_id: str) -> None:
+        """The tenant and its keys go (its jobs stay on the log; a new tenant of the same id would see them)."""
+        tenant = self._existing(tenant_id)
+        for digest in tenant.key_sha256:
+            self._by_digest.pop(digest, None)
+        del self._tenants[tenant_id]
+
+    def _existing(self, tenant_id: str) -> Tenant:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            raise TenantError(f"no tenant {tenant_id!r}")
+        return tenant
+
     # -- the file ------------------------------------------------------------------------------------------------
     def save(self, path: Path | str | None = None) -> Path:
         """Write the tenants as TOML (atomically, mode 0600: the digests are not secrets, but why show them)."""
@@ -198,6 +251,7 @@ class TenantStore:
             f.write("\n".join(lines))
         os.replace(tmp, path)
         self.path = path
+        self._seen = _file_identity(path)
         return path
 
     @classmethod
@@ -239,3 +293,93 @@ def load_or_create(path: Path | str) -> tuple[TenantStore, str | None]:
     _, key = store.create_tenant(DEV_TENANT, "standard", rate_per_s=20.0, burst=40, max_in_flight=20)
     store.save(path)
     return store, key
+
+
+#: What ``set_limits`` may change.
+LIMIT_FIELDS = frozenset({"tier", "rate_per_s", "burst", "max_in_flight", "max_per_hour", "max_blocked_per_hour"})
+
+
+def _file_identity(path: Path | None) -> tuple | None:
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """One `vidgen tenants` change at a time on this file (an advisory lock beside it)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vidgen tenants add|list|rotate-key|remove|set-limits``: change the tenants file, which running gateways
+    read again within a second. A new key is printed once; only its SHA-256 is stored."""
+    import argparse
+    import sys
+
+    from streams.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="vidgen tenants", description="change the gateway's tenants file; running "
+                                     "gateways read it again within a second")
+    parser.add_argument("--file", default=None, help="the tenants file (default: VIDGEN_TENANTS or "
+                                                     "<var>/tenants.toml)")
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    def limit_options(p, defaults: bool) -> None:
+        p.add_argument("--tier", choices=TIERS, default="standard" if defaults else None)
+        for name, kind, default in (("rate-per-s", float, 10.0), ("burst", int, 20), ("max-in-flight", int, 20),
+                                    ("max-per-hour", int, 1000), ("max-blocked-per-hour", int, 30)):
+            p.add_argument(f"--{name}", type=kind, default=default if defaults else None)
+
+    add = sub.add_parser("add", help="a new tenant with one key (printed once)")
+    add.add_argument("tenant")
+    limit_options(add, defaults=True)
+    sub.add_parser("list", help="the tenants, their tiers and limits (never keys)")
+    rotate = sub.add_parser("rotate-key", help="a new key (printed once); the old ones stop working")
+    rotate.add_argument("tenant")
+    rotate.add_argument("--keep-old", action="store_true", help="keep the old keys valid too (rotate again later)")
+    remove = sub.add_parser("remove", help="remove a tenant and its keys")
+    remove.add_argument("tenant")
+    limits = sub.add_parser("set-limits", help="change a tenant's tier or limits")
+    limits.add_argument("tenant")
+    limit_options(limits, defaults=False)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    path = Path(args.file) if args.file else tenants_path(load_settings())
+    try:
+        with locked(path):
+            store = TenantStore.load(path) if path.exists() else TenantStore(path=path)
+            fields = {name: getattr(args, name, None) for name in LIMIT_FIELDS}
+            if args.action == "list":
+                print(f"{'tenant':<24} {'tier':<9} {'rate/s':>8} {'burst':>6} {'in flight':>9} {'per hour':>9} "
+                      f"{'blocked/h':>9} {'keys':>4}")
+                for t in store:
+                    print(f"{t.id:<24} {t.tier:<9} {t.rate_per_s:>8g} {t.burst:>6} {t.max_in_flight:>9} "
+                          f"{t.max_per_hour:>9} {t.max_blocked_per_hour:>9} {len(t.key_sha256):>4}")
+                return 0
+            if args.action == "add":
+                _, key = store.create_tenant(args.tenant, **fields)
+            elif args.action == "rotate-key":
+                key = store.rotate_key(args.tenant, keep_old=args.keep_old)
+            elif args.action == "remove":
+                store.remove(args.tenant)
+                key = None
+            else:
+                store.set_limits(args.tenant, **fields)
+                key = None
+            store.save(path)
+    except TenantError as exc:
+        print(f"vidgen tenants: {exc}", file=sys.stderr)
+        return 2
+    if key is not None:
+        print(f"API key of tenant {args.tenant} (shown once; only its hash is stored):\n  {key}")
+    else:
+        print(f"{path}: tenant {args.tenant} {'removed' if args.action == 'remove' else 'updated'}")
+    return 0

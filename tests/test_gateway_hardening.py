@@ -472,3 +472,55 @@ async def test_a_media_token_reads_its_own_video_and_nothing_else(tmp_path):
         response = await gw.client.get(f"/v1/videos/{job_id}/content", params={"token": expired})
         assert_error(response, await response.json(), 401, "invalid_token")
         assert (tmp_path / "gateway-url-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_vidgen_tenants_adds_rotates_limits_and_removes_and_a_running_gateway_follows(tmp_path, capsys,
+                                                                                     monkeypatch):
+    import gateway.app
+    from gateway.tenants import TenantStore, hash_key
+    from gateway.tenants import main as tenants
+
+    path = tmp_path / "tenants.toml"
+
+    def key_printed() -> str:
+        return capsys.readouterr().out.strip().splitlines()[-1].strip()
+
+    assert tenants(["--file", str(path), "add", "acme", "--tier", "premium", "--max-in-flight", "3"]) == 0
+    first = key_printed()
+    assert first.startswith("vg_") and first not in path.read_text() and hash_key(first) in path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert tenants(["--file", str(path), "add", "acme"]) == 2, "exists already"
+
+    async def scenario():
+        store = TenantStore.load(path)
+        monkeypatch.setattr(gateway.app, "TENANTS_POLL_S", 0.05)
+        async with Gateway(tmp_path) as gw:
+            gw.app["tenants"] = store  # the file's tenants, as `vidgen gateway` loads them
+            watch = asyncio.create_task(gateway.app._watch_tenants(store))
+            try:
+                assert (await gw.post(key=first))[0].status == 200
+                assert tenants(["--file", str(path), "rotate-key", "acme"]) == 0
+                second = key_printed()
+                await asyncio.sleep(0.2)
+                assert (await gw.post(key=first))[0].status == 401, "the old key stops working"
+                assert (await gw.post(key=second))[0].status == 200
+                assert tenants(["--file", str(path), "set-limits", "acme", "--max-in-flight", "2"]) == 0
+                await asyncio.sleep(0.2)
+                assert store.get("acme").max_in_flight == 2 and store.get("acme").tier == "premium"
+                response, error = await gw.post(key=second)
+                assert_error(response, error, 429, "in_flight_limit")
+                path.write_text("not [toml")  # a broken file: logged, the tenants stay
+                await asyncio.sleep(0.2)
+                assert (await gw.get("/v1/videos", key=second))[0].status == 200
+                assert tenants(["--file", str(path), "add", "globex"]) == 2, "the file must be mended first"
+                path.unlink()
+                assert tenants(["--file", str(path), "add", "globex"]) == 0
+                assert tenants(["--file", str(path), "remove", "globex"]) == 0
+                await asyncio.sleep(0.2)
+                assert (await gw.get("/v1/videos", key=second))[0].status == 401 and len(store) == 0
+            finally:
+                watch.cancel()
+
+    asyncio.run(scenario())
+    assert tenants(["--file", str(path), "list"]) == 0
+    assert tenants(["--file", str(path), "rotate-key", "nobody"]) == 2

@@ -445,6 +445,12 @@ def cmd_gateway(args) -> int:
     return gateway_main(args.rest)
 
 
+def cmd_tenants(args) -> int:
+    from gateway.tenants import main as tenants_main
+
+    return tenants_main(args.rest)
+
+
 def cmd_simulate(args) -> int:
     from bench.simulate import main as simulate_main
 
@@ -554,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("gateway", add_help=False,
                    help="the HTTP API (OpenAI Videos shaped), websocket progress and the web page; "
                         "`vidgen gateway --help` for its options")
+    sub.add_parser("tenants", add_help=False,
+                   help="add, list, rotate-key, remove, set-limits: the gateway's tenants (running gateways pick "
+                        "changes up within a second); `vidgen tenants --help`")
     sub.add_parser("autoscale", add_help=False,
                    help="desired replicas per stage from vidgen.stats (the scheduler's queue or consumer lag, and "
                         "utilisation), as a decision log and metrics; `vidgen autoscale --help` for the policy")
@@ -572,11 +581,11 @@ COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "stage": cmd_stage, "up": cmd_up, "submit": cmd_submit,
     "demo": cmd_demo, "bench": cmd_bench, "cancel": cmd_cancel, "verify": cmd_verify, "models": cmd_models,
     "autoscale": cmd_autoscale, "audit": cmd_audit, "gateway": cmd_gateway, "simulate": cmd_simulate,
-    "storage": cmd_storage,
+    "storage": cmd_storage, "tenants": cmd_tenants,
 }
 
 
-PASS_THROUGH = ("autoscale", "gateway", "simulate")
+PASS_THROUGH = ("autoscale", "gateway", "simulate", "tenants")
 
 
 def main(argv: list[str] | None = None) -> int:
