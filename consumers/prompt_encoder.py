@@ -21,6 +21,8 @@ from compliance.input_image import InputImage, InputImageError, read_input_image
 from compliance.prompt_safety import (PromptDecision, combine_decisions, evaluate_input_image, evaluate_prompt,
                                       load_consents, load_policy)
 from gpu_agents.encoding import encode_prompts, token_counts
+from gpu_agents.model_facts import MAX_PROMPT_CHARS, InvalidRequestError  # noqa: F401 (MAX_PROMPT_CHARS re-exported)
+from gpu_agents.model_facts import check_request as check_request_facts
 from gpu_agents.models import (InvalidParamsError, ModelCatalogue, TextEncoderParts, UnknownModelError, check_params,
                                effective_guidance)
 from streams import topics
@@ -32,19 +34,14 @@ from .embedding_cache import CachedEmbeddings, EmbeddingCache, cache_key
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 10_000
 
 
 def check_request(request: dict, models: ModelCatalogue) -> None:
-    """Raise InvalidEvent with the reason when the request cannot be generated."""
-    if not request["prompt"].strip():
-        raise InvalidEvent("prompt is empty")
-    for field in ("prompt", "negative_prompt"):
-        if len(request[field]) > MAX_PROMPT_CHARS:
-            raise InvalidEvent(f"{field} has {len(request[field])} characters; the limit is {MAX_PROMPT_CHARS}")
+    """Raise InvalidEvent with the reason when the request cannot be generated (gpu_agents/model_facts.py, which the
+    gateway runs too)."""
     try:
-        check_params(request["params"], models)
-    except (InvalidParamsError, UnknownModelError) as exc:
+        check_request_facts(request, models)
+    except InvalidRequestError as exc:
         raise InvalidEvent(str(exc)) from exc
 
 

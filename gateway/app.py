@@ -51,8 +51,9 @@ is stored as a blob under the job once the request is accepted, just before the 
 the image by its sha256 like the prompt: another image with the same key → 409.
 
 Validation reuses the pipeline's own checks (``producers.requests.parse_size`` / ``video_request``,
-``consumers.prompt_encoder.check_request`` with ``gpu_agents.models.validate_generation_params`` inside), so the
-gateway refuses at once with 400 what the prompt encoder would fail later. Frames from ``seconds``: seconds × fps
+``gpu_agents.model_facts.check_request``, which the prompt encoder runs too), so the gateway refuses at once with 400
+what the prompt encoder would fail later. The models' facts come as a description (gateway/model_description.py):
+the gateway never imports torch, diffusers or transformers. Frames from ``seconds``: seconds × fps
 rounded to the nearest 4k+1 (at least 1); an explicit ``frames`` wins. Only the catalogue's model ids are accepted
 over HTTP (a client may not name a server directory).
 """
@@ -79,6 +80,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from compliance.input_image import MAX_INPUT_IMAGE_BYTES, InputImage, InputImageError, read_input_image
 from consumers.job_state import request_fingerprint
+from gpu_agents.model_facts import MAX_PROMPT_CHARS, InvalidRequestError, check_request
 from producers.requests import DEFAULT_PARAMS, PRESETS, parse_size, store_input_image, video_request
 from streams import topics
 from streams.blobs import open_blob_store
@@ -90,6 +92,7 @@ from .delivery import serve_blob
 from .errors import ApiError, ClientGone, error_middleware, not_found
 from .jobs import BLOCKED_WINDOW_MS
 from .limits import RateLimiter, retry_after_header
+from .model_description import load_model_description
 from .media_tokens import MediaTokens
 from .openapi import Route, openapi_document
 from .publisher import KafkaPublisher, PublishError
@@ -125,14 +128,6 @@ _CONTENT_TYPES = {".mp4": "video/mp4", ".m4s": "video/iso.segment", ".m3u8": "ap
 
 # -- validation: the pipeline's own checks, loaded once (they import torch) --------------------------------------------
 @functools.cache
-def _pipeline_checks():
-    from consumers.prompt_encoder import MAX_PROMPT_CHARS, check_request
-    from gpu_agents.models import BUILTIN_MODELS, ModelCatalogue
-    from streams.stage import InvalidEvent
-
-    return check_request, InvalidEvent, MAX_PROMPT_CHARS, tuple(BUILTIN_MODELS), ModelCatalogue
-
-
 class _CatalogueIds:
     """What check_request needs of a ModelCatalogue (``known``, ``facts``: the model's family, modalities and limits,
     read from config files, never a weight), limited to the gateway's ids: never a filesystem path."""
@@ -229,7 +224,6 @@ class CreateRequest:
 def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _CatalogueIds,
                  default_model: str, aliases: dict[str, str] | None = None) -> CreateRequest:
     """Check a create body field by field; raises ApiError (400, or 403 for a tier above the tenant's)."""
-    check_request, InvalidEvent, max_chars, _, _ = _pipeline_checks()
     for name in body:
         if name not in CREATE_FIELDS:
             raise ApiError(400, "unknown_parameter", f"unknown field {name!r}; fields: {', '.join(CREATE_FIELDS)}",
@@ -239,8 +233,8 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _Catalogu
         raise ApiError(400, "missing_parameter", "prompt is required", param="prompt")
     negative_prompt = _string(body, "negative_prompt") or ""
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if len(text) > max_chars:  # before anything else touches a huge string
-            raise _invalid(name, f"{name} has {len(text)} characters; the limit is {max_chars}")
+        if len(text) > MAX_PROMPT_CHARS:  # before anything else touches a huge string
+            raise _invalid(name, f"{name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     model = _string(body, "model") or default_model
     model = (aliases or {}).get(model, model)  # an operator's name for it (VIDGEN_MODEL_ALIASES: sora-2=...)
     if not catalogue.known(model):
@@ -293,7 +287,7 @@ def parse_create(body: dict, tenant: Tenant, *, form: bool, catalogue: _Catalogu
     image_ref = _IMAGE_NOT_YET_STORED if body.get("input_reference") is not None else None
     try:  # the prompt encoder's own check, on the event it will receive
         check_request(request.event("validation", tenant, input_reference=image_ref), catalogue)
-    except InvalidEvent as exc:
+    except InvalidRequestError as exc:
         message = str(exc)
         param = ("input_reference" if "input_reference" in message
                  else _MESSAGE_PARAMS.get(message.split(" ", 1)[0], None))
@@ -908,7 +902,8 @@ ROUTES: list[Route] = [
                      409: ("Idempotency-Key reused with a different request", "Error"),
                      415: ("unsupported content type", "Error"),
                      429: ("rate limit (Retry-After), in-flight quota (in_flight_limit), hourly quota "
-                           "(hourly_limit, Retry-After) or blocked prompts (blocked_prompt_limit, Retry-After)", "Error"),
+                           "(hourly_limit, Retry-After) or blocked prompts (blocked_prompt_limit, Retry-After)",
+                           "Error"),
                      503: ("the request could not be queued", "Error")}),
     Route("GET", "/v1/videos", list_videos, "listVideos", "The tenant's videos, newest first",
           query=({"name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
@@ -1095,10 +1090,11 @@ def build_app(settings: Settings, *, jobs, tenants: TenantStore, publisher, mode
     ``jobs.start/stop`` and ``publisher.start/stop`` (where they exist) run at the app's start-up and clean-up.
     """
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_CREATE_BODY_BYTES)
-    _, _, _, builtin_ids, catalogue_class = _pipeline_checks()
+    description = load_model_description(settings)  # the models' facts, without torch (gateway/model_description.py)
+    builtin_ids = [m for m in description.model_ids() if m not in settings.model_dirs]
     app["settings"], app["jobs"], app["tenants"], app["publisher"] = settings, jobs, tenants, publisher
     app["model_ids"] = tuple(model_ids or (*builtin_ids, *sorted(settings.model_dirs)))
-    app["catalogue"] = _CatalogueIds(app["model_ids"], catalogue_class(settings.model_dirs, device="cpu"))
+    app["catalogue"] = _CatalogueIds(app["model_ids"], description)
     app["blobs"] = open_blob_store(settings)
     app["static_dir"] = Path(static_dir or STATIC_DIR)
     app["limiter"] = limiter or RateLimiter()

@@ -26,6 +26,7 @@ from .families import FAMILIES, family_for
 from .families.base import (BuiltinModel, ChunkDecoder, Denoiser, InvalidParamsError, ModelFacts, ModelFamily,
                             ParamRules, TextEncoderParts)
 from .families.building import VIDGEN_MODEL_FILE, read_model_index
+from .model_facts import PRESETS, UnknownModelError, check_params  # noqa: F401 (re-exported)
 
 __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL_ID", "Denoiser", "DenoiserParts", "InvalidParamsError", "ModelCatalogue",
            "ModelFacts", "TextEncoderParts", "UnknownModelError", "check_params", "effective_guidance",
@@ -41,11 +42,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {model_id: model for family in FAMILIE
 DenoiserParts = Denoiser
 
 
-class UnknownModelError(ValueError):
-    """Raised for a model id that is neither built in nor mapped to a local directory."""
-
-
-PRESETS = ("quality", "fast")
 
 
 def effective_guidance(params: Mapping[str, Any]) -> float:
@@ -211,27 +207,3 @@ def validate_generation_params(width: int, height: int, num_frames: int, steps: 
     rules.check(width, height, num_frames, steps, guidance_scale)
 
 
-def check_params(params: dict, catalogue: "ModelCatalogue") -> ModelFacts:
-    """Raise InvalidParamsError (or UnknownModelError) naming what in a GenerationParams record cannot be generated;
-    else the model's facts.
-
-    The prompt encoder checks every request with it, and the GPU agent checks again what it is handed: a job on a
-    generation topic may come from anywhere, and one with 10^9 steps would hold a GPU for good.
-    """
-    if not catalogue.known(params["model"]):
-        known = ", ".join(catalogue.model_ids())
-        raise UnknownModelError(f"unknown model {params['model']!r}; known ids: {known}, or the absolute path of a "
-                                f"local model directory")
-    try:
-        facts = catalogue.facts(params["model"])
-    except (OSError, ValueError) as exc:  # a directory that is not (or no longer) a model this platform serves
-        raise UnknownModelError(f"model {params['model']!r} cannot be served: {exc}") from exc
-    facts.rules.check(params["width"], params["height"], params["num_frames"], params["steps"],
-                      params["guidance_scale"])
-    facts.check_image(params.get("input_reference") is not None)
-    facts.check_guidance_2(params.get("guidance_scale_2"))
-    if not 1 <= params["fps"] <= 120:
-        raise InvalidParamsError(f"fps must be within 1..120, got {params['fps']}")
-    if params["preset"] not in PRESETS:
-        raise InvalidParamsError(f"unknown preset {params['preset']!r}; presets: {', '.join(PRESETS)}")
-    return facts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from pathlib import Path
 
 import pytest
 from aiohttp import FormData, web
@@ -774,3 +775,44 @@ async def test_with_the_real_jobs_view(tmp_path):
         assert (await gw.get(f"/v1/videos/{video['id']}", key=gw.other_key))[0].status == 404
         state = fold(None, topics.REQUESTED.name, gw.publisher.requests[0])
         assert state.tenant == "acme"
+
+
+def test_the_gateway_validates_against_the_models_description_without_importing_torch(tmp_path):
+    """The gateway's app, built in a fresh process, checks a request with the same facts as the prompt encoder (from
+    `vidgen models --json`, kept in <var>/run/model-facts.json) and never imports torch, diffusers or
+    transformers."""
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, sys
+from aiohttp.test_utils import TestClient, TestServer
+from gateway.app import build_app
+from gateway.tenants import TenantStore
+from streams.settings import Settings
+from tests.fakes import FakeJobsView, FakePublisher
+
+tenants = TenantStore()
+_, key = tenants.create_tenant("acme", "premium")
+app = build_app(Settings(var_dir={str(tmp_path)!r}), jobs=FakeJobsView(), tenants=tenants, publisher=FakePublisher())
+
+async def main():
+    async with TestClient(TestServer(app)) as client:
+        auth = {{"Authorization": f"Bearer {{key}}"}}
+        good = await client.post("/v1/videos", json={{"prompt": "a fox", "size": "64x64", "frames": 5}}, headers=auth)
+        bad = await client.post("/v1/videos", json={{"prompt": "a fox", "size": "60x64"}}, headers=auth)
+        models = await client.get("/v1/models", headers=auth)
+        print(good.status, bad.status, (await bad.json())["error"]["param"], len((await models.json())["data"]))
+
+asyncio.run(main())
+print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+"""
+    for _ in range(2):  # the second start reads the description the first one kept
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        answers, imported = done.stdout.strip().splitlines()[-2:]
+        status, refused, param, model_count = answers.split()
+        assert (status, refused, param) == ("200", "400", "size") and int(model_count) >= 2
+        assert imported == "[]", done.stdout
+    assert (tmp_path / "run" / "model-facts.json").exists()
