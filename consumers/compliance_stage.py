@@ -6,7 +6,7 @@ the video (or sends it to REVIEW and the platform holds reviewed jobs): a flagge
 Order matters: the detectors judge the decoded frames; the watermark goes into every frame before anything is
 encoded; every file is signed last, so each C2PA signature covers the final bytes. The master is the watermarked
 video at full quality; the renditions are the delivery ladder, each a signed progressive MP4, plus an HLS VOD master
-playlist over fragmented copies of them. All of it is plain functions from compliance/; this module only strings
+playlist over fragmented copies of them, and two signed JPEG stills (a thumbnail and a spritesheet: compliance/stills.py). All of it is plain functions from compliance/; this module only strings
 them together and stores the results as blobs (content-addressed: a redelivered job re-signs to new bytes, and must
 never overwrite a file an already-emitted event names). A video with sound keeps it: the master's audio track is
 read with its frames and goes into the master and every rendition (the watermark is in the frames only; each C2PA
@@ -28,6 +28,7 @@ from compliance.provenance import (GenerationClaims, InputIngredient, SignedVide
                                    load_signing_material, make_signer, sign_video)
 from compliance.renditions import (DEFAULT_LADDER, HlsMedia, Rendition, Rung, encode_renditions, hls_media,
                                    hls_vod_playlist, sign_hls_media)
+from compliance.stills import spritesheet_jpeg, thumbnail_jpeg
 from compliance.watermark import embed_watermark, payload_for_job
 from gpu_agents.video import Audio, encode_mp4, read_audio, read_mp4
 from streams import topics
@@ -61,6 +62,8 @@ class FinishedVideo:
     renditions: list[tuple[Rendition, bytes, HlsMedia]]  # (rendition, its signed MP4, its signed HLS copy)
     watermark_payload: str | None
     watermark_note: str
+    thumbnail: bytes | None = None  # signed JPEGs (compliance/stills.py)
+    spritesheet: bytes | None = None
 
 
 class ComplianceStage:
@@ -106,6 +109,7 @@ class ComplianceStage:
             tenant=decoded["tenant"], video=refs["master"], frames=len(frames),
             width=params["width"], height=params["height"], fps=params["fps"], params=params,
             renditions=refs["renditions"], manifest=refs["manifest"], playlist=refs["playlist"],
+            thumbnail=refs.get("thumbnail"), spritesheet=refs.get("spritesheet"),
             manifest_label=finished.master.manifest_label, watermark_payload=finished.watermark_payload,
             watermark_note=finished.watermark_note, scores=scores_of(assessment),
             policy_version=assessment.policy_version,
@@ -142,7 +146,12 @@ class ComplianceStage:
             for rendition in encode_renditions(watermarked.frames, params["fps"], self.ladder, **sound):
                 hls = sign_hls_media(hls_media(rendition, f"{rendition.name}.m4s"), sign)
                 renditions.append((rendition, sign(rendition.data), hls))
-        return FinishedVideo(master, renditions, payload, watermarked.reason)
+        with phase(timings, "stills"):
+            thumbnail = sign_video(thumbnail_jpeg(watermarked.frames), signer=self.signer, claims=claims,
+                                   mime="image/jpeg").data
+            sheet, _layout = spritesheet_jpeg(watermarked.frames)
+            spritesheet = sign_video(sheet, signer=self.signer, claims=claims, mime="image/jpeg").data
+        return FinishedVideo(master, renditions, payload, watermarked.reason, thumbnail, spritesheet)
 
     def store(self, finished: FinishedVideo, job_id: str, blobs: BlobStore) -> dict:
         """Blobs for the master, its manifest, each rendition (progressive MP4 and HLS copy) and the playlists.
@@ -166,7 +175,10 @@ class ComplianceStage:
                                            [f"{rendition.name}.m3u8" for rendition, _, _ in finished.renditions])
         playlist = blobs.put(master_playlist.encode("utf-8"), *folder, "master.m3u8",
                              dtype="application/vnd.apple.mpegurl")
-        return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist)
+        stills = {name: blobs.put(data, *folder, f"{name}.jpg", dtype="image/jpeg")
+                  for name, data in (("thumbnail", finished.thumbnail), ("spritesheet", finished.spritesheet))
+                  if data is not None}
+        return dict(master=master, manifest=manifest, renditions=renditions, playlist=playlist, **stills)
 
 
 def input_ingredients(params: dict, blobs: BlobStore) -> tuple[InputIngredient, ...]:

@@ -301,6 +301,8 @@ def _apply_published(state: JobState, event: dict, at: int) -> None:
         ],
         "manifest": _blob(event["manifest"]) if event.get("manifest") else None,
         "playlist": _blob(event["playlist"]) if event.get("playlist") else None,
+        "thumbnail": _blob(event["thumbnail"]) if event.get("thumbnail") else None,
+        "spritesheet": _blob(event["spritesheet"]) if event.get("spritesheet") else None,
     }
     for optional in ("manifest_label", "watermark_payload", "watermark_note", "scores", "policy_version"):
         if optional in event:

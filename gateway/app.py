@@ -8,7 +8,8 @@ Routes (the table ``ROUTES`` below is what the app registers AND what /openapi.j
   POST   /v1/videos/{video_id}/media-token   a short-lived ?token= for its media URLs and websocket (a browser's)
   DELETE /v1/videos/{video_id}               delete it (OpenAI's shape; cancelled first if it has not ended)
   POST   /v1/videos/{video_id}/cancel        cancel it and keep it (asynchronous: a JobCancelled on vidgen.control)
-  GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist; Range ok
+  GET    /v1/videos/{video_id}/content       the final video, or ?variant=<rendition>|manifest|playlist|thumbnail|
+                                             spritesheet; Range ok
   GET    /v1/videos/{video_id}/segments/{name}   live fMP4 segments, init.mp4 and playlist.m3u8 while it decodes
   GET    /v1/videos/{video_id}/published/{name}  files of the published set (rendition playlists and media)
          (these three also answer HEAD; ETags, Cache-Control, ranges and presigned redirects: gateway/delivery.py)
@@ -123,7 +124,7 @@ MAX_CREATE_BODY_BYTES = 4 * math.ceil(MAX_INPUT_IMAGE_BYTES / 3) + 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
 _CONTENT_TYPES = {".mp4": "video/mp4", ".m4s": "video/iso.segment", ".m3u8": "application/vnd.apple.mpegurl",
                   ".json": "application/json", ".html": "text/html", ".js": "text/javascript", ".css": "text/css",
-                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon", ".jpg": "image/jpeg"}
 
 
 # -- validation: the pipeline's own checks, loaded once (they import torch) --------------------------------------------
@@ -467,7 +468,8 @@ def public_state(state: dict) -> dict:
     if outputs:
         outputs = dict(outputs)
         outputs["video"] = _blob_url(outputs.get("video"), f"{base}/content")
-        outputs["manifest"] = _blob_url(outputs.get("manifest"), f"{base}/content?variant=manifest")
+        for variant in ("manifest", "thumbnail", "spritesheet"):
+            outputs[variant] = _blob_url(outputs.get(variant), f"{base}/content?variant={variant}")
         if outputs.get("playlist"):
             outputs["playlist"] = _blob_url(outputs["playlist"],
                                             f"{base}/published/{_name_of(outputs['playlist'].get('uri', ''))}")
@@ -739,6 +741,7 @@ async def video_content(request: web.Request) -> web.StreamResponse:
                                                "follow its segments while it decodes", param="variant")
     outputs = state["outputs"]
     refs = {"video": outputs.get("video"), "manifest": outputs.get("manifest"), "playlist": outputs.get("playlist"),
+            "thumbnail": outputs.get("thumbnail"), "spritesheet": outputs.get("spritesheet"),
             **{r["name"]: r for r in outputs.get("renditions") or ()}}
     ref = refs.get(variant)
     if ref is None:
@@ -946,7 +949,8 @@ ROUTES: list[Route] = [
           "The final video, a rendition, the C2PA manifest or the HLS master playlist",
           description=_DELIVERY,
           query=({"name": "variant", "schema": {"type": "string", "default": "video"},
-                  "description": "video (default), a rendition name, manifest or playlist"},),
+                  "description": "video (default), a rendition name, manifest, playlist, thumbnail (a representative "
+                                 "frame, signed JPEG) or spritesheet (a grid of frames, signed JPEG)"},),
           headers=_DELIVERY_HEADERS,
           responses={**_DELIVERY_RESPONSES,
                      400: ("unknown variant", "Error"), 404: ("no such video for this tenant", "Error"),

@@ -175,6 +175,7 @@ SCHEMAS: dict[str, dict] = {
             "playlist": _nullable({"type": "string", "description": "URL of the live HLS playlist"}),
             "outputs": _nullable({"type": "object", "properties": {
                 "video": BLOB, "manifest": _nullable(BLOB), "playlist": _nullable(BLOB),
+                "thumbnail": _nullable(BLOB), "spritesheet": _nullable(BLOB),
                 "renditions": {"type": "array", "items": {"type": "object", "properties": {
                     "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
                     "url": {"type": "string"}}}}}}),

@@ -95,6 +95,38 @@ def test_renditions_are_signed_decodable_and_described(published_256):
         assert rendition["bitrate"] > 0 and rendition["signed"]
 
 
+def test_a_thumbnail_and_a_spritesheet_are_signed_jpegs_of_the_watermarked_frames(published_256):
+    import io
+
+    from PIL import Image
+
+    from compliance.stills import SPRITE_TILE_WIDTH, representative_frame, sprite_grid
+
+    event, blobs, root = published_256
+    thumbnail, sheet = blobs.get(event["thumbnail"]), blobs.get(event["spritesheet"])
+    for data in (thumbnail, sheet):
+        report = verify_video(data, trust_anchors_pem=root, mime="image/jpeg")
+        assert report.validation_state == "Trusted"
+        assert report.assertions["io.vidgen.generation"]["job_id"] == "job-c1"
+    assert event["thumbnail"]["dtype"] == "image/jpeg" and blobs.key_of(event["thumbnail"]["uri"]).endswith(".jpg")
+    image = Image.open(io.BytesIO(thumbnail))
+    assert image.format == "JPEG" and image.size == (256, 256)
+    master = read_mp4(blobs.get(event["video"]))
+    chosen = master[representative_frame(master)].astype(float)
+    assert abs(np.asarray(image.convert("RGB"), float) - chosen).mean() < 4  # that frame, JPEG-compressed
+    columns, rows = sprite_grid(9)
+    assert Image.open(io.BytesIO(sheet)).size == (columns * SPRITE_TILE_WIDTH, rows * SPRITE_TILE_WIDTH)
+    assert (columns, rows) == (3, 3)
+
+
+def test_the_representative_frame_is_the_most_detailed_one():
+    from compliance.stills import representative_frame
+
+    frames = np.full((9, 32, 32, 3), 128, np.uint8)
+    frames[5] = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    assert representative_frame(frames) == 5
+
+
 def test_hls_playlists_address_signed_fragmented_copies(published_256):
     event, blobs, root = published_256
     folder = blobs.local_file(blobs.key_of(event["playlist"]["uri"])).parent

@@ -22,6 +22,7 @@ import aiohttp
 import av
 import pytest
 
+from compliance.provenance import verify_video
 from gateway.tenants import TenantStore
 from streams.embedded import free_port
 from streams.supervisor import STAGE_NAMES, PlatformProcesses
@@ -224,6 +225,10 @@ def test_the_openai_sdk_drives_the_videos_api(gateway):
     with av.open(io.BytesIO(data)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+    for variant in ("thumbnail", "spritesheet"):  # signed JPEG stills, made by the compliance stage
+        still = client.videos.download_content(video.id, variant=variant).read()
+        assert still[:3] == b"\xff\xd8\xff", variant
+        assert verify_video(still, trust_anchors_pem=None, mime="image/jpeg").validation_state in ("Valid", "Trusted")
 
     running = client.videos.create(prompt="a second kite", seconds="1", size="64x64", extra_body=small)
     newest_first = [v.id for v in client.videos.list(limit=1)]  # the SDK follows the pages (after=)
