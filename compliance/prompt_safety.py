@@ -748,7 +748,11 @@ def _find_persons(policy: Policy, prompt_readings: list[Reading]) -> list[_Perso
                     if min(similarities) + 1e-9 >= floor:  # 1 - 1/5 must count as 80, whatever the float rounding
                         record(person, label, reading, first, first + size - 1,
                                f"word similarity {min(similarities):.0f} >= {floor:.0f}")
-    return sorted(found.values(), key=lambda h: h.hit.span)
+    # One naming, one hit: a one-word alias inside a longer name of the same person ("Obama" in "Barack Obama").
+    hits = list(found.values())
+    return sorted((h for h in hits if not any(
+        o.person.id == h.person.id and o.hit.span != h.hit.span and o.hit.span[0] <= h.hit.span[0]
+        and h.hit.span[1] <= o.hit.span[1] for o in hits)), key=lambda h: h.hit.span)
 
 
 def _match(rule: Rule, hits: list[_Hit], prompt: str, action: str | None = None, detail: str = "") -> PolicyMatch:
