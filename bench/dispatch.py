@@ -236,6 +236,11 @@ class Fleet:
         self.arrivals = ArrivalLog(settings)
         self.tiers: dict[str, str] = {}
         self._seeds = itertools.count(1)
+        self._cursor = 0
+        self._steps: dict[str, dict[tuple, dict]] = {}
+        self._finished: set[str] = set()
+        self._ended: set[str] = set()
+        self._cancel_requested_at: dict[str, float] = {}
 
     def close(self) -> None:
         self.events.close()
@@ -254,15 +259,30 @@ class Fleet:
         for job_id in job_ids:
             self.requests.cancel(job_id, reason="bench dispatch: phase over", requested_by="bench")
 
+    def _read_new_events(self) -> None:
+        """Index what the event log collected since the last look, by job: a look costs what is new, not the whole
+        log (the waits look ten times a second, and the log grows by every step of every job; the cores belong to
+        the agents)."""
+        new = self.events.events[self._cursor:]  # a slice of a list is atomic; the reader only appends
+        self._cursor += len(new)
+        for job_event in new:
+            topic, event = job_event.topic, job_event.event
+            job_id = event["job_id"]
+            if topic == topics.STEP_PROGRESS.name:  # a redelivered step is the same (agent, attempt, step)
+                self._steps.setdefault(job_id, {})[(event["agent_id"], event["attempt"], event["step"])] = event
+            elif topic == topics.LATENT_CHUNKS.name:
+                if event["chunk_index"] == event["chunk_count"] - 1:
+                    self._finished.add(job_id)
+            elif topic in (topics.CANCELLED.name, topics.FAILED.name):
+                self._ended.add(job_id)
+            elif topic == topics.CONTROL.name:
+                self._cancel_requested_at[job_id] = event_s(event)
+
     def views(self, job_ids: Iterable[str]) -> dict[str, JobView]:
+        self._read_new_events()
         views = {job_id: JobView(job_id, self.tiers[job_id], self.arrivals.get(job_id)) for job_id in job_ids}
-        steps: dict[str, dict[tuple, dict]] = {job_id: {} for job_id in views}
-        for event in self.events.on(topics.STEP_PROGRESS):
-            if event["job_id"] in steps:  # a redelivered step is the same (agent, attempt, step)
-                steps[event["job_id"]][(event["agent_id"], event["attempt"], event["step"])] = event
-        for job_id, found in steps.items():
-            view = views[job_id]
-            for event in sorted(found.values(), key=event_s):
+        for job_id, view in views.items():
+            for event in sorted(self._steps.get(job_id, {}).values(), key=event_s):
                 end, start = event_s(event), event_s(event) - event["step_ms"] / 1000
                 view.step_ms.append(event["step_ms"])
                 last = view.runs[-1] if view.runs else None
@@ -271,16 +291,10 @@ class Fleet:
                     view.runs.append(Run(event["agent_id"], event["attempt"], start, end))
                 else:
                     last.end = end
-        for chunk in self.events.on(topics.LATENT_CHUNKS):
-            if chunk["job_id"] in views and chunk["chunk_index"] == chunk["chunk_count"] - 1:
-                views[chunk["job_id"]].finished = views[chunk["job_id"]].ended = True
-        for topic in (topics.CANCELLED, topics.FAILED):
-            for event in self.events.on(topic):
-                if event["job_id"] in views:
-                    views[event["job_id"]].ended = True
-        for request in self.events.on(topics.CONTROL):
-            if request["job_id"] in views:
-                views[request["job_id"]].cancel_requested_at = event_s(request)
+            view.finished = job_id in self._finished
+            view.ended = view.finished or job_id in self._ended
+            if job_id in self._cancel_requested_at:
+                view.cancel_requested_at = self._cancel_requested_at[job_id]
         return views
 
     def wait(self, job_ids: Sequence[str], done: Callable[[dict[str, JobView]], bool], timeout_s: float,
