@@ -77,8 +77,9 @@ GUIDANCE_SCALE = 5.0
 TIERS = topics.TIERS  # premium, standard, free
 FILLER_TIER = "free"
 BURST_TIER = "standard"
-# Partitions of a tier topic in the order fillers try them: every 3rd, then the next ones, so the first A tries hit
-# A different owners whether a group hands partitions out round robin or in ranges.
+# Partitions of a tier topic in the order fillers try them (taken modulo the topic's partitions: 3 now, 12 before the
+# one fair queue): every 3rd, then the next ones, so the first A tries hit A different owners whether a group hands
+# partitions out round robin or in ranges (what mattered when agents owned partitions).
 FILLER_PARTITION_ORDER = (0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11)
 FILLER_START_TIMEOUT_S = 3.0  # a filler not running by then waits behind a busy agent: it is cancelled
 RUN_GAP_S = 0.5  # a pause this long between two steps of a job on one agent splits it into two runs
@@ -218,6 +219,8 @@ def event_s(event: dict) -> float:
 
 def job_on_partition(partition: int, partitions: int) -> str:
     """A fresh job id that librdkafka's default partitioner (consistent_random: CRC32 of the key) puts there."""
+    if not 0 <= partition < partitions:  # else no key ever hashes there: the search would never end
+        raise ValueError(f"partition {partition} of a topic with {partitions} partitions")
     while True:
         job_id = uuid.uuid4().hex
         if zlib.crc32(job_id.encode()) % partitions == partition:
@@ -321,7 +324,8 @@ class Fleet:
         partitions = itertools.cycle(FILLER_PARTITION_ORDER)
         fillers: list[str] = []
         for _ in range(3 * len(FILLER_PARTITION_ORDER)):
-            job_id = self.submit(FILLER_TIER, next(partitions), self.workload.long_steps)
+            job_id = self.submit(FILLER_TIER, next(partitions) % topics.ENCODED[FILLER_TIER].partitions,
+                                 self.workload.long_steps)
             fillers.append(job_id)
             try:
                 self.wait([job_id], lambda vs: vs[job_id].started is not None, FILLER_START_TIMEOUT_S, "")
