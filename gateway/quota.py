@@ -56,6 +56,8 @@ SWEEP_S = 15.0
 RELEASE_GRACE_S = 5.0
 #: A held job that no gateway has seen requested this long after its claim is released (its gateway died).
 ORPHAN_S = 60.0
+#: The quota follower's poll while a claim waits, and while none does (a claim that starts waiting is seen within it).
+BUSY_POLL_S, IDLE_POLL_S = 0.02, 0.25
 #: How long a request waits for its claim's verdict before it is answered 503 (the follower is stuck or gone).
 VERDICT_TIMEOUT_S = 10.0
 CLAIM, RELEASE = "CLAIM", "RELEASE"
@@ -340,6 +342,7 @@ class QuotaFollower:
 
     def open(self, busy) -> dict[int, int]:
         """Assign every partition at its start; returns the start offsets (blocking)."""
+        self._busy = busy
         from streams.kafka import Latency, TopicFollower
         from streams.serde import event_codec
 
@@ -379,7 +382,8 @@ class QuotaFollower:
         try:
             while not self._stop.is_set():
                 try:
-                    msg = self._follower.poll(0.02)
+                    # Short polls only while a claim waits: an idle gateway wakes four times a second, not fifty.
+                    msg = self._follower.poll(BUSY_POLL_S if self._busy() else IDLE_POLL_S)
                     if msg is not None:
                         handle(msg)
                 except Exception:  # noqa: BLE001 - a broker hiccup must not end the follower (claims would wait)
